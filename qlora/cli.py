@@ -1,0 +1,104 @@
+"""``qlora`` command line: run the flow, predict from the registry, build the demo base.
+
+User errors (bad config, bad data, missing model) print one line per problem and exit 1, with no
+traceback; anything else is a bug or a fault and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+class _UserErrorsWithoutTraceback(logging.Filter):
+    """A UserError is the user's input, not our bug: Prefect logs its message, not a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from qlora.errors import UserError
+
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _setup_logging() -> None:
+    # Plain-function logs (logger "qlora.*") also show up in the Prefect task run logs.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "qlora")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network for telemetry
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "alembic", "mlflow.store.db.utils", "bitsandbytes"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for engine in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(engine).addFilter(_UserErrorsWithoutTraceback())
+
+
+def cmd_run(args) -> int:
+    from qlora.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    from flows.finetune import qlora_finetune
+
+    version = qlora_finetune(config=cfg)
+    print(f"registered {version.name} version {version.version} aliases={','.join(version.aliases)}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from registry.consumer import predict
+
+    for out in predict(args.model_uri, args.prompts, args.max_new_tokens, args.temperature):
+        print(out)
+    return 0
+
+
+def cmd_build_demo(args) -> int:
+    from qlora.demo import build_demo_base
+
+    out = build_demo_base(args.out, args.data)
+    print(f"demo base model written to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from qlora.config import DEMO_BASE_DIR
+    from qlora.demo import DEMO_DATA
+
+    p = argparse.ArgumentParser(prog="qlora", description="Prefect-orchestrated QLoRA fine-tuning.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run the fine-tuning flow on a config")
+    r.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.max_steps=5 (repeatable)")
+    r.set_defaults(func=cmd_run)
+
+    pr = sub.add_parser("predict", help="generate with a registered model, as a registry consumer would")
+    pr.add_argument("model_uri", help="e.g. models:/qlora-demo@champion")
+    pr.add_argument("prompts", nargs="+", help="user messages; the training prompt template is applied")
+    pr.add_argument("--max-new-tokens", type=int, default=64)
+    pr.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    pr.set_defaults(func=cmd_predict)
+
+    b = sub.add_parser("build-demo", help="build the tiny demo base model (random weights, trained tokenizer)")
+    b.add_argument("--out", default=DEMO_BASE_DIR)
+    b.add_argument("--data", default=str(DEMO_DATA))
+    b.set_defaults(func=cmd_build_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    from qlora.errors import UserError
+
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""What tasks hand each other: small, serialisable references (paths, fingerprints, ids), never objects."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+
+class TokenizedData(BaseModel):
+    path: str  # datasets.DatasetDict.save_to_disk folder with "train" and "eval"
+    fingerprint: str  # content key: data bytes + tokenizer + template + max_length + format
+    train_rows: int
+    eval_rows: int
+    truncated_rows: int = 0
+
+
+class QuantizedModel(BaseModel):
+    path: str  # pre-quantized checkpoint + tokenizer, loadable with from_pretrained alone
+    base: str  # what the user asked for: hub id or local path
+    revision: str | None = None
+    fingerprint: str
+    footprint_bytes: int  # model.get_memory_footprint() after 4-bit load
+    quantized: bool = True
+
+
+class Adapter(BaseModel):
+    path: str  # PEFT adapter folder (adapter_config.json + adapter_model.safetensors)
+    run_dir: str  # Trainer output_dir holding the checkpoints
+    global_step: int
+    train_loss: float
+    first_loss: float | None = None
+    last_loss: float | None = None
+    resumed_from_step: int | None = None  # set when training continued from a checkpoint
+
+
+class MlflowRun(BaseModel):
+    tracking_uri: str
+    run_id: str
+
+
+class EvalReport(BaseModel):
+    metrics: dict[str, float]  # eval/base/<m> and eval/tuned/<m>
+    samples: list[dict]  # a few {prompt, reference, base, tuned} rows for people to read
+
+
+class RegisteredVersion(BaseModel):
+    name: str
+    version: str
+    model_uri: str  # runs:/... of the logged model
+    aliases: list[str]

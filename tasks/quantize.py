@@ -1,0 +1,100 @@
+"""Stage 2: load the base model in 4-bit NF4 once and save the pre-quantized checkpoint.
+
+Training, evaluation and the registered model all load this folder with a plain
+``from_pretrained``: the quantization config travels in its config.json, so nobody re-quantizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from qlora.config import ModelConfig, QuantizationConfig, stable_hash
+from qlora.errors import ModelError
+from qlora.quant import bnb_config, compute_dtype, count_4bit_layers, device_map
+from qlora.refs import QuantizedModel
+
+log = logging.getLogger("qlora.quantize")
+
+
+def base_identity(model: ModelConfig) -> dict:
+    """What the base *is*: a hash of a local directory's weights, or hub id + revision."""
+    p = Path(model.name_or_path)
+    if p.is_dir():
+        h = hashlib.sha256()
+        files = sorted(f for f in p.iterdir() if f.suffix in {".safetensors", ".json", ".model"})
+        if not any(f.suffix == ".safetensors" for f in files):
+            raise ModelError(f"{p}: no .safetensors weights in this model directory (model.name_or_path)")
+        for f in files:
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+        return {"local_weights_sha256": h.hexdigest()}
+    if p.suffix or model.name_or_path.startswith((".", "/")) or model.name_or_path.count("/") > 1:
+        raise ModelError(
+            f"model.name_or_path: '{model.name_or_path}' is neither an existing local directory nor a hub id "
+            "like 'org/name' (for the demo base run `make demo` or `qlora build-demo` first)"
+        )
+    return {"hub_id": model.name_or_path, "revision": model.revision or "main"}
+
+
+def load_model(path: str, quant: QuantizationConfig | None, model: ModelConfig | None = None):
+    """``from_pretrained`` with this project's device map and dtype; quantizes when ``quant`` asks for it."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {}
+    if model is not None:
+        kwargs = {"revision": model.revision, "trust_remote_code": model.trust_remote_code,
+                  "attn_implementation": model.attn_implementation}
+    if quant is not None and quant.load_in_4bit:
+        # Only when quantizing: an explicit None would shadow a pre-quantized checkpoint's own config.
+        kwargs["quantization_config"] = bnb_config(quant)
+    return AutoModelForCausalLM.from_pretrained(
+        path,
+        device_map=device_map(),
+        dtype=compute_dtype(quant) if quant is not None else "auto",
+        use_safetensors=True,  # never unpickle .bin weights
+        **kwargs,
+    )
+
+
+def prepare_quantized_model(model: ModelConfig, quant: QuantizationConfig, workdir: str | Path) -> QuantizedModel:
+    """Quantize ``model`` per ``quant`` and save it under a content key; reuse it if already there."""
+    from transformers import AutoTokenizer
+
+    if model.trust_remote_code:
+        log.warning("model.trust_remote_code is on: code from %s will run on this machine", model.name_or_path)
+    key = stable_hash({"base": base_identity(model), "quant": quant.model_dump(), "attn": model.attn_implementation})
+    out = Path(workdir) / "quantized" / key
+    manifest = out / "manifest.json"
+    if manifest.is_file():
+        log.info("pre-quantized checkpoint cache hit: %s", out)
+        return QuantizedModel.model_validate_json(manifest.read_text())
+
+    t0 = time.perf_counter()
+    try:
+        m = load_model(model.name_or_path, quant, model)
+        tok = AutoTokenizer.from_pretrained(model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    except OSError as e:
+        raise ModelError(f"model.name_or_path: cannot load '{model.name_or_path}': {e}") from None
+    n4 = count_4bit_layers(m) if quant.load_in_4bit else 0
+    if quant.load_in_4bit and n4 == 0:
+        raise ModelError(f"model.name_or_path: '{model.name_or_path}' loaded, but no layer was quantized to 4-bit")
+    tmp = out.with_name(key + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    m.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    ref = QuantizedModel(
+        path=str(out.resolve()), base=model.name_or_path, revision=model.revision, fingerprint=key,
+        footprint_bytes=int(m.get_memory_footprint()), quantized=quant.load_in_4bit,
+    )
+    (tmp / "manifest.json").write_text(ref.model_dump_json())
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    log.info(
+        "quantized %s: %d Linear4bit layers, %.1f MB in memory, %.1f s -> %s",
+        model.name_or_path, n4, ref.footprint_bytes / 2**20, time.perf_counter() - t0, out,
+    )
+    return ref

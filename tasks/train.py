@@ -1,0 +1,154 @@
+"""Stage 3: QLoRA training with ``transformers.Trainer`` on the pre-quantized base.
+
+k-bit preparation -> LoRA on the configured modules -> Trainer with paged 8-bit AdamW, cosine
+schedule with warmup, gradient clipping, gradient checkpointing and gradient accumulation.
+Checkpoints hold the adapter only. Params and loss curves reach MLflow through the Trainer's own
+MLflow callback, inside the flow's run.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+
+from qlora.config import LoraSection, TrainConfig, stable_hash
+from qlora.refs import Adapter, MlflowRun, QuantizedModel, TokenizedData
+from qlora.tracking import active_run
+
+log = logging.getLogger("qlora.train")
+
+
+def run_dir_for(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: TrainConfig, workdir) -> Path:
+    """Keyed by what is trained (not a timestamp), so a retry or re-run finds its checkpoints."""
+    key = stable_hash({"base": base.fingerprint, "data": data.fingerprint, "lora": lora.model_dump(), "train": train.model_dump()})
+    return Path(workdir) / "runs" / key
+
+
+def latest_checkpoint(run_dir: Path) -> str | None:
+    """Newest checkpoint-N whose trainer state is there (a checkpoint is written last-file-last)."""
+    found = []
+    for d in run_dir.glob("checkpoint-*"):
+        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
+        if m and (d / "trainer_state.json").is_file():
+            found.append((int(m.group(1)), d))
+    return str(max(found)[1]) if found else None
+
+
+def build_peft_model(base_path: str, lora: LoraSection, gradient_checkpointing: bool, quantized: bool):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from tasks.quantize import load_model
+
+    model = load_model(base_path, None)
+    if quantized:
+        # Non-reentrant checkpointing: required for DDP with frozen 4-bit weights, and the faster path.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    model.config.use_cache = False  # the KV cache is useless during training and clashes with checkpointing
+    cfg = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        bias=lora.bias, task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, cfg)
+
+
+def training_arguments(train: TrainConfig, output_dir: Path, compute_dtype, report: bool):
+    import torch
+    from transformers import TrainingArguments
+
+    on_gpu = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=train.num_train_epochs,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.per_device_train_batch_size,
+        per_device_eval_batch_size=train.per_device_eval_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        learning_rate=train.learning_rate,
+        weight_decay=train.weight_decay,
+        optim=train.optim,
+        lr_scheduler_type=train.lr_scheduler_type,
+        warmup_steps=train.warmup_steps,  # transformers 5: a float < 1 is a ratio
+        max_grad_norm=train.max_grad_norm,
+        activation_checkpointing=train.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        seed=train.seed,
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        # Mixed precision only on GPUs; on CPU the 4-bit layers already compute in their compute dtype.
+        bf16=on_gpu and compute_dtype == torch.bfloat16,
+        fp16=on_gpu and compute_dtype == torch.float16,
+        use_cpu=not on_gpu,
+        report_to=["mlflow"] if report else "none",
+        remove_unused_columns=False,
+        dataloader_pin_memory=on_gpu,
+        disable_tqdm=False,
+    )
+
+
+def train_adapter(
+    base: QuantizedModel,
+    data: TokenizedData,
+    lora: LoraSection,
+    train: TrainConfig,
+    workdir: str | Path,
+    run: MlflowRun | None = None,
+) -> Adapter:
+    """Train a LoRA adapter on ``base`` and save it; resumes from the newest checkpoint of the same run dir."""
+    import torch
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer
+
+    run_dir = run_dir_for(base, data, lora, train, workdir)
+    done = run_dir / "adapter" / "manifest.json"
+    if done.is_file():
+        log.info("adapter already trained for this exact config and data: %s", done.parent)
+        return Adapter.model_validate_json(done.read_text())
+    tok = AutoTokenizer.from_pretrained(base.path)
+    ds = load_from_disk(data.path)["train"]
+    model = build_peft_model(base.path, lora, train.gradient_checkpointing, base.quantized)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("LoRA r=%d on %s: %d trainable of %d parameters (%.2f%%)", lora.r, lora.target_modules, trainable, total, 100 * trainable / total)
+
+    compute = getattr(model.config, "quantization_config", None)
+    compute_dtype = getattr(compute, "bnb_4bit_compute_dtype", torch.float32) if compute else torch.float32
+    if isinstance(compute_dtype, str):
+        compute_dtype = getattr(torch, compute_dtype)
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(train, run_dir, compute_dtype, report=run is not None),
+        train_dataset=ds,
+        data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100),
+        processing_class=tok,
+    )
+    resume = latest_checkpoint(run_dir)
+    if resume:
+        log.info("resuming from %s", resume)
+    t0 = time.perf_counter()
+    with active_run(run):
+        result = trainer.train(resume_from_checkpoint=resume)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    adapter_dir = run_dir / "adapter"
+    model.save_pretrained(adapter_dir)
+    tok.save_pretrained(adapter_dir)
+    ref = Adapter(
+        path=str(adapter_dir.resolve()), run_dir=str(run_dir), global_step=trainer.state.global_step,
+        train_loss=float(result.training_loss), first_loss=losses[0] if losses else None,
+        last_loss=losses[-1] if losses else None,
+        resumed_from_step=int(resume.rsplit("-", 1)[1]) if resume else None,
+    )
+    done.write_text(ref.model_dump_json())  # written last: its presence means the adapter is complete
+    log.info(
+        "trained %d steps in %.1f s: loss %s -> %s; adapter -> %s",
+        ref.global_step, time.perf_counter() - t0,
+        f"{losses[0]:.3f}" if losses else "n/a", f"{losses[-1]:.3f}" if losses else "n/a", adapter_dir,
+    )
+    return ref

@@ -1,0 +1,49 @@
+"""Shared fixtures: a tiny real Llama built on the fly, an isolated MLflow store, a Prefect test server."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Nothing may reach a model hub during tests; every model here is built locally.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "qlora")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_DATA = REPO / "data" / "demo" / "reverse_words.jsonl"
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A 2-layer, 64-wide Llama with a BPE tokenizer trained on the demo corpus (random weights)."""
+    from qlora.demo import build_demo_base
+
+    out = tmp_path_factory.mktemp("tiny-base")
+    return build_demo_base(out, DEMO_DATA, hidden_size=64, num_layers=2, num_heads=2, vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A throwaway Prefect API (temporary SQLite) for the whole session; flows run against it."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch) -> str:
+    """A fresh sqlite tracking store and artifact root under tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri

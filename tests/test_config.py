@@ -1,0 +1,105 @@
+from pathlib import Path
+
+import pytest
+
+from qlora.config import PipelineConfig, load_config
+from qlora.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, PipelineConfig)
+
+
+def test_shipped_configs_exist():
+    assert {"demo.yaml", "gpu-example.yaml"} <= {p.name for p in CONFIGS}
+
+
+def test_defaults_are_qlora_defaults():
+    cfg = PipelineConfig()
+    assert cfg.train.optim == "paged_adamw_8bit"
+    assert cfg.train.lr_scheduler_type == "cosine"
+    assert cfg.train.max_grad_norm == 0.3
+    assert cfg.quantization.quant_type == "nf4" and cfg.quantization.double_quant
+    assert cfg.quantization.compute_dtype == "auto"
+    assert cfg.model.trust_remote_code is False
+
+
+def test_every_field_has_a_description():
+    def walk(model_cls, prefix=""):
+        for name, field in model_cls.model_fields.items():
+            assert field.description, f"{prefix}{name} has no description"
+            ann = field.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                walk(ann, f"{prefix}{name}.")
+
+    walk(PipelineConfig)
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  max_steps: 100\nlora:\n  r: 8\n")
+    cfg = load_config(f, ["train.max_steps=5", "lora.target_modules=[q_proj, v_proj]", "model.revision=abc123"])
+    assert cfg.train.max_steps == 5
+    assert cfg.lora.r == 8
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.model.revision == "abc123"
+
+
+def test_bad_value_names_the_key(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  learning_rate: -1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert f"{f}: train.learning_rate:" in str(e.value)
+    assert "-1" in str(e.value)
+
+
+def test_unknown_key_is_rejected_with_its_path(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("lora:\n  rank: 8\n")
+    with pytest.raises(ConfigError, match=r"lora\.rank: unknown key"):
+        load_config(f)
+
+
+def test_override_of_unknown_key_is_rejected():
+    with pytest.raises(ConfigError, match=r"train\.max_step: unknown key"):
+        load_config(None, ["train.max_step=5"])
+
+
+def test_malformed_override_says_how():
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        load_config(None, ["train.max_steps"])
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  max_steps: 5\n lora: [\n")
+    with pytest.raises(ConfigError, match=rf"{f}:\d+: not valid YAML"):
+        load_config(f)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("configs/nope.yaml")
+
+
+def test_warmup_ratio_or_whole_steps():
+    assert load_config(None, ["train.warmup_steps=0.1"]).train.warmup_steps == 0.1
+    assert load_config(None, ["train.warmup_steps=10"]).train.warmup_steps == 10
+    with pytest.raises(ConfigError, match="train.warmup_steps"):
+        load_config(None, ["train.warmup_steps=2.5"])
+
+
+def test_config_is_a_json_schema_for_the_prefect_form():
+    schema = PipelineConfig.model_json_schema()
+    assert {"model", "quantization", "lora", "data", "train", "eval", "registry", "tracking"} <= set(schema["properties"])
+
+
+def test_fingerprint_changes_with_values():
+    a, b = PipelineConfig(), load_config(None, ["lora.r=8"])
+    assert a.fingerprint() == PipelineConfig().fingerprint()
+    assert a.fingerprint() != b.fingerprint()

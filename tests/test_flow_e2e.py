@@ -1,0 +1,139 @@
+"""The real flow, end to end, on a tiny Llama: Prefect task runs, 4-bit base, MLflow run and registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import mlflow
+import pytest
+
+from qlora.config import load_config
+from qlora.template import PROMPT_TEMPLATE
+
+from .conftest import DEMO_DATA, REPO
+
+pytestmark = pytest.mark.e2e
+STAGES = ["tokenize", "quantize", "train", "evaluate", "register"]
+
+
+def _config(tiny_base, tmp_path, **extra):
+    overrides = {
+        "workdir": str(tmp_path / "work"),
+        "model.name_or_path": str(tiny_base),
+        "data.path": str(DEMO_DATA),
+        "data.max_length": 64,
+        "data.eval_fraction": 0.02,
+        "train.max_steps": 12,
+        "train.per_device_train_batch_size": 8,
+        "train.gradient_accumulation_steps": 2,
+        "train.learning_rate": 2e-3,
+        "train.logging_steps": 1,
+        "train.save_steps": 6,
+        "lora.r": 8,
+        "lora.alpha": 16,
+        "eval.max_samples": 8,
+        "eval.max_new_tokens": 6,
+        "registry.model_name": "tiny-e2e",
+        "tracking.artifact_location": str(tmp_path / "mlartifacts"),
+    } | extra
+    return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def _task_runs(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return runs
+
+
+def test_flow_end_to_end(prefect_server, tiny_base, tmp_path, mlflow_uri):
+    import bitsandbytes as bnb
+
+    from flows.finetune import qlora_finetune
+    from registry.consumer import predict
+    from tasks.quantize import load_model
+
+    cfg = _config(tiny_base, tmp_path)
+    state = qlora_finetune(config=cfg, return_state=True)
+    assert state.is_completed(), state.message
+    version = state.result()
+
+    # Five stages, each its own completed Prefect task run.
+    runs = _task_runs(state.state_details.flow_run_id)
+    assert sorted(r.name.rsplit("-", 1)[0] for r in runs) == sorted(STAGES)
+    assert all(r.state.is_completed() for r in runs)
+
+    # One MLflow run for the flow run, finished, holding training and eval metrics.
+    client = mlflow.MlflowClient(mlflow_uri)
+    mv = client.get_model_version(version.name, version.version)
+    run = client.get_run(mv.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
+    m = run.data.metrics
+    for k in ("exact_match", "loss", "perplexity"):
+        assert f"eval/base/{k}" in m and f"eval/tuned/{k}" in m
+    assert "loss" in m and "train_loss" in m  # autologged by the Trainer's MLflow callback
+    losses = [h.value for h in client.get_metric_history(run.info.run_id, "loss")]
+    assert len(losses) >= 10
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # loss went down
+    assert m["eval/tuned/loss"] < m["eval/base/loss"]
+    assert run.data.params["optim"] == "paged_adamw_8bit"
+
+    # Registered with both aliases (first version: no champion yet).
+    assert set(version.aliases) == {"challenger", "champion"}
+    assert str(client.get_model_version_by_alias("tiny-e2e", "champion").version) == version.version
+
+    # The base the registered adapter references is the pre-quantized 4-bit checkpoint.
+    quantized = [p for p in (tmp_path / "work" / "quantized").iterdir() if p.is_dir()]
+    assert len(quantized) == 1
+    assert sum(isinstance(x, bnb.nn.Linear4bit) for x in load_model(str(quantized[0]), None).modules()) == 2 * 7
+    logged = mlflow.models.Model.load(f"models:/tiny-e2e/{version.version}")
+    assert str(quantized[0].resolve()) in json.dumps(logged.flavors["transformers"])
+    # consumers get the training template applied for them
+    assert logged.metadata["prompt_template"] == PROMPT_TEMPLATE
+
+    # A registry consumer loads models:/name@champion and generates.
+    prompts = ["Reverse the order of these words: apple river stone", "Reverse the order of these words: lamp tiger"]
+    outs = predict("models:/tiny-e2e@champion", prompts, max_new_tokens=4)
+    assert len(outs) == 2 and all(isinstance(o, str) for o in outs)
+
+    # A second, worse-or-equal run registers version 2 as challenger; champion stays.
+    cfg2 = _config(tiny_base, tmp_path, **{"train.max_steps": 2, "train.save_steps": 100})
+    v2 = qlora_finetune(config=cfg2)
+    assert int(v2.version) == int(version.version) + 1
+    assert str(client.get_model_version_by_alias("tiny-e2e", "challenger").version) == v2.version
+    if "champion" not in v2.aliases:
+        assert str(client.get_model_version_by_alias("tiny-e2e", "champion").version) == version.version
+
+
+def test_cli_bad_data_fails_fast_with_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\nnot json\n')
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PREFECT_HOME=str(tmp_path / "prefect"))
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "qlora.cli", "run", str(REPO / "configs" / "demo.yaml"),
+         "--set", f"data.path={bad}", "--set", f"workdir={tmp_path / 'work'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"error: {bad}:2: malformed JSON line" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "Retrying" not in proc.stderr + proc.stdout  # a user error is never retried
+    # nothing was registered
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    assert client.search_registered_models() == []
+
+
+def test_cli_bad_config_names_the_key(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "qlora.cli", "run", str(REPO / "configs" / "demo.yaml"), "--set", "train.learning_rate=-1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "train.learning_rate" in proc.stderr and "Traceback" not in proc.stderr

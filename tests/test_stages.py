@@ -1,0 +1,78 @@
+"""Stages 2-4 as plain functions (no Prefect, no MLflow) on the tiny Llama."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from qlora.config import DataConfig, EvalConfig, LoraSection, ModelConfig, QuantizationConfig, TrainConfig
+from qlora.errors import ModelError
+from qlora.quant import count_4bit_layers
+from tasks.evaluate import evaluate_adapter
+from tasks.quantize import load_model, prepare_quantized_model
+from tasks.tokenize import tokenize_dataset
+from tasks.train import build_peft_model, latest_checkpoint, train_adapter
+
+from .conftest import DEMO_DATA
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_base, tmp_path_factory):
+    work = tmp_path_factory.mktemp("work")
+    model = ModelConfig(name_or_path=str(tiny_base))
+    data = tokenize_dataset(DataConfig(path=str(DEMO_DATA), max_length=64, eval_fraction=0.02), model, work)
+    base = prepare_quantized_model(model, QuantizationConfig(), work)
+    return work, model, data, base
+
+
+def test_quantized_checkpoint_is_4bit_and_smaller(prepared, tiny_base):
+    work, model, _, base = prepared
+    m = load_model(base.path, None)  # no quantization config passed: it comes from the checkpoint
+    assert count_4bit_layers(m) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
+    full = load_model(str(tiny_base), None)
+    assert base.footprint_bytes < full.get_memory_footprint()
+    again = prepare_quantized_model(model, QuantizationConfig(), work)
+    assert again == base  # content-keyed cache
+
+
+def test_unknown_base_is_a_model_error(tmp_path):
+    with pytest.raises(ModelError, match="model.name_or_path"):
+        prepare_quantized_model(ModelConfig(name_or_path="./no/such/dir"), QuantizationConfig(), tmp_path)
+
+
+def test_only_lora_parameters_train(prepared):
+    _, _, _, base = prepared
+    model = build_peft_model(base.path, LoraSection(r=4, alpha=8), gradient_checkpointing=True, quantized=True)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert count_4bit_layers(model) == 2 * 7
+
+
+def test_train_resume_and_evaluate(prepared):
+    work, _, data, base = prepared
+    lora = LoraSection(r=8, alpha=16, dropout=0.0)
+    train = TrainConfig(max_steps=8, per_device_train_batch_size=8, gradient_accumulation_steps=1,
+                        learning_rate=2e-3, logging_steps=1, save_steps=4, save_total_limit=3)
+    a = train_adapter(base, data, lora, train, work)
+    assert a.global_step == 8
+    assert a.last_loss < a.first_loss
+    run_dir = Path(a.run_dir)
+    assert latest_checkpoint(run_dir).endswith("checkpoint-8")
+
+    # A finished adapter is reused as is.
+    assert train_adapter(base, data, lora, train, work) == a
+
+    # Interrupted after checkpoint-4: a re-run resumes there and finishes at step 8, not from 0.
+    shutil.rmtree(run_dir / "adapter")
+    shutil.rmtree(run_dir / "checkpoint-8")
+    b = train_adapter(base, data, lora, train, work)
+    assert b.resumed_from_step == 4
+    assert b.global_step == 8 and b.run_dir == str(run_dir)
+    state = json.loads((run_dir / "checkpoint-8" / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == list(range(1, 9))  # one curve
+
+    report = evaluate_adapter(base, a, data, EvalConfig(max_samples=4, max_new_tokens=4, batch_size=4))
+    assert set(report.metrics) == {f"eval/{w}/{m}" for w in ("base", "tuned") for m in ("exact_match", "loss", "perplexity")}
+    assert report.metrics["eval/tuned/loss"] < report.metrics["eval/base/loss"]
+    assert len(report.samples) == 4

@@ -245,7 +245,7 @@ def tokenize_dataset(data: DataConfig, model: ModelConfig, workdir: str | Path) 
     tmp = out.with_name(key + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     DatasetDict({"train": train, "eval": evals}).save_to_disk(str(tmp))
-    ref = TokenizedData(path=str(out), fingerprint=key, train_rows=len(train), eval_rows=len(evals), truncated_rows=t1 + t2)
+    ref = TokenizedData(path=str(out.resolve()), fingerprint=key, train_rows=len(train), eval_rows=len(evals), truncated_rows=t1 + t2)
     (tmp / "manifest.json").write_text(ref.model_dump_json())
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # atomic: a half-written folder is never taken for a cache hit

@@ -42,6 +42,13 @@ def _config(tiny_base, tmp_path, **extra):
     return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
 
 
+def _flow_run_name(flow_run_id) -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id).name
+
+
 def _task_runs(flow_run_id):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -73,6 +80,7 @@ def test_flow_end_to_end(prefect_server, tiny_base, tmp_path, mlflow_uri):
     mv = client.get_model_version(version.name, version.version)
     run = client.get_run(mv.run_id)
     assert run.info.status == "FINISHED"
+    assert run.info.run_name == _flow_run_name(state.state_details.flow_run_id)
     assert run.data.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
     m = run.data.metrics
     for k in ("exact_match", "loss", "perplexity"):

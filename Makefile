@@ -28,7 +28,7 @@ demo: install $(DEMO_BASE)/config.json
 test: install
 	$(BIN)/python -m pytest -q
 
-bench: install
+bench: install $(DEMO_BASE)/config.json
 	$(BIN)/python -m bench.run
 
 mlflow-ui: install

@@ -20,6 +20,7 @@ class QuantizedModel(BaseModel):
     fingerprint: str
     footprint_bytes: int  # model.get_memory_footprint() after 4-bit load
     quantized: bool = True
+    attn_implementation: str = "sdpa"  # what training and evaluation load it with
 
 
 class Adapter(BaseModel):
@@ -30,6 +31,7 @@ class Adapter(BaseModel):
     first_loss: float | None = None
     last_loss: float | None = None
     resumed_from_step: int | None = None  # set when training continued from a checkpoint
+    train_runtime_s: float | None = None  # Trainer's own wall time for train() (excludes model load)
 
 
 class MlflowRun(BaseModel):

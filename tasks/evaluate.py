@@ -33,7 +33,7 @@ def load_tuned(base: QuantizedModel, adapter: Adapter):
 
     from tasks.quantize import load_model
 
-    model = PeftModel.from_pretrained(load_model(base.path, None), adapter.path)
+    model = PeftModel.from_pretrained(load_model(base.path, None, attn=base.attn_implementation), adapter.path)
     model.eval()
     tok = AutoTokenizer.from_pretrained(adapter.path)
     tok.padding_side = "left"

@@ -40,11 +40,11 @@ def base_identity(model: ModelConfig) -> dict:
     return {"hub_id": model.name_or_path, "revision": model.revision or "main"}
 
 
-def load_model(path: str, quant: QuantizationConfig | None, model: ModelConfig | None = None):
+def load_model(path: str, quant: QuantizationConfig | None, model: ModelConfig | None = None, attn: str | None = None):
     """``from_pretrained`` with this project's device map and dtype; quantizes when ``quant`` asks for it."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = {}
+    kwargs = {"attn_implementation": attn} if attn else {}
     if model is not None:
         kwargs = {"revision": model.revision, "trust_remote_code": model.trust_remote_code,
                   "attn_implementation": model.attn_implementation}
@@ -89,6 +89,7 @@ def prepare_quantized_model(model: ModelConfig, quant: QuantizationConfig, workd
     ref = QuantizedModel(
         path=str(out.resolve()), base=model.name_or_path, revision=model.revision, fingerprint=key,
         footprint_bytes=int(m.get_memory_footprint()), quantized=quant.load_in_4bit,
+        attn_implementation=model.attn_implementation,
     )
     (tmp / "manifest.json").write_text(ref.model_dump_json())
     shutil.rmtree(out, ignore_errors=True)

@@ -36,12 +36,12 @@ def latest_checkpoint(run_dir: Path) -> str | None:
     return str(max(found)[1]) if found else None
 
 
-def build_peft_model(base_path: str, lora: LoraSection, gradient_checkpointing: bool, quantized: bool):
+def build_peft_model(base_path: str, lora: LoraSection, gradient_checkpointing: bool, quantized: bool, attn: str | None = None):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from tasks.quantize import load_model
 
-    model = load_model(base_path, None)
+    model = load_model(base_path, None, attn=attn)
     if quantized:
         # Non-reentrant checkpointing: required for DDP with frozen 4-bit weights, and the faster path.
         model = prepare_model_for_kbit_training(
@@ -114,7 +114,7 @@ def train_adapter(
         return Adapter.model_validate_json(done.read_text())
     tok = AutoTokenizer.from_pretrained(base.path)
     ds = load_from_disk(data.path)["train"]
-    model = build_peft_model(base.path, lora, train.gradient_checkpointing, base.quantized)
+    model = build_peft_model(base.path, lora, train.gradient_checkpointing, base.quantized, base.attn_implementation)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA r=%d on %s: %d trainable of %d parameters (%.2f%%)", lora.r, lora.target_modules, trainable, total, 100 * trainable / total)
 
@@ -144,6 +144,7 @@ def train_adapter(
         train_loss=float(result.training_loss), first_loss=losses[0] if losses else None,
         last_loss=losses[-1] if losses else None,
         resumed_from_step=int(resume.rsplit("-", 1)[1]) if resume else None,
+        train_runtime_s=float(result.metrics.get("train_runtime", 0.0)),
     )
     done.write_text(ref.model_dump_json())  # written last: its presence means the adapter is complete
     log.info(

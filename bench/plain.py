@@ -1,0 +1,45 @@
+"""The demo's work as plain function calls in one process: no Prefect, no MLflow, no registry.
+
+``python -m bench.plain CONFIG [--set k=v ...]`` prints one JSON line of per-stage wall seconds.
+It is the baseline that ``bench/run.py`` compares the full flow against.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def run(config_path: str, overrides: list[str]) -> dict[str, float]:
+    from qlora.config import load_config
+    from tasks.evaluate import evaluate_adapter
+    from tasks.quantize import prepare_quantized_model
+    from tasks.tokenize import tokenize_dataset
+    from tasks.train import train_adapter
+
+    cfg = load_config(config_path, overrides)
+    times: dict[str, float] = {}
+    t = time.perf_counter()
+    data = tokenize_dataset(cfg.data, cfg.model, cfg.workdir)
+    times["tokenize"] = time.perf_counter() - t
+    t = time.perf_counter()
+    base = prepare_quantized_model(cfg.model, cfg.quantization, cfg.workdir)
+    times["quantize"] = time.perf_counter() - t
+    t = time.perf_counter()
+    adapter = train_adapter(base, data, cfg.lora, cfg.train, cfg.workdir)
+    times["train"] = time.perf_counter() - t
+    t = time.perf_counter()
+    report = evaluate_adapter(base, adapter, data, cfg.eval)
+    times["evaluate"] = time.perf_counter() - t
+    times["tuned_exact_match"] = report.metrics["eval/tuned/exact_match"]
+    return times
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    overrides = [a for prev, a in zip([""] + args, args) if prev == "--set"]
+    t0 = time.perf_counter()
+    out = run(args[0], overrides)
+    out["in_process_total"] = time.perf_counter() - t0
+    print("BENCH " + json.dumps(out))

@@ -1,0 +1,141 @@
+"""``make bench``: what orchestration costs and how fast training runs, as ratios measured together.
+
+Every figure is a ratio of two things measured in the same run (this machine is noisy); absolute
+seconds are context only. Writes ``bench/results.json`` and prints a Markdown table.
+
+1. orchestration overhead: the demo config through the full flow (Prefect + MLflow + registry)
+   vs. the same tokenize/quantize/train/evaluate work as plain calls in one process
+2. warm re-run: the same command again; unchanged data, tokenizer and base are cache hits
+3. trainer overhead: steps/s through our training stage vs. a minimal PEFT loop
+4. data: tokenization throughput vs. a bare batched tokenizer call; padding efficiency
+5. memory: peak RSS of the demo flow vs. the base model's bf16 size
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = "configs/demo.yaml"
+
+
+def timed_child(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS (bytes) and combined output of one child process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.stderr.write(out[-5000:])
+        raise SystemExit(f"benchmark step failed: {' '.join(cmd)} (exit {proc.returncode})")
+    return wall, usage.ru_maxrss * 1024, out
+
+
+def server_start_seconds(log: str) -> float | None:
+    """Ephemeral Prefect server start, read off the flow's own log timestamps."""
+    stamps = {}
+    for key, pat in (("start", r"Starting temporary server"), ("flow", r"Beginning flow run")):
+        m = re.search(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}).*" + pat, log)
+        if m:
+            stamps[key] = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f")
+    return (stamps["flow"] - stamps["start"]).total_seconds() if len(stamps) == 2 else None
+
+
+def bf16_bytes(model_dir: Path) -> int:
+    from safetensors import safe_open
+
+    n = 0
+    for f in model_dir.glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            n += sum(_numel(st.get_slice(k).get_shape()) for k in st.keys())
+    return 2 * n
+
+
+def _numel(shape) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
+
+
+def main() -> None:
+    root = REPO / ".qlora" / "bench"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    env = dict(os.environ, PREFECT_HOME=str(root / "prefect"), MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONUNBUFFERED="1")
+    py = sys.executable
+    results: dict[str, dict] = {}
+
+    # 1 + 2: plain calls vs the flow, each cold (fresh workdir) then warm (same workdir again).
+    plain_cmd = [py, "-m", "bench.plain", CONFIG, "--set", f"workdir={root / 'plain'}"]
+    flow_cmd = [py, "-m", "qlora.cli", "run", CONFIG, "--set", f"workdir={root / 'flow'}",
+                "--set", f"tracking.artifact_location={root / 'mlartifacts'}"]
+    plain_cold, _, plain_log = timed_child(plain_cmd, env)
+    plain_stages = json.loads(plain_log.split("BENCH ", 1)[1].splitlines()[0])
+    plain_warm, _, warm_log = timed_child(plain_cmd, env)
+    warm_stages = json.loads(warm_log.split("BENCH ", 1)[1].splitlines()[0])
+    flow_cold, flow_rss, flow_log = timed_child(flow_cmd, env)
+    flow_warm, _, _ = timed_child(flow_cmd, env)
+
+    cold_prep = plain_stages["tokenize"] + plain_stages["quantize"]
+    warm_prep = warm_stages["tokenize"] + warm_stages["quantize"]
+    results["orchestration"] = {
+        "plain_s": round(plain_cold, 1), "flow_s": round(flow_cold, 1),
+        "ratio": round(flow_cold / plain_cold, 3), "fixed_cost_s": round(flow_cold - plain_cold, 1),
+        "prefect_server_start_s": server_start_seconds(flow_log), "goal": "<= 1.10 (later 1.05)",
+    }
+    results["warm_rerun"] = {
+        "tokenize_quantize_cold_s": round(cold_prep, 2), "tokenize_quantize_warm_s": round(warm_prep, 2),
+        "stage_ratio": round(warm_prep / cold_prep, 3), "flow_cold_s": round(flow_cold, 1), "flow_warm_s": round(flow_warm, 1),
+        "flow_ratio": round(flow_warm / flow_cold, 3), "goal": "stage_ratio <= 0.05",
+    }
+
+    # 3: trainer vs minimal loop, in this process.
+    from bench.trainer_overhead import measure
+
+    results["trainer"] = {k: round(v, 3) for k, v in measure(CONFIG, root / "trainer").items()} | {"goal": ">= 0.95"}
+
+    # 4: data (bench/data.py, from the data-ingestion work).
+    from bench import data as data_bench
+
+    results["data"] = data_bench.measure()
+
+    # 5: memory.
+    base_dir = REPO / ".qlora" / "demo-base"
+    results["memory"] = {
+        "flow_peak_rss_mb": round(flow_rss / 2**20, 1), "base_bf16_mb": round(bf16_bytes(base_dir) / 2**20, 2),
+        "ratio": round(flow_rss / bf16_bytes(base_dir), 1),
+    }
+    results["context"] = {"cpu_count": os.cpu_count(), "tuned_exact_match_plain": plain_stages["tuned_exact_match"],
+                          "date": datetime.now().isoformat(timespec="seconds")}
+
+    (REPO / "bench" / "results.json").write_text(json.dumps(results, indent=2))
+    print("\n| measure | value | goal |\n|---|---|---|")
+    rows = [
+        ("orchestration wall ratio (flow / plain)", results["orchestration"]["ratio"], "<= 1.10"),
+        ("orchestration fixed cost, s", results["orchestration"]["fixed_cost_s"], ""),
+        ("  of which Prefect ephemeral server start, s", results["orchestration"]["prefect_server_start_s"], ""),
+        ("warm/cold tokenize+quantize", results["warm_rerun"]["stage_ratio"], "<= 0.05"),
+        ("warm/cold whole flow", results["warm_rerun"]["flow_ratio"], ""),
+        ("trainer / minimal loop steps/s", results["trainer"]["trainer_vs_minimal"], ">= 0.95"),
+        *[(f"data: {k}", v, "") for k, v in results["data"].items()],
+        ("peak RSS of demo flow, MB", results["memory"]["flow_peak_rss_mb"], ""),
+        ("peak RSS / base bf16 size", results["memory"]["ratio"], ""),
+    ]
+    for name, value, goal in rows:
+        print(f"| {name} | {value} | {goal} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -92,12 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
     from qlora.errors import UserError
+    from qlora.failures import TrackingUnavailable
 
     try:
         return args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except TrackingUnavailable as e:  # a fault, not a bug: say what was kept and what to do
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ class ModelConfig(Section):
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin; ignored for local directories.")
     trust_remote_code: bool = Field(False, description="Run model code shipped in the hub repo. Off unless you trust the repo.")
+    hf_token_secret: str | None = Field(
+        None, description="Name of a Prefect Secret block holding a hub token for gated repos; else $HF_TOKEN is used. Never logged."
+    )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel; sdpa is fast everywhere, flash_attention_2 needs the flash-attn package."
     )
@@ -88,6 +91,9 @@ class TrainConfig(Section):
     logging_steps: int = Field(10, gt=0, description="Log loss and learning rate every N optimizer steps.")
     save_steps: int = Field(100, gt=0, description="Write an adapter-only checkpoint every N optimizer steps (resume point).")
     save_total_limit: int = Field(2, gt=0, description="Checkpoints kept on disk; older ones are deleted.")
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop after N evaluations (one per save_steps) without a lower eval loss; unset = off."
+    )
 
     @field_validator("warmup_steps")
     @classmethod

@@ -14,6 +14,7 @@ from qlora.config import RegistryConfig
 from qlora.refs import Adapter, EvalReport, MlflowRun, QuantizedModel, RegisteredVersion
 from qlora.template import PROMPT_TEMPLATE
 from qlora.tracking import active_run
+from registry.idempotent import version_of_run
 
 log = logging.getLogger("qlora.register")
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -73,8 +74,10 @@ def register_adapter(
     import mlflow
 
     client = mlflow.MlflowClient(run.tracking_uri)
-    info = log_adapter(base, adapter, run)
-    mv = mlflow.register_model(info.model_uri, cfg.model_name, tags={"mlflow_run_id": run.run_id})
+    mv = version_of_run(client, cfg.model_name, run.run_id)  # a retry or re-run reuses its version (issue 4)
+    if mv is None:
+        info = log_adapter(base, adapter, run)
+        mv = mlflow.register_model(info.model_uri, cfg.model_name, tags={"mlflow_run_id": run.run_id})
     client.set_registered_model_alias(cfg.model_name, CHALLENGER, mv.version)
     aliases = [CHALLENGER]
     current = champion_score(client, cfg.model_name)
@@ -84,5 +87,5 @@ def register_adapter(
         aliases.append(CHAMPION)
     decision = "promoted to champion" if CHAMPION in aliases else f"kept as challenger ({new:.3f} <= champion {current:.3f})"
     client.set_model_version_tag(cfg.model_name, mv.version, "promotion", decision)
-    log.info("registered %s version %s (%s): %s", cfg.model_name, mv.version, info.model_uri, decision)
-    return RegisteredVersion(name=cfg.model_name, version=str(mv.version), model_uri=info.model_uri, aliases=aliases)
+    log.info("registered %s version %s (%s): %s", cfg.model_name, mv.version, mv.source, decision)
+    return RegisteredVersion(name=cfg.model_name, version=str(mv.version), model_uri=mv.source, aliases=aliases)

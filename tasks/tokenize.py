@@ -126,8 +126,10 @@ def prompt_and_reference(segs: list[Segment]) -> tuple[str, str]:
 def load_tokenizer(model: ModelConfig):
     from transformers import AutoTokenizer
 
+    from qlora.secrets import hf_token
+
     tok = AutoTokenizer.from_pretrained(
-        model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code
+        model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code, token=hf_token(model)
     )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -5,7 +5,8 @@ Stages:
 2. quantize  - base model -> pre-quantized 4-bit NF4 checkpoint on disk
 3. train     - QLoRA with transformers.Trainer -> adapter on disk (metrics autologged to MLflow)
 4. evaluate  - base vs tuned on the held-out split -> eval/base/* and eval/tuned/* in MLflow
-5. register  - adapter -> MLflow Model Registry version with aliases challenger / champion
+5. register  - adapter -> MLflow Model Registry version (lineage tags); challenger always, champion when
+               the promotion gate and the consumer check pass (and, if required, a human approves)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from prefect import flow, runtime
 from qlora.config import PipelineConfig
 from qlora.refs import RegisteredVersion
 from qlora.tracking import end_run, start_run
+from registry.approval import await_approval
 from tasks import stages
 
 
@@ -33,6 +35,8 @@ def qlora_finetune(config: PipelineConfig = PipelineConfig()) -> RegisteredVersi
         adapter = stages.train(base, data, config.lora, config.train, config.workdir, run)
         report = stages.evaluate(base, adapter, data, config.eval, run)
         version = stages.register(base, adapter, report, config.registry, run)
+        if version.awaiting_approval:  # registry.require_approval: pause for a human (must run in the flow)
+            version = await_approval(version, config.registry, run)
         status = "FINISHED"
         return version
     finally:

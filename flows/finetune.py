@@ -6,7 +6,8 @@ Stages:
 2. quantize  - base model -> pre-quantized 4-bit NF4 checkpoint on disk
 3. train     - QLoRA with transformers.Trainer -> adapter on disk (metrics autologged to MLflow)
 4. evaluate  - base vs tuned on the held-out split -> eval/base/* and eval/tuned/* in MLflow
-5. register  - adapter -> MLflow Model Registry version with aliases challenger / champion
+5. register  - adapter -> MLflow Model Registry version (lineage tags); challenger always, champion when
+               the promotion gate and the consumer check pass (and, if required, a human approves)
 
 Failure semantics (issue 4): an MLflow server that is down at the start does not stop training;
 the run is opened again (with retries) before registering. A failed or crashed flow run marks its
@@ -22,6 +23,7 @@ from prefect import flow, runtime
 from qlora.config import PipelineConfig
 from qlora.refs import RegisteredVersion
 from qlora.tracking import end_run, fail_runs_of_flow_run
+from registry.approval import await_approval
 from tasks import stages
 
 log = logging.getLogger("qlora.flow")
@@ -52,6 +54,8 @@ def qlora_finetune(config: PipelineConfig = PipelineConfig()) -> RegisteredVersi
         report = stages.evaluate(base, adapter, data, config.eval, run)
         run = run or stages.open_run(**opening)  # registering needs the server: retried, then a clear error
         version = stages.register(base, adapter, report, config.registry, run)
+        if version.awaiting_approval:  # registry.require_approval: pause for a human (must run in the flow)
+            version = await_approval(version, config.registry, run)
         status = "FINISHED"
         return version
     finally:

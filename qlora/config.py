@@ -111,6 +111,18 @@ class EvalConfig(Section):
 
 class RegistryConfig(Section):
     model_name: str = Field("qlora-demo", min_length=1, description="Registered model name in the MLflow Model Registry.")
+    min_improvement: float = Field(
+        0.0, ge=-1, le=1, description="Promote only when the CI's lower bound of (challenger - champion) exact match is above this."
+    )
+    bootstrap_resamples: int = Field(2000, ge=100, description="Paired bootstrap resamples for the promotion gate's interval.")
+    confidence_level: float = Field(0.95, gt=0.5, lt=1.0, description="Two-sided confidence level of the gate's interval.")
+    consumer_check_prompts: int = Field(
+        3, ge=0, description="Eval prompts re-generated through models:/<name>/<version> before promotion; 0 skips the check."
+    )
+    require_approval: bool = Field(
+        False, description="Pause the flow for a human approval (Prefect UI) before moving the champion alias."
+    )
+    approval_timeout_s: int = Field(3600, gt=0, description="Seconds a paused flow waits for approval before it fails.")
 
 
 class TrackingConfig(Section):

@@ -42,6 +42,9 @@ class MlflowRun(BaseModel):
 class EvalReport(BaseModel):
     metrics: dict[str, float]  # eval/base/<m> and eval/tuned/<m>
     samples: list[dict]  # a few {prompt, reference, base, tuned} rows for people to read
+    # What was scored and how: the registry's lineage tags and its consumer check need both.
+    data: TokenizedData | None = None
+    max_new_tokens: int | None = None
 
 
 class RegisteredVersion(BaseModel):
@@ -49,3 +52,5 @@ class RegisteredVersion(BaseModel):
     version: str
     model_uri: str  # runs:/... of the logged model
     aliases: list[str]
+    decision: str = ""  # the promotion gate's reason, with its evidence
+    awaiting_approval: bool = False  # gate passed, registry.require_approval holds champion back

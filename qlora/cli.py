@@ -27,6 +27,7 @@ def _setup_logging() -> None:
     # Plain-function logs (logger "qlora.*") also show up in the Prefect task run logs.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "qlora")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network for telemetry
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "alembic", "mlflow.store.db.utils", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -48,7 +48,7 @@ def qlora_finetune(config: PipelineConfig = PipelineConfig()) -> RegisteredVersi
     run = opened.result() if opened.is_completed() else None  # tracking down: train anyway, untracked
     status = "FAILED"
     try:
-        data = stages.tokenize(config.data, config.model, config.workdir)
+        data = stages.tokenize(config.data, config.model, config.workdir, run)
         base = stages.quantize(config.model, config.quantization, config.workdir)
         adapter = stages.train(base, data, config.lora, config.train, config.workdir, run)
         report = stages.evaluate(base, adapter, data, config.eval, run)

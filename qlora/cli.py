@@ -1,4 +1,4 @@
-"""``qlora`` command line: run the flow, predict from the registry, build the demo base.
+"""``qlora`` command line: run the flow, validate data, predict from the registry, build the demo base.
 
 User errors (bad config, bad data, missing model) print one line per problem and exit 1, with no
 traceback; anything else is a bug or a fault and keeps its traceback.
@@ -46,6 +46,19 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_validate_data(args) -> int:
+    """Validation and tokenization only (tokenizer, no model, writes nothing); prints the data report."""
+    from qlora.config import load_config
+    from tasks.tokenize import load_tokenizer, prepare
+
+    cfg = load_config(args.config, args.set)
+    import datasets
+
+    datasets.disable_progress_bars()  # the report is the output; bars would interleave with it
+    print(prepare(cfg.data, load_tokenizer(cfg.model)).report.markdown())
+    return 0
+
+
 def cmd_predict(args) -> int:
     from registry.consumer import predict
 
@@ -74,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.max_steps=5 (repeatable)")
     r.set_defaults(func=cmd_run)
+
+    v = sub.add_parser("validate-data", help="validate and tokenize the config's data, print the data report")
+    v.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    v.set_defaults(func=cmd_validate_data)
 
     pr = sub.add_parser("predict", help="generate with a registered model, as a registry consumer would")
     pr.add_argument("model_uri", help="e.g. models:/qlora-demo@champion")

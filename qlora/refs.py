@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from qlora.template import PROMPT_TEMPLATE
+
 
 class TokenizedData(BaseModel):
     path: str  # datasets.DatasetDict.save_to_disk folder with "train" and "eval"
@@ -11,6 +13,9 @@ class TokenizedData(BaseModel):
     train_rows: int
     eval_rows: int
     truncated_rows: int = 0
+    format: str = "alpaca"
+    prompt_template: str = PROMPT_TEMPLATE  # one-placeholder inference prompt (the same function rendered training)
+    report_path: str | None = None  # report.md of the data report
 
 
 class QuantizedModel(BaseModel):

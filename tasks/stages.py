@@ -7,7 +7,10 @@ never a ``UserError`` or a bug: bad input fails at once with its message.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import task
+from prefect.artifacts import create_markdown_artifact
 
 from qlora.failures import retry_transient
 from qlora.tracking import start_or_resume_run
@@ -23,7 +26,17 @@ from tasks.train import train_adapter
 # run or a code bug. Training's CUDA OOM is handled inside train_adapter (smaller micro-batch).
 _common = dict(retry_condition_fn=retry_transient, retry_jitter_factor=0.5, log_prints=True)
 
-tokenize = task(tokenize_dataset, name="tokenize", retries=2, retry_delay_seconds=5, **_common)
+
+
+def _tokenize_with_report(data, model, workdir, run=None):
+    """Tokenize, then show the data report (drops by reason, lengths, examples) in the Prefect UI."""
+    ref = tokenize_dataset(data, model, workdir, run)
+    if ref.report_path:
+        create_markdown_artifact(markdown=Path(ref.report_path).read_text(), key="data-report", description="tokenize: data report")
+    return ref
+
+
+tokenize = task(_tokenize_with_report, name="tokenize", retries=2, retry_delay_seconds=5, **_common)
 quantize = task(prepare_quantized_model, name="quantize", retries=2, retry_delay_seconds=10, **_common)
 train = task(train_adapter, name="train", retries=1, retry_delay_seconds=30, **_common)
 evaluate = task(evaluate_adapter, name="evaluate", retries=2, retry_delay_seconds=10, **_common)

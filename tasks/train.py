@@ -80,6 +80,9 @@ def training_arguments(train: TrainConfig, output_dir: Path, compute_dtype, repo
         activation_checkpointing=train.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         seed=train.seed,
+        # Length-grouped batches: measured padding efficiency 0.5 -> 0.95+ on Code Alpaca (bench/data.py).
+        # Chosen over packing: packed rows would need flash-attention-style position_ids masking.
+        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
         logging_steps=train.logging_steps,
         logging_first_step=True,
         save_strategy="steps",

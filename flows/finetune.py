@@ -32,7 +32,7 @@ def qlora_finetune(config: PipelineConfig = PipelineConfig()) -> RegisteredVersi
         base = stages.quantize(config.model, config.quantization, config.workdir)
         adapter = stages.train(base, data, config.lora, config.train, config.workdir, run)
         report = stages.evaluate(base, adapter, data, config.eval, run)
-        version = stages.register(base, adapter, report, config.registry, run)
+        version = stages.register(base, adapter, report, config.registry, run, data)
         status = "FINISHED"
         return version
     finally:

@@ -11,7 +11,7 @@ import logging
 from importlib.metadata import version as pkg_version
 
 from qlora.config import RegistryConfig
-from qlora.refs import Adapter, EvalReport, MlflowRun, QuantizedModel, RegisteredVersion
+from qlora.refs import Adapter, EvalReport, MlflowRun, QuantizedModel, RegisteredVersion, TokenizedData
 from qlora.template import PROMPT_TEMPLATE
 from qlora.tracking import active_run
 
@@ -29,7 +29,7 @@ def pip_requirements() -> list[str]:
     return [f"{p}=={pkg_version(p)}" for p in CONSUMER_PACKAGES]
 
 
-def log_adapter(base: QuantizedModel, adapter: Adapter, run: MlflowRun):
+def log_adapter(base: QuantizedModel, adapter: Adapter, run: MlflowRun, prompt_template: str = PROMPT_TEMPLATE):
     """Log base-referenced PEFT adapter + tokenizer with the training prompt template; returns ModelInfo."""
     import mlflow
 
@@ -48,7 +48,7 @@ def log_adapter(base: QuantizedModel, adapter: Adapter, run: MlflowRun):
             task="text-generation",
             # The pre-quantized base stays where stage 2 wrote it; only the adapter is stored.
             base_model_path=base.path,
-            prompt_template=PROMPT_TEMPLATE,
+            prompt_template=prompt_template,  # the tokenize stage's, so consumers prompt as training did
             pip_requirements=pip_requirements(),
             signature=signature,
             model_config=dict(GENERATION_DEFAULTS),
@@ -67,13 +67,14 @@ def champion_score(client, name: str) -> float | None:
 
 
 def register_adapter(
-    base: QuantizedModel, adapter: Adapter, report: EvalReport, cfg: RegistryConfig, run: MlflowRun
+    base: QuantizedModel, adapter: Adapter, report: EvalReport, cfg: RegistryConfig, run: MlflowRun,
+    data: TokenizedData | None = None,
 ) -> RegisteredVersion:
     """Register the adapter under ``cfg.model_name``; set ``challenger``, and ``champion`` when it wins."""
     import mlflow
 
     client = mlflow.MlflowClient(run.tracking_uri)
-    info = log_adapter(base, adapter, run)
+    info = log_adapter(base, adapter, run, data.prompt_template if data else PROMPT_TEMPLATE)
     mv = mlflow.register_model(info.model_uri, cfg.model_name, tags={"mlflow_run_id": run.run_id})
     client.set_registered_model_alias(cfg.model_name, CHALLENGER, mv.version)
     aliases = [CHALLENGER]

@@ -64,6 +64,7 @@ def run(data_path: str, model_path: str, max_length: int = 1024, batch_sizes=(4,
     for bs in batch_sizes:
         out[f"padding_efficiency_random_bs{bs}"] = round(padding_efficiency(lengths, bs, grouped=False), 4)
         out[f"padding_efficiency_grouped_bs{bs}"] = round(padding_efficiency(lengths, bs, grouped=True), 4)
+    out["padding_efficiency_packed"] = 1.0  # train.packing: one flattened row per batch, no pad tokens at all
 
     rendered = render_source(parse(data_path, data), data, tok)
     texts = ["".join(t for t, _ in it.segments) for it in rendered.items]

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,11 +233,18 @@ def _lines(lines: list[str]) -> str:
     return "\n".join(shown) + (f"\n... and {len(lines) - MAX_LINES} more" if len(lines) > MAX_LINES else "")
 
 
+def _position(problem) -> tuple[str, int]:
+    """(file, line/row number) of a problem's ``where``, so problems are listed in file order."""
+    m = re.search(r"^(.*?)(?::| item | row )(\d+)$", problem[0])
+    return (m.group(1), int(m.group(2))) if m else (problem[0], 0)
+
+
 def check_drops(problems, total: int, name: str, max_drop_fraction: float, log_them: bool = True) -> None:
     """Fail when every row, or more than ``max_drop_fraction`` of them, is unusable."""
     bad = len(problems)
     if not bad:
         return
+    problems.sort(key=_position)
     lines = [line for _, _, line in problems]
     if bad >= total:
         raise DataError(_lines(lines) + f"\n{name}: all {total} rows dropped; nothing to train on")

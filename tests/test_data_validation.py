@@ -136,8 +136,8 @@ def test_validate_data_cli_prints_report_or_one_line_per_problem(tmp_path, tiny_
     assert main(["validate-data", "configs/demo.yaml", "--set", f"data.path={bad}", *common]) == 1
     err = capsys.readouterr().err
     assert err.splitlines() == [
-        f"error: {bad}:22: malformed JSON line: Expecting value (column 1)",
-        f"{bad}:21: field 'instruction' must be a string, got int",
+        f"error: {bad}:21: field 'instruction' must be a string, got int",
+        f"{bad}:22: malformed JSON line: Expecting value (column 1)",
         f"{bad}: 2 of 22 rows unusable, more than data.max_drop_fraction=0.05; fix the rows above or raise data.max_drop_fraction",
     ]
     assert "Traceback" not in err

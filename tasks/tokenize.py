@@ -108,8 +108,20 @@ def parse(path: str, data: DataConfig, fmt: str | None = None) -> Parsed:
             out.rows.append((where, row_turns(row, fmt, where, data.columns)))
         except RowProblem as e:
             out.problems.append((e.where, e.reason, str(e)))
-    check_drops(out.problems, out.rows_read, src.name, data.max_drop_fraction, log_them=False)
+    check_drops(out.problems, out.rows_read, src.name, data.max_drop_fraction, log_them=False, hint=_format_hint(src, fmt, data))
     return out
+
+
+def _format_hint(src: Source, fmt: str, data: DataConfig) -> str:
+    """When an explicit data.format does not match the rows, say which format they look like."""
+    first = next((r for _, r in src.rows if isinstance(r, dict)), None)
+    if data.format == "auto" or first is None:
+        return ""
+    try:
+        seen = detect_format(first, src.name, data.columns)
+    except DataError:
+        return ""
+    return f" (data.format is {fmt}, but the rows look like {seen}: set data.format={seen} or auto)" if seen != fmt else ""
 
 
 def validate(data: DataConfig) -> tuple[Parsed, Parsed | None]:
@@ -239,7 +251,7 @@ def _position(problem) -> tuple[str, int]:
     return (m.group(1), int(m.group(2))) if m else (problem[0], 0)
 
 
-def check_drops(problems, total: int, name: str, max_drop_fraction: float, log_them: bool = True) -> None:
+def check_drops(problems, total: int, name: str, max_drop_fraction: float, log_them: bool = True, hint: str = "") -> None:
     """Fail when every row, or more than ``max_drop_fraction`` of them, is unusable."""
     bad = len(problems)
     if not bad:
@@ -247,11 +259,11 @@ def check_drops(problems, total: int, name: str, max_drop_fraction: float, log_t
     problems.sort(key=_position)
     lines = [line for _, _, line in problems]
     if bad >= total:
-        raise DataError(_lines(lines) + f"\n{name}: all {total} rows dropped; nothing to train on")
+        raise DataError(_lines(lines) + f"\n{name}: all {total} rows dropped; nothing to train on{hint}")
     if bad / total > max_drop_fraction:
         raise DataError(
             _lines(lines) + f"\n{name}: {bad} of {total} rows unusable, more than data.max_drop_fraction="
-            f"{max_drop_fraction}; fix the rows above or raise data.max_drop_fraction"
+            f"{max_drop_fraction}; fix the rows above or raise data.max_drop_fraction{hint}"
         )
     for line in lines if log_them else []:
         log.warning("dropped row: %s", line)

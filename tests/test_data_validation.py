@@ -82,6 +82,17 @@ def test_every_row_dropped_and_drop_share(tmp_path, tok):
         _prepare(tok, q, max_drop_fraction=0.0)
 
 
+def test_explicit_format_that_does_not_match_says_what_the_rows_look_like(tok):
+    from .conftest import SHARED_DATA
+
+    with pytest.raises(DataError) as e:
+        prepare(DataConfig(path=str(SHARED_DATA / "sharegpt_dummy_conversation.json"), format="alpaca"), tok)
+    assert str(e.value).splitlines()[-1] == (
+        f"{SHARED_DATA / 'sharegpt_dummy_conversation.json'}: all 500 rows dropped; nothing to train on "
+        "(data.format is alpaca, but the rows look like sharegpt: set data.format=sharegpt or auto)"
+    )
+
+
 def test_bom_is_accepted_and_missing_file_is_a_data_error(tmp_path, tok):
     p = tmp_path / "bom.jsonl"
     p.write_bytes(b"\xef\xbb\xbf" + (GOOD * 3).encode())

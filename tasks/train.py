@@ -151,13 +151,16 @@ def _train_locked(base, data, lora, train, run_dir: Path, run: MlflowRun | None)
 def _fit(base, data, lora, train: TrainConfig, run_dir: Path, run: MlflowRun | None) -> Adapter:
     import torch
     from datasets import load_from_disk
-    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, EarlyStoppingCallback, Trainer
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, EarlyStoppingCallback, Trainer, set_seed
 
     from tasks.resilience import DivergenceGuard, safe_mlflow_callback
 
     done = run_dir / "adapter" / "manifest.json"
     tok = AutoTokenizer.from_pretrained(base.path)
     splits = load_from_disk(data.path)
+    # Seed before the LoRA matrices are initialised (the Trainer seeds only later): the same config then
+    # starts from the same adapter in every process, which is what makes a resumed run match an uninterrupted one.
+    set_seed(train.seed)
     model = build_peft_model(base.path, lora, train.gradient_checkpointing, base.quantized)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA r=%d on %s: %d trainable of %d parameters (%.2f%%)", lora.r, lora.target_modules, trainable, total, 100 * trainable / total)

@@ -27,12 +27,15 @@ PLANTED_TOKEN = "hf_PLANTEDtokenDoNotLeak0123456789"
 
 
 def _overrides(tiny_base, tmp_path, **extra) -> dict:
+    # 300 real demo rows: tokenizing and the eval split's loss stay well under a second.
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(DEMO_DATA.read_text().splitlines(keepends=True)[:300]))
     return {
         "workdir": str(tmp_path / "work"),
         "model.name_or_path": str(tiny_base),
-        "data.path": str(DEMO_DATA),
+        "data.path": str(data),
         "data.max_length": 64,
-        "data.eval_fraction": 0.02,
+        "data.eval_fraction": 0.03,
         "train.max_steps": 12,
         "train.per_device_train_batch_size": 8,
         "train.gradient_accumulation_steps": 1,
@@ -117,6 +120,7 @@ def test_sigkill_then_rerun_resumes_same_step_same_run_same_weights(tiny_base, t
     want = load_file(str(Path(ref.path) / "adapter_model.safetensors"))
     assert got.keys() == want.keys()
     worst = max((got[k].float() - want[k].float()).abs().max().item() for k in got)
+    print(f"max |resumed - uninterrupted| over adapter weights: {worst:.3g}")
     assert worst <= 1e-6, f"resumed adapter differs from the uninterrupted one by {worst}"
     assert not torch.equal(got[next(iter(got))], torch.zeros_like(got[next(iter(got))]))
 

@@ -176,7 +176,9 @@ def _fit(base, data, lora, train: TrainConfig, run_dir: Path, run: MlflowRun | N
         model=model,
         args=training_arguments(train, run_dir, compute_dtype),
         train_dataset=splits["train"],
-        eval_dataset=splits["eval"] if train.early_stopping_patience is not None else None,
+        # The eval split also carries prompt/reference text for generation; the Trainer needs only tokens.
+        eval_dataset=splits["eval"].select_columns(splits["train"].column_names)
+        if train.early_stopping_patience is not None else None,
         data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100),
         processing_class=tok,
         callbacks=callbacks,

@@ -228,3 +228,30 @@ def test_register_is_idempotent_per_run(prepared, mlflow_uri, tmp_path):
     v2 = register_adapter(base, a, report, cfg, run)  # a retried or re-run register task
     assert v1.version == v2.version == "1"
     assert len(mlflow.MlflowClient(mlflow_uri).search_model_versions("name = 'idem'")) == 1
+
+
+def test_early_stopping_on_eval_loss(prepared):
+    work, data, base = prepared
+    # lr 1e-12: the adapter barely moves, eval loss soon stops improving and patience 1 ends the run.
+    train = _train(max_steps=20, save_steps=1, learning_rate=1e-12, early_stopping_patience=1)
+    a = train_adapter(base, data, LORA, train, work)
+    assert a.global_step < 20
+    state = json.loads((Path(a.run_dir) / f"checkpoint-{a.global_step}" / "trainer_state.json").read_text())
+    evals = [h["eval_loss"] for h in state["log_history"] if "eval_loss" in h]
+    assert len(evals) == a.global_step  # one eval per save
+    assert evals[-1] >= min(evals[:-1])  # stopped on the first eval that did not improve (patience 1)
+    assert all(b < a_ for a_, b in zip(evals[:-2], evals[1:-1]))
+
+
+def test_failed_flow_hook_marks_its_running_runs_failed(mlflow_uri, tmp_path):
+    import mlflow
+
+    from qlora.tracking import fail_runs_of_flow_run, start_run
+
+    cfg = TrackingConfig(uri=mlflow_uri, artifact_location=str(tmp_path / "art"))
+    mine = start_run(cfg, "crashed", tags={"prefect.flow_run_id": "fr-1"})
+    other = start_run(cfg, "another flow run", tags={"prefect.flow_run_id": "fr-2"})
+    assert fail_runs_of_flow_run(cfg, "fr-1") == [mine.run_id]
+    client = mlflow.MlflowClient(mlflow_uri)
+    assert client.get_run(mine.run_id).info.status == "FAILED"
+    assert client.get_run(other.run_id).info.status == "RUNNING"

@@ -152,3 +152,37 @@ def test_diverged_flow_fails_once_marks_run_failed_registers_nothing(prefect_ser
     assert [r.info.status for r in runs] == ["FAILED"]  # none left RUNNING
     assert client.search_registered_models() == []
     assert not list((tmp_path / "work").glob("runs/*/adapter"))
+
+
+def test_mlflow_down_whole_flow_trains_then_fails_clearly(prefect_server, tiny_base, tmp_path, monkeypatch):
+    import socket
+
+    from flows.finetune import qlora_finetune
+    from qlora.failures import TrackingUnavailable
+    from tasks import stages
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # Same retry policy, no waiting between attempts.
+    monkeypatch.setattr(stages, "open_run", stages.open_run.with_options(retry_delay_seconds=0))
+    over = _overrides(tiny_base, tmp_path, **{"tracking.uri": f"http://127.0.0.1:{port}", "train.max_steps": 3})
+    cfg = load_config(None, [f"{k}={v}" for k, v in over.items()])
+    state = qlora_finetune(config=cfg, return_state=True)
+    assert state.is_failed()
+    err = state.result(raise_on_failure=False)
+    assert isinstance(err, TrackingUnavailable)
+    assert f"127.0.0.1:{port} is unreachable" in str(err) and "re-run the same command" in str(err)
+    (manifest,) = (tmp_path / "work").glob("runs/*/adapter/manifest.json")  # training completed untracked
+    assert json.loads(manifest.read_text())["global_step"] == 3
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as c:
+        tasks = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    opens = [t for t in tasks if t.name.startswith("open-mlflow-run")]
+    assert len(opens) == 2 and all(t.run_count == 3 for t in opens)  # at start and before registering, each retried
+    assert not [t for t in tasks if t.name.startswith("register")]

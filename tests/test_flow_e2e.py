@@ -70,9 +70,9 @@ def test_flow_end_to_end(prefect_server, tiny_base, tmp_path, mlflow_uri):
     assert state.is_completed(), state.message
     version = state.result()
 
-    # Five stages, each its own completed Prefect task run.
+    # Five stages (plus opening the MLflow run), each its own completed Prefect task run.
     runs = _task_runs(state.state_details.flow_run_id)
-    assert sorted(r.name.rsplit("-", 1)[0] for r in runs) == sorted(STAGES)
+    assert sorted(r.name.rsplit("-", 1)[0] for r in runs) == sorted(STAGES + ["open-mlflow-run"])
     assert all(r.state.is_completed() for r in runs)
 
     # One MLflow run for the flow run, finished, holding training and eval metrics.

@@ -186,3 +186,18 @@ def test_mlflow_down_whole_flow_trains_then_fails_clearly(prefect_server, tiny_b
     opens = [t for t in tasks if t.name.startswith("open-mlflow-run")]
     assert len(opens) == 2 and all(t.run_count == 3 for t in opens)  # at start and before registering, each retried
     assert not [t for t in tasks if t.name.startswith("register")]
+
+
+def test_hub_token_from_prefect_secret_block_or_env(prefect_server, monkeypatch):
+    from prefect.blocks.system import Secret
+
+    from qlora.config import ModelConfig
+    from qlora.errors import ConfigError
+    from qlora.secrets import hf_token
+
+    Secret(value=PLANTED_TOKEN).save("qlora-test-hf-token", overwrite=True)
+    monkeypatch.setenv("HF_TOKEN", "hf_from_env")
+    assert hf_token(ModelConfig(hf_token_secret="qlora-test-hf-token")) == PLANTED_TOKEN  # the block wins
+    assert hf_token(ModelConfig()) == "hf_from_env"
+    with pytest.raises(ConfigError, match="model.hf_token_secret: no Prefect Secret block named 'nope'"):
+        hf_token(ModelConfig(hf_token_secret="nope"))

@@ -4,6 +4,11 @@ k-bit preparation -> LoRA on the configured modules -> Trainer with paged 8-bit 
 schedule with warmup, gradient clipping, gradient checkpointing and gradient accumulation.
 Checkpoints hold the adapter only. Params and loss curves reach MLflow through the Trainer's own
 MLflow callback, inside the flow's run.
+
+Failure semantics (issue 4; the helpers are in ``tasks/resilience.py``): the run dir is locked,
+training resumes from the newest *valid* checkpoint, a NaN/inf loss or gradient stops it at once
+(``TrainingDiverged``, never retried), a CUDA OOM retries once with half the micro-batch, and a
+tracking outage costs the loss curve, not the training.
 """
 
 from __future__ import annotations
@@ -142,6 +147,12 @@ def _train_locked(base, data, lora, train, run_dir: Path, run: MlflowRun | None)
             "per_device_train_batch_size=%d, gradient_accumulation_steps=%d (same effective batch)",
             train.per_device_train_batch_size, smaller.per_device_train_batch_size, smaller.gradient_accumulation_steps,
         )
+        with best_effort_run(run) as attached:
+            if attached is not None:  # params cannot change in MLflow; the tag records what was used after
+                import mlflow
+
+                mlflow.set_tag("qlora.oom_retry", f"per_device_train_batch_size={smaller.per_device_train_batch_size},"
+                               f"gradient_accumulation_steps={smaller.gradient_accumulation_steps}")
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -65,6 +65,7 @@ def test_retry_classification(closed_port_uri):
     assert rest5xx.get_http_status_code() == 500 and is_transient(rest5xx)
     rest4xx = mlflow.exceptions.RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "bad"})
     assert not is_transient(rest4xx)
+    assert not is_transient(mlflow.exceptions.MlflowException("Invalid model signature"))  # defaults to code 500
     for never in (ConfigError("x"), DataError("x"), TrainingDiverged("nan"), ValueError(), TypeError(), AssertionError(), KeyError("k")):
         assert not is_transient(never), never
 
@@ -113,11 +114,15 @@ def test_non_finite_loss_stops_without_retry_or_adapter(prepared):
     assert step < 10  # stopped at once, not at max_steps
 
 
-def test_cuda_oom_retries_once_with_half_batch(prepared, monkeypatch, caplog):
+def test_cuda_oom_retries_once_with_half_batch(prepared, monkeypatch, caplog, mlflow_uri):
+    import mlflow
     import torch
     from transformers import Trainer
 
+    from qlora.tracking import start_run
+
     work, data, base = prepared
+    run = start_run(TrackingConfig(uri=mlflow_uri), "oom")
     real_step = Trainer.training_step
     raised = []
 
@@ -130,11 +135,17 @@ def test_cuda_oom_retries_once_with_half_batch(prepared, monkeypatch, caplog):
     monkeypatch.setattr(Trainer, "training_step", oom_once)
     train = _train(per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=2, learning_rate=1e-3)
     with caplog.at_level(logging.WARNING, logger="qlora.train"):
-        a = train_adapter(base, data, LORA, train, work)
+        a = train_adapter(base, data, LORA, train, work, run=run)
     assert raised == [4] and a.global_step == 2
     assert "per_device_train_batch_size=2, gradient_accumulation_steps=2 (same effective batch)" in caplog.text
     state = json.loads((Path(a.run_dir) / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["train_batch_size"] == 2
+    mlflow.flush_async_logging()
+    client = mlflow.MlflowClient(mlflow_uri)
+    assert [m.step for m in client.get_metric_history(run.run_id, "loss")] == [1, 2]  # still tracked after the retry
+    tracked = client.get_run(run.run_id).data
+    assert tracked.params["gradient_accumulation_steps"] == "1"  # MLflow params are immutable ...
+    assert tracked.tags["qlora.oom_retry"] == "per_device_train_batch_size=2,gradient_accumulation_steps=2"  # ... so a tag says
 
 
 def test_same_config_twice_at_once_is_serialised_by_the_run_dir_lock(prepared, caplog):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora.config import DataConfig, EvalConfig, LoraSection, ModelConfig, QuantizationConfig, RegistryConfig, TrackingConfig, TrainConfig
+from qlora.config import DataConfig, LoraSection, ModelConfig, QuantizationConfig, RegistryConfig, TrackingConfig, TrainConfig
 from qlora.errors import ConfigError, DataError
 from qlora.failures import TrackingUnavailable, TrainingDiverged, is_transient
 from qlora.refs import MlflowRun

@@ -111,10 +111,9 @@ def test_sigkill_then_rerun_resumes_same_step_same_run_same_weights(tiny_base, t
 
     # 3. Same weights as an uninterrupted run of the same config (fixed seed, CPU).
     cfg = load_config(REPO / "configs" / "demo.yaml", [f"{k}={v}" for k, v in over.items()])
-    ref_work = tmp_path / "ref"
-    data = tokenize_dataset(cfg.data, cfg.model, ref_work)
-    base = prepare_quantized_model(cfg.model, cfg.quantization, ref_work)
-    ref = train_adapter(base, data, cfg.lora, cfg.train, ref_work)
+    data = tokenize_dataset(cfg.data, cfg.model, work)  # cache hits: the very same tokens and 4-bit base
+    base = prepare_quantized_model(cfg.model, cfg.quantization, work)
+    ref = train_adapter(base, data, cfg.lora, cfg.train, tmp_path / "ref")  # a fresh run dir
     assert ref.resumed_from_step is None
     got = load_file(str(manifest.parent / "adapter_model.safetensors"))
     want = load_file(str(Path(ref.path) / "adapter_model.safetensors"))

@@ -21,14 +21,13 @@ class TrackingUnavailable(RuntimeError):
 
 
 def _http_status(exc: BaseException) -> int | None:
-    for attr in ("get_http_status_code",):
-        fn = getattr(exc, attr, None)
-        if callable(fn):
-            try:
-                return int(fn())
-            except Exception:  # noqa: BLE001 - a malformed error code is simply "unknown"
-                return None
-    resp = getattr(exc, "response", None)
+    fn = getattr(exc, "get_http_status_code", None)  # MlflowException / RestException
+    if callable(fn):
+        try:
+            return int(fn())
+        except (TypeError, ValueError):
+            return None
+    resp = getattr(exc, "response", None)  # requests / httpx / huggingface_hub
     code = getattr(resp, "status_code", None)
     return int(code) if isinstance(code, int) else None
 
@@ -46,11 +45,12 @@ def is_transient(exc: BaseException | None) -> bool:
         code = _http_status(exc)
         return code is None or code >= 500 or code == 429
     if mod.startswith("mlflow"):
-        code = _http_status(exc)
-        # MlflowException for a RESOURCE_DOES_NOT_EXIST / INVALID_PARAMETER is a bug or bad input (4xx);
-        # a 5xx or a wrapped connection failure is the server blipping.
-        if code is not None and code >= 500:
-            return True
+        # A RestException carries the server's real HTTP status: 5xx/429 is the server blipping, 4xx is
+        # bad input or a bug. A plain MlflowException defaults to INTERNAL_ERROR (500) for anything, so
+        # only what it wraps (e.g. a refused connection) decides.
+        if type(exc).__name__ == "RestException":
+            code = _http_status(exc)
+            return code is not None and (code >= 500 or code == 429)
         cause = exc.__cause__ or exc.__context__
         return cause is not None and cause is not exc and is_transient(cause)
     return False

@@ -112,24 +112,38 @@ def safe_mlflow_callback():
     class SafeMLflowCallback(MLflowCallback):
         _broken = False
 
+        def _disable(self, e: Exception) -> None:
+            self._broken = True
+            log.warning(
+                "MLflow logging failed (%s: %s); training continues without tracking, the loss curve of "
+                "this run is incomplete", type(e).__name__, str(e).splitlines()[0][:200],
+            )
+
         def _guard(self, fn, *a, **kw):
             if self._broken:
                 return None
             try:
                 return fn(*a, **kw)
-            except Exception as e:  # noqa: BLE001 - classified below; only tracking faults are swallowed
+            except Exception as e:  # noqa: BLE001 - only tracking faults are swallowed
                 if not (is_transient(e) or type(e).__module__.startswith("mlflow")):
                     raise
-                self._broken = True
-                log.warning(
-                    "MLflow logging failed (%s: %s); training continues without tracking, the loss curve of "
-                    "this run is incomplete", type(e).__name__, str(e).splitlines()[0][:200],
-                )
+                self._disable(e)
                 return None
 
         def setup(self, args, state, model):
-            self._guard(super().setup, args, state, model)
-            self._initialized = True  # do not retry setup at every log
+            try:
+                super().setup(args, state, model)
+            except Exception as e:  # noqa: BLE001
+                if is_transient(e):
+                    self._disable(e)
+                elif type(e).__module__.startswith("mlflow"):
+                    # e.g. the OOM retry re-logs per_device_train_batch_size with a new value: MLflow
+                    # refuses to change a param, but the metrics of the same run are still wanted.
+                    log.warning("MLflow kept this run's earlier params (%s)", str(e).splitlines()[0][:200])
+                else:
+                    raise
+            finally:
+                self._initialized = True  # do not retry setup at every log
 
         def on_log(self, args, state, control, logs, model=None, **kwargs):
             return self._guard(super().on_log, args, state, control, logs, model=model, **kwargs)

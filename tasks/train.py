@@ -4,6 +4,11 @@ k-bit preparation -> LoRA on the configured modules -> Trainer with paged 8-bit 
 schedule with warmup, gradient clipping, gradient checkpointing and gradient accumulation.
 Checkpoints hold the adapter only. Params and loss curves reach MLflow through the Trainer's own
 MLflow callback, inside the flow's run.
+
+Failure semantics (issue 4; the helpers are in ``tasks/resilience.py``): the run dir is locked,
+training resumes from the newest *valid* checkpoint, a NaN/inf loss or gradient stops it at once
+(``TrainingDiverged``, never retried), a CUDA OOM retries once with half the micro-batch, and a
+tracking outage costs the loss curve, not the training.
 """
 
 from __future__ import annotations
@@ -160,6 +165,12 @@ def _train_locked(base, data, lora, train, run_dir: Path, run: MlflowRun | None)
             "per_device_train_batch_size=%d, gradient_accumulation_steps=%d (same effective batch)",
             train.per_device_train_batch_size, smaller.per_device_train_batch_size, smaller.gradient_accumulation_steps,
         )
+        with best_effort_run(run) as attached:
+            if attached is not None:  # params cannot change in MLflow; the tag records what was used after
+                import mlflow
+
+                mlflow.set_tag("qlora.oom_retry", f"per_device_train_batch_size={smaller.per_device_train_batch_size},"
+                               f"gradient_accumulation_steps={smaller.gradient_accumulation_steps}")
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -169,13 +180,16 @@ def _train_locked(base, data, lora, train, run_dir: Path, run: MlflowRun | None)
 def _fit(base, data, lora, train: TrainConfig, run_dir: Path, run: MlflowRun | None) -> Adapter:
     import torch
     from datasets import load_from_disk
-    from transformers import AutoTokenizer, EarlyStoppingCallback, Trainer
+    from transformers import AutoTokenizer, EarlyStoppingCallback, Trainer, set_seed
 
     from tasks.resilience import DivergenceGuard, safe_mlflow_callback
 
     done = run_dir / "adapter" / "manifest.json"
     tok = AutoTokenizer.from_pretrained(base.path)
     splits = load_from_disk(data.path)
+    # Seed before the LoRA matrices are initialised (the Trainer seeds only later): the same config then
+    # starts from the same adapter in every process, which is what makes a resumed run match an uninterrupted one.
+    set_seed(train.seed)
     model = build_peft_model(base.path, lora, train.gradient_checkpointing, base.quantized, base.attn_implementation)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA r=%d on %s: %d trainable of %d parameters (%.2f%%)", lora.r, lora.target_modules, trainable, total, 100 * trainable / total)
@@ -191,7 +205,9 @@ def _fit(base, data, lora, train: TrainConfig, run_dir: Path, run: MlflowRun | N
         model=model,
         args=training_arguments(train, run_dir, compute_dtype),
         train_dataset=splits["train"],
-        eval_dataset=splits["eval"] if train.early_stopping_patience is not None else None,
+        # The eval split also carries prompt/reference text for generation; the Trainer needs only tokens.
+        eval_dataset=splits["eval"].select_columns(splits["train"].column_names)
+        if train.early_stopping_patience is not None else None,
         data_collator=collator(tok, train.packing),
         processing_class=tok,
         callbacks=callbacks,

@@ -70,7 +70,7 @@ def test_flow_end_to_end(prefect_server, tiny_base, tmp_path, mlflow_uri):
     assert state.is_completed(), state.message
     version = state.result()
 
-    # Five stages, each its own completed Prefect task run.
+    # Five stages (plus opening the MLflow run), each its own completed Prefect task run.
     runs = _task_runs(state.state_details.flow_run_id)
     names = [r.name.rsplit("-", 1)[0] for r in runs]
     assert sorted(n for n in names if n in STAGES) == sorted(STAGES)  # each stage exactly once

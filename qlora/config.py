@@ -88,6 +88,11 @@ class TrainConfig(Section):
     logging_steps: int = Field(10, gt=0, description="Log loss and learning rate every N optimizer steps.")
     save_steps: int = Field(100, gt=0, description="Write an adapter-only checkpoint every N optimizer steps (resume point).")
     save_total_limit: int = Field(2, gt=0, description="Checkpoints kept on disk; older ones are deleted.")
+    num_processes: int = Field(
+        1, gt=0, le=64,
+        description="Training processes (DDP): 1 trains in the task's process; N > 1 launches N ranks "
+        "(accelerate on N GPUs, torchrun/gloo on CPU). Effective batch = batch * accumulation * N.",
+    )
 
     @field_validator("warmup_steps")
     @classmethod

@@ -14,7 +14,7 @@ from registry.register import register_adapter
 from tasks.evaluate import evaluate_adapter
 from tasks.quantize import prepare_quantized_model
 from tasks.tokenize import tokenize_dataset
-from tasks.train import train_adapter
+from tasks.distributed import launch_training
 
 
 def retry_unless_user_error(task, task_run, state) -> bool:
@@ -28,6 +28,6 @@ _common = dict(retry_condition_fn=retry_unless_user_error, retry_jitter_factor=0
 
 tokenize = task(tokenize_dataset, name="tokenize", retries=2, retry_delay_seconds=5, **_common)
 quantize = task(prepare_quantized_model, name="quantize", retries=2, retry_delay_seconds=10, **_common)
-train = task(train_adapter, name="train", retries=1, retry_delay_seconds=30, **_common)
+train = task(launch_training, name="train", retries=1, retry_delay_seconds=30, **_common)
 evaluate = task(evaluate_adapter, name="evaluate", retries=2, retry_delay_seconds=10, **_common)
 register = task(register_adapter, name="register", retries=3, retry_delay_seconds=[5, 20, 60], **_common)

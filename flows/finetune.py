@@ -6,6 +6,7 @@ Stages:
 3. train     - QLoRA with transformers.Trainer -> adapter on disk (metrics autologged to MLflow)
 4. evaluate  - base vs tuned on the held-out split -> eval/base/* and eval/tuned/* in MLflow
 5. register  - adapter -> MLflow Model Registry version with aliases challenger / champion
+6. report    - loss plot to MLflow; Prefect artifacts (run report, eval examples); notifications
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from prefect import flow, runtime
 from qlora.config import PipelineConfig
 from qlora.refs import RegisteredVersion
 from qlora.tracking import end_run, start_run
-from tasks import stages
+from tasks import reporting, stages
 
 
-@flow(name="qlora-finetune", log_prints=True)
+@flow(name="qlora-finetune", log_prints=True, on_failure=[reporting.notify_failure])
 def qlora_finetune(config: PipelineConfig = PipelineConfig()) -> RegisteredVersion:
     """Fine-tune ``config.model`` with QLoRA on ``config.data``, evaluate it and register the adapter."""
     run = start_run(
@@ -33,6 +34,7 @@ def qlora_finetune(config: PipelineConfig = PipelineConfig()) -> RegisteredVersi
         adapter = stages.train(base, data, config.lora, config.train, config.workdir, run)
         report = stages.evaluate(base, adapter, data, config.eval, run)
         version = stages.register(base, adapter, report, config.registry, run)
+        reporting.publish_report(report, adapter, version, run, config.report)
         status = "FINISHED"
         return version
     finally:

@@ -6,6 +6,7 @@ a flow-run subprocess that imports torch); it trains a tiny Llama for a few step
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -85,10 +86,14 @@ def test_manual_deployment_runs_on_a_worker(tiny_base, tmp_path, mlflow_uri):
             except httpx.HTTPError:
                 return False
 
+        t0 = time.monotonic()
+        marks = {}
         _wait(healthy, "the Prefect server", 180)
+        marks["server"] = round(time.monotonic() - t0, 1)
 
         deploy = subprocess.run([*make, "deploy", "QLORA_TIMEZONE=Europe/Berlin"], env=env, capture_output=True, text=True, timeout=300)
         assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+        marks["deploy"] = round(time.monotonic() - t0, 1)
 
         nightly = http.get("/deployments/name/qlora-finetune/nightly").json()
         (sched,) = nightly["schedules"]
@@ -121,6 +126,7 @@ def test_manual_deployment_runs_on_a_worker(tiny_base, tmp_path, mlflow_uri):
         created = http.post(f"/deployments/{manual['id']}/create_flow_run", json={"parameters": {"config": config}})
         assert created.status_code == 201, created.text
         run_id = created.json()["id"]
+        marks["run created"] = round(time.monotonic() - t0, 1)
 
         def finished():
             assert worker.poll() is None, (logs / "worker.log").read_text()[-3000:]
@@ -128,7 +134,13 @@ def test_manual_deployment_runs_on_a_worker(tiny_base, tmp_path, mlflow_uri):
             return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
 
         state = _wait(finished, "the flow run", 540, every_s=2)
+        marks["run finished"] = round(time.monotonic() - t0, 1)
         assert state["type"] == "COMPLETED", (state, (logs / "worker.log").read_text()[-5000:])
+        seen = [s["type"] for s in sorted(http.get("/flow_run_states/", params={"flow_run_id": run_id}).json(),
+                                          key=lambda s: s["timestamp"])]
+        # queued, picked up by the worker (worker and engine each record Pending), ran, done
+        assert [k for k, _ in itertools.groupby(seen)] == ["SCHEDULED", "PENDING", "RUNNING", "COMPLETED"], seen
+        print(f"phases (s): {marks}; states {seen}")
 
         # The registered version, in the store the job variables pointed the flow run at.
         (mv,) = mlflow.MlflowClient(mlflow_uri).search_model_versions("name='tiny-deploy'")

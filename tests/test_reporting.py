@@ -48,25 +48,48 @@ def test_loss_plot_is_a_png_in_the_run(mlflow_uri, tmp_path):
 
 
 def test_webhook_notification_posts_json():
-    got = []
-
-    class Hook(BaseHTTPRequestHandler):
-        def do_POST(self):
-            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *a):
-            pass
-
-    srv = HTTPServer(("127.0.0.1", 0), Hook)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
+    hook = _Hook()
     try:
-        cfg = ReportConfig(webhook_url=f"http://127.0.0.1:{srv.server_port}/hook")
-        notify(cfg, "promotion", "tiny v3 promoted", model_uri="models:/m-1")
+        notify(ReportConfig(webhook_url=hook.url), "promotion", "tiny v3 promoted", model_uri="models:/m-1")
         # An unreachable hook is logged, never raised: a finished run must not fail on a chat outage.
         notify(ReportConfig(webhook_url="http://127.0.0.1:9/nothing"), "failure", "x")
     finally:
-        srv.shutdown()
-    assert got == [{"event": "promotion", "text": "tiny v3 promoted", "model_uri": "models:/m-1"}]
+        hook.srv.shutdown()
+    assert hook.got == [{"event": "promotion", "text": "tiny v3 promoted", "model_uri": "models:/m-1"}]
+
+
+class _Hook:
+    """A tiny webhook receiver on 127.0.0.1 (a real HTTP server, no mocks)."""
+
+    def __init__(self):
+        got = self.got = []
+
+        class H(BaseHTTPRequestHandler):
+            def do_POST(self):
+                got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.srv = HTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.srv.server_port}/hook"
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+
+
+def test_failed_flow_run_notifies_the_webhook(prefect_server, tmp_path, mlflow_uri):
+    from flows.finetune import qlora_finetune
+    from qlora.config import load_config
+
+    hook = _Hook()
+    try:
+        cfg = load_config(None, [f"data.path={tmp_path / 'missing.jsonl'}", f"workdir={tmp_path / 'work'}",
+                                 f"report.webhook_url={hook.url}", f"tracking.artifact_location={tmp_path / 'art'}"])
+        state = qlora_finetune(config=cfg, return_state=True)
+    finally:
+        hook.srv.shutdown()
+    assert state.is_failed()
+    (msg,) = hook.got
+    assert msg["event"] == "failure" and msg["flow_run_id"] == str(state.state_details.flow_run_id)
+    assert "missing.jsonl" in msg["text"]  # the user-facing error travels into the notification

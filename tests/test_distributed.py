@@ -43,3 +43,19 @@ def test_two_process_training_only_rank0_logs_and_saves(tiny_base, tmp_path, mlf
     # Only rank 0 reported: one loss value per logged step, not two.
     hist = mlflow.MlflowClient(mlflow_uri).get_metric_history(run.run_id, "loss")
     assert sorted(h.step for h in hist) == list(range(1, 7))
+
+
+def test_launcher_is_accelerate_on_gpus_and_torchrun_on_cpu(tmp_path):
+    import pytest
+
+    from qlora.errors import ConfigError
+    from tasks.distributed import launcher_command
+
+    spec = tmp_path / "spec.json"
+    gpu = launcher_command(4, spec, gpus=4)
+    assert Path(gpu[0]).name == "accelerate" and gpu[1:3] == ["launch", "--multi_gpu"]
+    assert gpu[gpu.index("--num_processes") + 1] == "4" and gpu[-3:] == ["-m", "tasks.distributed", str(spec)]
+    cpu = launcher_command(2, spec, gpus=0)
+    assert cpu[1:3] == ["-m", "torch.distributed.run"] and cpu[cpu.index("--nproc_per_node") + 1] == "2"
+    with pytest.raises(ConfigError, match="train.num_processes=8"):
+        launcher_command(8, spec, gpus=4)

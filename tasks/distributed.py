@@ -83,6 +83,10 @@ def launch_training(
     import torch
 
     run_dir = run_dir_for(base, data, lora, train, workdir)
+    manifest = run_dir / "adapter" / "manifest.json"
+    if manifest.is_file():  # same answer train_adapter would give, without starting N processes
+        log.info("adapter already trained for this exact config and data: %s", manifest.parent)
+        return Adapter.model_validate_json(manifest.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
     spec_path = run_dir / "launch_spec.json"
     spec_path.write_text(LaunchSpec(base=base, data=data, lora=lora, train=train, workdir=str(workdir), run=run).model_dump_json())
@@ -103,7 +107,6 @@ def launch_training(
     rc = proc.wait()
     if rc != 0:
         raise RuntimeError(f"distributed training exited with status {rc}; last lines:\n" + "\n".join(tail))
-    manifest = run_dir / "adapter" / "manifest.json"
     if not manifest.is_file():
         raise RuntimeError(f"distributed training finished but rank 0 wrote no {manifest}")
     ref = Adapter.model_validate_json(manifest.read_text())

@@ -40,6 +40,11 @@ def test_two_process_training_only_rank0_logs_and_saves(tiny_base, tmp_path, mlf
     assert any("rank0" in m and "backend gloo, world size 2" in m for m in streamed)
     assert (Path(a.path) / "adapter_model.safetensors").is_file()
     assert (Path(a.run_dir) / "checkpoint-6" / "trainer_state.json").is_file()
+    # A finished adapter is reused without launching anything.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="qlora.distributed"):
+        assert launch_training(base, data, LoraSection(r=4, alpha=8, dropout=0.0), train, work, None) == a
+    assert not any("launching" in r.getMessage() for r in caplog.records)
     # Only rank 0 reported: one loss value per logged step, not two.
     hist = mlflow.MlflowClient(mlflow_uri).get_metric_history(run.run_id, "loss")
     assert sorted(h.step for h in hist) == list(range(1, 7))

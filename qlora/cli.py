@@ -1,4 +1,4 @@
-"""``qlora`` command line: run the flow, predict from the registry, build the demo base.
+"""``qlora`` command line: run the flow, validate data, predict from the registry, build the demo base.
 
 User errors (bad config, bad data, missing model) print one line per problem and exit 1, with no
 traceback; anything else is a bug or a fault and keeps its traceback.
@@ -27,6 +27,7 @@ def _setup_logging() -> None:
     # Plain-function logs (logger "qlora.*") also show up in the Prefect task run logs.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "qlora")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network for telemetry
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "alembic", "mlflow.store.db.utils", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -42,6 +43,19 @@ def cmd_run(args) -> int:
 
     version = qlora_finetune(config=cfg)
     print(f"registered {version.name} version {version.version} aliases={','.join(version.aliases)}")
+    return 0
+
+
+def cmd_validate_data(args) -> int:
+    """Validation and tokenization only (tokenizer, no model, writes nothing); prints the data report."""
+    from qlora.config import load_config
+    from tasks.tokenize import load_tokenizer, prepare
+
+    cfg = load_config(args.config, args.set)
+    import datasets
+
+    datasets.disable_progress_bars()  # the report is the output; bars would interleave with it
+    print(prepare(cfg.data, load_tokenizer(cfg.model)).report.markdown())
     return 0
 
 
@@ -74,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set train.max_steps=5 (repeatable)")
     r.set_defaults(func=cmd_run)
 
+    v = sub.add_parser("validate-data", help="validate and tokenize the config's data, print the data report")
+    v.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    v.set_defaults(func=cmd_validate_data)
+
     pr = sub.add_parser("predict", help="generate with a registered model, as a registry consumer would")
     pr.add_argument("model_uri", help="e.g. models:/qlora-demo@champion")
     pr.add_argument("prompts", nargs="+", help="user messages; the training prompt template is applied")
@@ -92,12 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
     from qlora.errors import UserError
+    from qlora.failures import TrackingUnavailable
 
     try:
         return args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except TrackingUnavailable as e:  # a fault, not a bug: say what was kept and what to do
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from qlora.template import PROMPT_TEMPLATE
+
 
 class TokenizedData(BaseModel):
     path: str  # datasets.DatasetDict.save_to_disk folder with "train" and "eval"
@@ -11,6 +13,9 @@ class TokenizedData(BaseModel):
     train_rows: int
     eval_rows: int
     truncated_rows: int = 0
+    format: str = "alpaca"
+    prompt_template: str = PROMPT_TEMPLATE  # one-placeholder inference prompt (the same function rendered training)
+    report_path: str | None = None  # report.md of the data report
 
 
 class QuantizedModel(BaseModel):
@@ -42,6 +47,9 @@ class MlflowRun(BaseModel):
 class EvalReport(BaseModel):
     metrics: dict[str, float]  # eval/base/<m> and eval/tuned/<m>
     samples: list[dict]  # a few {prompt, reference, base, tuned} rows for people to read
+    # What was scored and how: the registry's lineage tags and its consumer check need both.
+    data: TokenizedData | None = None
+    max_new_tokens: int | None = None
 
 
 class RegisteredVersion(BaseModel):
@@ -49,3 +57,5 @@ class RegisteredVersion(BaseModel):
     version: str
     model_uri: str  # runs:/... of the logged model
     aliases: list[str]
+    decision: str = ""  # the promotion gate's reason, with its evidence
+    awaiting_approval: bool = False  # gate passed, registry.require_approval holds champion back

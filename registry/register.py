@@ -1,28 +1,43 @@
 """Stage 5: log the adapter to MLflow, register a version, and set the aliases consumers rely on.
 
-``challenger`` always points at the newest version. ``champion`` moves to it when there is no
-champion yet or when it beats the champion's tuned exact match. (A noise-aware gate replaces
-that comparison in a later issue.)
+``challenger`` always points at the newest version. ``champion`` moves to it only when the
+promotion gate (``registry.gate``: paired bootstrap CI against the champion, or the base when there
+is none) passes and the version, loaded through the registry as a consumer loads it, reproduces the
+evaluation's outputs. Every version carries lineage tags and a Markdown description
+(``registry.lineage``).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from importlib.metadata import version as pkg_version
 
 from qlora.config import RegistryConfig
+from qlora.errors import ModelError
 from qlora.refs import Adapter, EvalReport, MlflowRun, QuantizedModel, RegisteredVersion
 from qlora.template import PROMPT_TEMPLATE
 from qlora.tracking import active_run
+from registry import aliases
+from registry.aliases import CHALLENGER, CHAMPION
+from registry.consumer import consumer_check
+from registry.gate import Decision, decide, eval_set_fingerprint, log_scores, stored_scores
+from registry.idempotent import version_of_run
+from registry.lineage import description, lineage_tags
 
 log = logging.getLogger("qlora.register")
-CHAMPION, CHALLENGER = "champion", "challenger"
-GATE_METRIC = "eval/tuned/exact_match"
 # What a consumer needs to load the model. Passed explicitly: MLflow's inference otherwise imports
 # torchvision, which is not installed (and not needed) here.
 # Consumers may override these per call: predict([...], params={"max_new_tokens": 32}).
 GENERATION_DEFAULTS = {"max_new_tokens": 64, "do_sample": False, "temperature": 1.0}
 CONSUMER_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "tokenizers", "safetensors")
+
+
+class ConsumerCheckError(ModelError):
+    """The registered version, loaded as a consumer loads it, does not reproduce the evaluation.
+
+    Not retried: registering again would produce the same artifact (and another version).
+    """
 
 
 def pip_requirements() -> list[str]:
@@ -55,34 +70,81 @@ def log_adapter(base: QuantizedModel, adapter: Adapter, run: MlflowRun):
         )
 
 
-def champion_score(client, name: str) -> float | None:
-    """The current champion's gate metric, or None when there is no champion."""
+def gate(client, report: EvalReport, cfg: RegistryConfig, run: MlflowRun) -> Decision:
+    """Store this version's per-example scores, then compare them with the champion's (or the base's)."""
+    tuned = [float(s["tuned_correct"]) for s in report.samples]
+    eval_set = eval_set_fingerprint(report.samples)
+    log_scores(client, run.run_id, eval_set, tuned)
+    champ = aliases.current(client, cfg.model_name, CHAMPION)
+    if champ is None:
+        incumbent, against = [float(s["base_correct"]) for s in report.samples], "base"
+    else:
+        incumbent, against = stored_scores(champ.run_id, eval_set, run.tracking_uri), f"champion v{champ.version}"
+    return decide(tuned, incumbent, against, cfg, eval_set)
+
+
+def record(client, name: str, version: str, base: QuantizedModel, adapter: Adapter, report: EvalReport,
+           run: MlflowRun, decision: Decision) -> str:
+    """Lineage tags + Markdown description on the version; the decision in the run and the flow's report."""
     import mlflow
 
+    tags = lineage_tags(base, adapter, report, run, client.get_run(run.run_id).data.tags)
+    tags |= {"promotion": "promoted to champion" if decision.promote else "kept as challenger",
+             "promotion.reason": decision.reason, "promotion.evidence": decision.model_dump_json()}
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, v[:5000])
+    text = description(name, version, tags, report, decision)
+    client.update_model_version(name, version, description=text)
+    with active_run(run):
+        mlflow.log_metrics(decision.metrics())
+    flow_report(f"registry-{name}", text)
+    return text
+
+
+def flow_report(key: str, markdown: str) -> None:
+    """The same Markdown as a Prefect artifact on the flow run, when there is one."""
+    from prefect.context import get_run_context
+
     try:
-        mv = client.get_model_version_by_alias(name, CHAMPION)
-    except mlflow.exceptions.MlflowException:
-        return None
-    return client.get_run(mv.run_id).data.metrics.get(GATE_METRIC, float("-inf"))
+        get_run_context()
+    except Exception:  # plain-function call (tests, notebooks): no flow report to attach to
+        return
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(markdown=markdown, key=re.sub(r"[^a-z0-9-]", "-", key.lower()))
 
 
 def register_adapter(
     base: QuantizedModel, adapter: Adapter, report: EvalReport, cfg: RegistryConfig, run: MlflowRun
 ) -> RegisteredVersion:
-    """Register the adapter under ``cfg.model_name``; set ``challenger``, and ``champion`` when it wins."""
+    """Register the adapter under ``cfg.model_name``; ``challenger`` always, ``champion`` when the gate passes.
+
+    Order matters: the version is registered and tagged ``challenger`` first, so a failed consumer
+    check or a refused approval still leaves an inspectable version that consumers of ``champion``
+    never see.
+    """
     import mlflow
 
     client = mlflow.MlflowClient(run.tracking_uri)
-    info = log_adapter(base, adapter, run)
-    mv = mlflow.register_model(info.model_uri, cfg.model_name, tags={"mlflow_run_id": run.run_id})
-    client.set_registered_model_alias(cfg.model_name, CHALLENGER, mv.version)
-    aliases = [CHALLENGER]
-    current = champion_score(client, cfg.model_name)
-    new = report.metrics.get(GATE_METRIC, float("-inf"))
-    if current is None or new > current:
-        client.set_registered_model_alias(cfg.model_name, CHAMPION, mv.version)
-        aliases.append(CHAMPION)
-    decision = "promoted to champion" if CHAMPION in aliases else f"kept as challenger ({new:.3f} <= champion {current:.3f})"
-    client.set_model_version_tag(cfg.model_name, mv.version, "promotion", decision)
-    log.info("registered %s version %s (%s): %s", cfg.model_name, mv.version, info.model_uri, decision)
-    return RegisteredVersion(name=cfg.model_name, version=str(mv.version), model_uri=info.model_uri, aliases=aliases)
+    mv = version_of_run(client, cfg.model_name, run.run_id)  # a retry or re-run reuses its version (issue 4)
+    if mv is None:
+        info = log_adapter(base, adapter, run)
+        mv = mlflow.register_model(info.model_uri, cfg.model_name, tags={"mlflow_run_id": run.run_id})
+    name, version = cfg.model_name, str(mv.version)
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    decision = gate(client, report, cfg, run)
+    mismatches = consumer_check(name, version, report.samples, report.max_new_tokens or GENERATION_DEFAULTS["max_new_tokens"],
+                                cfg.consumer_check_prompts, run.tracking_uri)
+    if mismatches:
+        decision = decision.model_copy(update={"promote": False, "reason": "consumer check failed: " + "; ".join(mismatches)})
+    record(client, name, version, base, adapter, report, run, decision)
+    if mismatches:
+        raise ConsumerCheckError(f"{name} version {version} kept as challenger only: loaded through models:/{name}/{version} "
+                                 f"it does not generate what evaluation generated: {'; '.join(mismatches)}")
+    out = [CHALLENGER]
+    if decision.promote and not cfg.require_approval:
+        aliases.set_champion(client, name, version, who="promotion gate", why=decision.reason)
+        out.append(CHAMPION)
+    log.info("registered %s version %s (%s): %s", name, version, mv.source, decision.reason)
+    return RegisteredVersion(name=name, version=version, model_uri=mv.source, aliases=out, decision=decision.reason,
+                             awaiting_approval=decision.promote and cfg.require_approval)

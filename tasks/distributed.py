@@ -76,27 +76,40 @@ def launch_training(
     run: MlflowRun | None = None,
 ) -> Adapter:
     """Train in ``train.num_processes`` processes; one process means the plain in-process path."""
+    from tasks.resilience import locked_run_dir
     from tasks.train import run_dir_for, train_adapter
 
     if train.num_processes <= 1:
         return train_adapter(base, data, lora, train, workdir, run)
+    t0 = time.perf_counter()
+    run_dir = run_dir_for(base, data, lora, train, workdir)
+    # The parent holds the run-dir lock (issue 4) for all ranks: a second flow run of this config waits.
+    with locked_run_dir(run_dir):
+        manifest = run_dir / "adapter" / "manifest.json"
+        if manifest.is_file():  # same answer train_adapter would give, without starting N processes
+            log.info("adapter already trained for this exact config and data: %s", manifest.parent)
+            return Adapter.model_validate_json(manifest.read_text())
+        _run_launcher(run_dir, LaunchSpec(base=base, data=data, lora=lora, train=train, workdir=str(workdir), run=run))
+        if not manifest.is_file():
+            raise RuntimeError(f"distributed training finished but rank 0 wrote no {manifest}")
+    ref = Adapter.model_validate_json(manifest.read_text())
+    log.info("distributed training (%d processes) done in %.1f s: %d steps", train.num_processes, time.perf_counter() - t0, ref.global_step)
+    return ref
+
+
+def _run_launcher(run_dir: Path, spec: LaunchSpec) -> None:
+    """Start the launcher, stream its output into the task log, fail with its last lines."""
     import torch
 
-    run_dir = run_dir_for(base, data, lora, train, workdir)
-    manifest = run_dir / "adapter" / "manifest.json"
-    if manifest.is_file():  # same answer train_adapter would give, without starting N processes
-        log.info("adapter already trained for this exact config and data: %s", manifest.parent)
-        return Adapter.model_validate_json(manifest.read_text())
-    run_dir.mkdir(parents=True, exist_ok=True)
     spec_path = run_dir / "launch_spec.json"
-    spec_path.write_text(LaunchSpec(base=base, data=data, lora=lora, train=train, workdir=str(workdir), run=run).model_dump_json())
-    cmd = launcher_command(train.num_processes, spec_path, torch.cuda.device_count())
+    spec_path.write_text(spec.model_dump_json())
+    n = spec.train.num_processes
+    cmd = launcher_command(n, spec_path, torch.cuda.device_count())
     env = dict(os.environ)
     # The ranks import this checkout's packages whatever the worker's working directory is.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // train.num_processes)))
-    log.info("launching %d training processes: %s", train.num_processes, " ".join(cmd))
-    t0 = time.perf_counter()
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    log.info("launching %d training processes: %s", n, " ".join(cmd))
     proc = subprocess.Popen(cmd, env=env, cwd=os.getcwd(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     tail: list[str] = []
     for line in proc.stdout:  # stream: people watch training progress in the task log
@@ -107,16 +120,12 @@ def launch_training(
     rc = proc.wait()
     if rc != 0:
         raise RuntimeError(f"distributed training exited with status {rc}; last lines:\n" + "\n".join(tail))
-    if not manifest.is_file():
-        raise RuntimeError(f"distributed training finished but rank 0 wrote no {manifest}")
-    ref = Adapter.model_validate_json(manifest.read_text())
-    log.info("distributed training (%d processes) done in %.1f s: %d steps", train.num_processes, time.perf_counter() - t0, ref.global_step)
-    return ref
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of one rank: rebuild the references and run the ordinary ``train_adapter``."""
-    from tasks.train import train_adapter
+    # The lock-free body of train_adapter: the launching task already holds the run-dir lock.
+    from tasks.train import _train_locked, run_dir_for
 
     argv = sys.argv[1:] if argv is None else argv
     spec = LaunchSpec.model_validate_json(Path(argv[0]).read_text())
@@ -124,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=f"rank{rank} %(levelname)s %(name)s: %(message)s")
     # Only rank 0 reports to MLflow (the Trainer's callback also checks this; no run = no callback).
     run = spec.run if rank == 0 else None
-    train_adapter(spec.base, spec.data, spec.lora, spec.train, spec.workdir, run)
+    run_dir = run_dir_for(spec.base, spec.data, spec.lora, spec.train, spec.workdir)
+    _train_locked(spec.base, spec.data, spec.lora, spec.train, run_dir, run)
     import torch.distributed as dist
 
     if dist.is_initialized():  # the Trainer (accelerate) set up the group; say what it was

@@ -119,4 +119,4 @@ def evaluate_adapter(
         "evaluated %d prompts in %.1f s: exact match base %.3f -> tuned %.3f, eval loss %.3f -> %.3f",
         n, time.perf_counter() - t0, base_m["exact_match"], tuned_m["exact_match"], base_m["loss"], tuned_m["loss"],
     )
-    return EvalReport(metrics=metrics, samples=samples)
+    return EvalReport(metrics=metrics, samples=samples, data=data, max_new_tokens=cfg.max_new_tokens)

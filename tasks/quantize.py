@@ -16,6 +16,7 @@ from qlora.config import ModelConfig, QuantizationConfig, stable_hash
 from qlora.errors import ModelError
 from qlora.quant import bnb_config, compute_dtype, count_4bit_layers, device_map
 from qlora.refs import QuantizedModel
+from qlora.secrets import hf_token
 
 log = logging.getLogger("qlora.quantize")
 
@@ -47,7 +48,7 @@ def load_model(path: str, quant: QuantizationConfig | None, model: ModelConfig |
     kwargs = {"attn_implementation": attn} if attn else {}
     if model is not None:
         kwargs = {"revision": model.revision, "trust_remote_code": model.trust_remote_code,
-                  "attn_implementation": model.attn_implementation}
+                  "attn_implementation": model.attn_implementation, "token": hf_token(model)}
     if quant is not None and quant.load_in_4bit:
         # Only when quantizing: an explicit None would shadow a pre-quantized checkpoint's own config.
         kwargs["quantization_config"] = bnb_config(quant)
@@ -76,7 +77,9 @@ def prepare_quantized_model(model: ModelConfig, quant: QuantizationConfig, workd
     t0 = time.perf_counter()
     try:
         m = load_model(model.name_or_path, quant, model)
-        tok = AutoTokenizer.from_pretrained(model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(
+            model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code, token=hf_token(model)
+        )
     except OSError as e:
         raise ModelError(f"model.name_or_path: cannot load '{model.name_or_path}': {e}") from None
     n4 = count_4bit_layers(m) if quant.load_in_4bit else 0

@@ -6,7 +6,7 @@ that creates the Prefect artifacts, and ``notify_failure`` is the flow's ``on_fa
 Artifacts per flow run (keys are stable, so the Artifacts page shows their history across runs):
 - ``<model>-report``         Markdown: base vs tuned metrics, promotion decision, MLflow links
 - ``<model>-eval-examples``  table: prompt, reference, base output, tuned output
-- ``<model>-data-validation`` table: created by the data stage (issue 3), not here
+- ``data-report``            Markdown data validation report: created by the tokenize task (tasks/stages.py)
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ def promotion_decision(version: RegisteredVersion, run: MlflowRun) -> str:
     import mlflow
 
     mv = mlflow.MlflowClient(run.tracking_uri).get_model_version(version.name, version.version)
-    return mv.tags.get("promotion") or ("promoted to champion" if "champion" in version.aliases else "kept as challenger")
+    head = mv.tags.get("promotion") or ("promoted to champion" if "champion" in version.aliases else "kept as challenger")
+    why = version.decision or mv.tags.get("promotion.reason")  # the gate's reason, with its evidence
+    return f"{head}: {why}" if why else head
 
 
 def render_report(report: EvalReport, adapter: Adapter, version: RegisteredVersion, decision: str, links: dict[str, str]) -> str:

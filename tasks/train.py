@@ -8,14 +8,14 @@ MLflow callback, inside the flow's run.
 
 from __future__ import annotations
 
+import gc
 import logging
-import re
 import time
 from pathlib import Path
 
 from qlora.config import LoraSection, TrainConfig, stable_hash
 from qlora.refs import Adapter, MlflowRun, QuantizedModel, TokenizedData
-from qlora.tracking import active_run
+from qlora.tracking import best_effort_run
 
 log = logging.getLogger("qlora.train")
 
@@ -27,13 +27,10 @@ def run_dir_for(base: QuantizedModel, data: TokenizedData, lora: LoraSection, tr
 
 
 def latest_checkpoint(run_dir: Path) -> str | None:
-    """Newest checkpoint-N whose trainer state is there (a checkpoint is written last-file-last)."""
-    found = []
-    for d in run_dir.glob("checkpoint-*"):
-        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
-        if m and (d / "trainer_state.json").is_file():
-            found.append((int(m.group(1)), d))
-    return str(max(found)[1]) if found else None
+    """Newest complete, loadable checkpoint-N (a broken newer one is skipped with a warning)."""
+    from tasks.resilience import latest_valid_checkpoint
+
+    return latest_valid_checkpoint(run_dir)
 
 
 def build_peft_model(base_path: str, lora: LoraSection, gradient_checkpointing: bool, quantized: bool, attn: str | None = None):
@@ -57,11 +54,16 @@ def build_peft_model(base_path: str, lora: LoraSection, gradient_checkpointing: 
     return get_peft_model(model, cfg)
 
 
-def training_arguments(train: TrainConfig, output_dir: Path, compute_dtype, report: bool):
+def training_arguments(train: TrainConfig, output_dir: Path, compute_dtype, report: bool = False):
     import torch
     from transformers import TrainingArguments
 
     on_gpu = torch.cuda.is_available()
+    # Early stopping compares eval loss at each save; the best checkpoint is what gets saved as the adapter.
+    early = {}
+    if train.early_stopping_patience is not None:
+        early = dict(eval_strategy="steps", eval_steps=train.save_steps, load_best_model_at_end=True,
+                     metric_for_best_model="eval_loss", greater_is_better=False)
     return TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=train.num_train_epochs,
@@ -78,6 +80,9 @@ def training_arguments(train: TrainConfig, output_dir: Path, compute_dtype, repo
         activation_checkpointing=train.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         seed=train.seed,
+        # Length-grouped batches: measured padding efficiency 0.5 -> 0.95+ on Code Alpaca (bench/data.py).
+        # Chosen over packing: packed rows would need flash-attention-style position_ids masking.
+        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
         logging_steps=train.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
@@ -87,10 +92,14 @@ def training_arguments(train: TrainConfig, output_dir: Path, compute_dtype, repo
         bf16=on_gpu and compute_dtype == torch.bfloat16,
         fp16=on_gpu and compute_dtype == torch.float16,
         use_cpu=not on_gpu,
-        report_to=["mlflow"] if report else "none",
+        # MLflow is attached by train_adapter as a callback that survives a tracking outage.
+        report_to="none",
+        # A NaN/inf loss must reach DivergenceGuard, not be averaged away by the Trainer.
+        logging_nan_inf_filter=False,
         remove_unused_columns=False,
         dataloader_pin_memory=on_gpu,
         disable_tqdm=False,
+        **early,
     )
 
 
@@ -102,18 +111,56 @@ def train_adapter(
     workdir: str | Path,
     run: MlflowRun | None = None,
 ) -> Adapter:
-    """Train a LoRA adapter on ``base`` and save it; resumes from the newest checkpoint of the same run dir."""
-    import torch
-    from datasets import load_from_disk
-    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer
+    """Train a LoRA adapter on ``base`` and save it; resumes from the newest valid checkpoint of the same run dir.
+
+    The run dir is locked while training, so two flow runs of one config never write the same
+    checkpoints: the second waits and then returns the adapter the first one finished.
+    """
+    from tasks.resilience import locked_run_dir
 
     run_dir = run_dir_for(base, data, lora, train, workdir)
+    with locked_run_dir(run_dir):
+        done = run_dir / "adapter" / "manifest.json"
+        if done.is_file():
+            log.info("adapter already trained for this exact config and data: %s", done.parent)
+            return Adapter.model_validate_json(done.read_text())
+        return _train_locked(base, data, lora, train, run_dir, run)
+
+
+def _train_locked(base, data, lora, train, run_dir: Path, run: MlflowRun | None) -> Adapter:
+    import torch
+
+    try:
+        return _fit(base, data, lora, train, run_dir, run)
+    except torch.OutOfMemoryError:
+        if train.per_device_train_batch_size == 1:
+            raise
+        # Same effective batch, half the activation memory; resumes from the last valid checkpoint.
+        smaller = train.model_copy(update={
+            "per_device_train_batch_size": train.per_device_train_batch_size // 2,
+            "gradient_accumulation_steps": train.gradient_accumulation_steps * 2,
+        })
+        log.warning(
+            "CUDA out of memory at per_device_train_batch_size=%d; retrying once with "
+            "per_device_train_batch_size=%d, gradient_accumulation_steps=%d (same effective batch)",
+            train.per_device_train_batch_size, smaller.per_device_train_batch_size, smaller.gradient_accumulation_steps,
+        )
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return _fit(base, data, lora, smaller, run_dir, run)
+
+
+def _fit(base, data, lora, train: TrainConfig, run_dir: Path, run: MlflowRun | None) -> Adapter:
+    import torch
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, EarlyStoppingCallback, Trainer
+
+    from tasks.resilience import DivergenceGuard, safe_mlflow_callback
+
     done = run_dir / "adapter" / "manifest.json"
-    if done.is_file():
-        log.info("adapter already trained for this exact config and data: %s", done.parent)
-        return Adapter.model_validate_json(done.read_text())
     tok = AutoTokenizer.from_pretrained(base.path)
-    ds = load_from_disk(data.path)["train"]
+    splits = load_from_disk(data.path)
     model = build_peft_model(base.path, lora, train.gradient_checkpointing, base.quantized, base.attn_implementation)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA r=%d on %s: %d trainable of %d parameters (%.2f%%)", lora.r, lora.target_modules, trainable, total, 100 * trainable / total)
@@ -122,18 +169,25 @@ def train_adapter(
     compute_dtype = getattr(compute, "bnb_4bit_compute_dtype", torch.float32) if compute else torch.float32
     if isinstance(compute_dtype, str):
         compute_dtype = getattr(torch, compute_dtype)
+    callbacks = [DivergenceGuard(train.learning_rate, train.max_grad_norm)]
+    if train.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
     trainer = Trainer(
         model=model,
-        args=training_arguments(train, run_dir, compute_dtype, report=run is not None),
-        train_dataset=ds,
+        args=training_arguments(train, run_dir, compute_dtype),
+        train_dataset=splits["train"],
+        eval_dataset=splits["eval"] if train.early_stopping_patience is not None else None,
         data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100),
         processing_class=tok,
+        callbacks=callbacks,
     )
     resume = latest_checkpoint(run_dir)
     if resume:
         log.info("resuming from %s", resume)
     t0 = time.perf_counter()
-    with active_run(run):
+    with best_effort_run(run) as attached:
+        if attached is not None:
+            trainer.add_callback(safe_mlflow_callback())
         result = trainer.train(resume_from_checkpoint=resume)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     if not trainer.is_world_process_zero():

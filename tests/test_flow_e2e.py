@@ -72,7 +72,9 @@ def test_flow_end_to_end(prefect_server, tiny_base, tmp_path, mlflow_uri):
 
     # Five stages, each its own completed Prefect task run.
     runs = _task_runs(state.state_details.flow_run_id)
-    assert sorted(r.name.rsplit("-", 1)[0] for r in runs) == sorted(STAGES)
+    names = [r.name.rsplit("-", 1)[0] for r in runs]
+    assert sorted(n for n in names if n in STAGES) == sorted(STAGES)  # each stage exactly once
+    assert set(names) - set(STAGES) <= {"open-mlflow-run"}  # plus the run bookkeeping task
     assert all(r.state.is_completed() for r in runs)
 
     # What people look at: the run report and the eval examples as artifacts of this flow run.
@@ -82,8 +84,9 @@ def test_flow_end_to_end(prefect_server, tiny_base, tmp_path, mlflow_uri):
     with get_client(sync_client=True) as pc:
         arts = pc.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
     by_key = {a.key: a for a in arts}
-    assert by_key["tiny-e2e-report"].type == "markdown" and "promoted to champion" in by_key["tiny-e2e-report"].data
+    assert by_key["tiny-e2e-report"].type == "markdown" and "**Promotion:** kept as challenger" in by_key["tiny-e2e-report"].data
     assert by_key["tiny-e2e-eval-examples"].type == "table"
+    assert by_key["data-report"].type == "markdown"  # the data validation report (tokenize task)
 
     # One MLflow run for the flow run, finished, holding training and eval metrics.
     client = mlflow.MlflowClient(mlflow_uri)
@@ -103,9 +106,13 @@ def test_flow_end_to_end(prefect_server, tiny_base, tmp_path, mlflow_uri):
     assert run.data.params["optim"] == "paged_adamw_8bit"
     assert "plots/loss.png" in [f.path for f in client.list_artifacts(run.info.run_id, "plots")]
 
-    # Registered with both aliases (first version: no champion yet).
-    assert set(version.aliases) == {"challenger", "champion"}
-    assert str(client.get_model_version_by_alias("tiny-e2e", "champion").version) == version.version
+    # Registered as challenger. A dozen steps on a random 2-layer model leave exact match at 0 for
+    # base and tuned alike, so the promotion gate (tuned must beat base beyond noise) keeps champion unset.
+    assert version.aliases == ["challenger"]
+    assert m["eval/tuned/exact_match"] == m["eval/base/exact_match"] == 0.0
+    assert str(client.get_model_version_by_alias("tiny-e2e", "challenger").version) == version.version
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        client.get_model_version_by_alias("tiny-e2e", "champion")
 
     # The base the registered adapter references is the pre-quantized 4-bit checkpoint.
     quantized = [p for p in (tmp_path / "work" / "quantized").iterdir() if p.is_dir()]
@@ -116,18 +123,17 @@ def test_flow_end_to_end(prefect_server, tiny_base, tmp_path, mlflow_uri):
     # consumers get the training template applied for them
     assert logged.metadata["prompt_template"] == PROMPT_TEMPLATE
 
-    # A registry consumer loads models:/name@champion and generates.
+    # A registry consumer loads models:/name@<alias> and generates.
     prompts = ["Reverse the order of these words: apple river stone", "Reverse the order of these words: lamp tiger"]
-    outs = predict("models:/tiny-e2e@champion", prompts, max_new_tokens=4)
+    outs = predict("models:/tiny-e2e@challenger", prompts, max_new_tokens=4)
     assert len(outs) == 2 and all(isinstance(o, str) for o in outs)
 
-    # A second, worse-or-equal run registers version 2 as challenger; champion stays.
+    # A second run registers version 2, which takes the challenger alias.
     cfg2 = _config(tiny_base, tmp_path, **{"train.max_steps": 2, "train.save_steps": 100})
     v2 = qlora_finetune(config=cfg2)
     assert int(v2.version) == int(version.version) + 1
     assert str(client.get_model_version_by_alias("tiny-e2e", "challenger").version) == v2.version
-    if "champion" not in v2.aliases:
-        assert str(client.get_model_version_by_alias("tiny-e2e", "champion").version) == version.version
+    assert v2.aliases == ["challenger"]
 
 
 def test_cli_bad_data_fails_fast_with_one_line(tmp_path):

@@ -78,13 +78,13 @@ class _Hook:
         threading.Thread(target=self.srv.serve_forever, daemon=True).start()
 
 
-def test_failed_flow_run_notifies_the_webhook(prefect_server, tmp_path, mlflow_uri):
+def test_failed_flow_run_notifies_the_webhook(prefect_server, tiny_base, tmp_path, mlflow_uri):
     from flows.finetune import qlora_finetune
     from qlora.config import load_config
 
     hook = _Hook()
     try:
-        cfg = load_config(None, [f"data.path={tmp_path / 'missing.jsonl'}", f"workdir={tmp_path / 'work'}",
+        cfg = load_config(None, [f"model.name_or_path={tiny_base}", f"data.path={tmp_path / 'missing.jsonl'}", f"workdir={tmp_path / 'work'}",
                                  f"report.webhook_url={hook.url}", f"tracking.artifact_location={tmp_path / 'art'}"])
         state = qlora_finetune(config=cfg, return_state=True)
     finally:

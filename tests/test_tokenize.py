@@ -1,4 +1,7 @@
+"""Tokenize stage end to end on the real shared files: labels, split, cache, report."""
+
 import json
+from collections import Counter
 
 import pytest
 from datasets import load_from_disk
@@ -6,12 +9,19 @@ from datasets import load_from_disk
 from qlora.config import DataConfig, ModelConfig
 from qlora.errors import DataError
 from qlora.template import format_prompt, user_message
-from tasks.tokenize import IGNORE_INDEX, load_tokenizer, read_rows, segments, tokenize_dataset
+from tasks.tokenize import IGNORE_INDEX, load_tokenizer, tokenize_dataset
 
 from .conftest import DEMO_DATA, SHARED_DATA
 
+# A Jinja chat template in the Hugging Face dialect, for the tokenizer-has-none fallback (data.chat_template).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
-def _trained_spans(labels):
+
+def trained_spans(labels):
     """Maximal runs of trained (non -100) label ids."""
     spans, cur = [], []
     for t in labels:
@@ -24,9 +34,9 @@ def _trained_spans(labels):
     return spans + ([cur] if cur else [])
 
 
-def _tokenize(tmp_path, tiny_base, path, **kw):
+def _tokenize(tmp_path, tiny_base, path, run=None, **kw):
     data = DataConfig(path=str(path), max_length=kw.pop("max_length", 2048), **kw)
-    ref = tokenize_dataset(data, ModelConfig(name_or_path=str(tiny_base)), tmp_path / "work")
+    ref = tokenize_dataset(data, ModelConfig(name_or_path=str(tiny_base)), tmp_path / "work", run)
     return ref, load_from_disk(ref.path), load_tokenizer(ModelConfig(name_or_path=str(tiny_base)))
 
 
@@ -37,15 +47,18 @@ def test_alpaca_labels_are_exactly_the_response_plus_eos(tmp_path, tiny_base):
     empty = [i for i, r in enumerate(rows, start=1) if not r["output"].strip()]
     assert empty == [238, 1860]  # two real rows with an empty answer: dropped, counted, logged
     assert ref.train_rows + ref.eval_rows == len(rows) - 2 == 2015
+    report = json.loads((tmp_path / "work" / "tokenized" / ref.fingerprint / "report.json").read_text())
+    assert report["dropped_by_reason"] == {"empty_field": 2}
+    assert report["problem_lines"] == [f"{path}: item 238: empty field 'output'", f"{path}: item 1860: empty field 'output'"]
     by_prompt = {format_prompt(user_message(r["instruction"], r["input"])): r for r in rows}
     ev = ds["eval"]
     for i in range(len(ev)):
         ex = ev[i]
         row = by_prompt[ex["prompt"]]
-        response_ids = tok(row["output"].strip(), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        assert _trained_spans(ex["labels"]) == [response_ids]
-        # prompt tokens are masked, and the trained tokens are the tail of the input
-        assert ex["input_ids"][-len(response_ids):] == response_ids
+        response_ids = tok(row["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert trained_spans(ex["labels"]) == [response_ids]
+        # decoded: the answer + EOS (this tokenizer decodes a leading space: it prepends one when encoding)
+        assert tok.decode(trained_spans(ex["labels"])[0]).lstrip() == row["output"] + tok.eos_token
         assert all(t == IGNORE_INDEX for t in ex["labels"][: -len(response_ids)])
         # the prompt part is exactly what inference feeds the model for this prompt
         assert ex["input_ids"][: -len(response_ids)] == tok(ex["prompt"])["input_ids"]
@@ -54,19 +67,19 @@ def test_alpaca_labels_are_exactly_the_response_plus_eos(tmp_path, tiny_base):
 def test_sharegpt_trains_every_assistant_turn_and_nothing_else(tmp_path, tiny_base):
     path = SHARED_DATA / "sharegpt_dummy_conversation.json"
     ref, ds, tok = _tokenize(tmp_path, tiny_base, path)
-    assert ref.train_rows + ref.eval_rows == 500
-    rows = {r["id"]: r for r in json.loads(path.read_text())}
-    # Re-derive each training example's expected assistant spans from its source row.
-    checked = 0
-    for r in list(rows.values())[:50]:
-        segs = segments(dict(r, _where="x"), "sharegpt")
-        expected = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t, trained in segs if trained]
-        assert len(expected) == sum(1 for t in r["conversations"] if t["from"] == "gpt")
-        checked += 1
-    assert checked == 50
-    for ex in ds["train"].select(range(50)):
-        spans = _trained_spans(ex["labels"])
-        assert spans and all(s[-1] == tok.eos_token_id for s in spans)
+    rows = json.loads(path.read_text())
+    assert ref.train_rows + ref.eval_rows == len(rows) == 500
+    # Every example's trained spans are exactly its source row's gpt turns + EOS: compare as multisets.
+    expected = Counter(
+        tuple(tuple(tok(t["value"].strip(), add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+              for t in r["conversations"] if t["from"] == "gpt")
+        for r in rows
+    )
+    got = Counter(
+        tuple(tuple(s) for s in trained_spans(labels)) for split in ("train", "eval") for labels in ds[split]["labels"]
+    )
+    assert got == expected
+    assert sum(len(k) * c for k, c in expected.items()) > 500  # multi-turn rows are in there
 
 
 def test_demo_split_and_cache_hit(tmp_path, tiny_base, caplog):
@@ -77,49 +90,68 @@ def test_demo_split_and_cache_hit(tmp_path, tiny_base, caplog):
         ref2, _, _ = _tokenize(tmp_path, tiny_base, DEMO_DATA, max_length=64, eval_fraction=0.1)
     assert ref2 == ref1
     assert "cache hit" in caplog.text
-    ref3, _, _ = _tokenize(tmp_path, tiny_base, DEMO_DATA, max_length=32, eval_fraction=0.1)
-    assert ref3.fingerprint != ref1.fingerprint  # any input change is a miss
 
 
-def test_truncation_keeps_max_length(tmp_path, tiny_base):
-    ref, ds, _ = _tokenize(tmp_path, tiny_base, SHARED_DATA / "code_alpaca_2k.json", max_length=32)
+def test_cache_key_is_content_not_names(tmp_path, tiny_base, caplog):
+    rows = [{"instruction": f"say {i}", "output": str(i)} for i in range(30)]
+    a = tmp_path / "a.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base, _, _ = _tokenize(tmp_path, tiny_base, a, max_length=64)
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_bytes(a.read_bytes())
+    with caplog.at_level("INFO", logger="qlora.tokenize"):
+        same, _, _ = _tokenize(tmp_path, tiny_base, renamed, max_length=64)
+    assert same.fingerprint == base.fingerprint and "cache hit" in caplog.text
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text(a.read_text().replace('"say 3"', '"say three"'))
+    keys = {
+        "bytes": _tokenize(tmp_path, tiny_base, edited, max_length=64)[0].fingerprint,
+        "max_length": _tokenize(tmp_path, tiny_base, a, max_length=32)[0].fingerprint,
+        "format": _tokenize(tmp_path, tiny_base, a, max_length=64, format="alpaca")[0].fingerprint,
+        "template": _tokenize(tmp_path, tiny_base, a, max_length=64, chat_template=CHAT_TEMPLATE)[0].fingerprint,
+        "mapping": _tokenize(tmp_path, tiny_base, a, max_length=64, columns={"output": "answer"})[0].fingerprint,
+    }
+    assert base.fingerprint not in keys.values() and len(set(keys.values())) == len(keys)
+
+
+def test_overlength_truncate_drop_error(tmp_path, tiny_base):
+    path = SHARED_DATA / "code_alpaca_2k.json"
+    ref, ds, _ = _tokenize(tmp_path, tiny_base, path, max_length=128, max_drop_fraction=0.5)
     assert ref.truncated_rows > 0
-    assert max(len(x) for x in ds["train"]["input_ids"]) == 32
+    assert max(len(x) for x in ds["train"]["input_ids"]) == 128
+    report = json.loads((tmp_path / "work" / "tokenized" / ref.fingerprint / "report.json").read_text())
+    # truncation never leaves a row without a trained token: those rows are dropped with their reason
+    assert report["dropped_by_reason"]["prompt_too_long"] > 0
+    assert all(any(t != IGNORE_INDEX for t in lab) for lab in ds["train"]["labels"])
+    kept, _, _ = _tokenize(tmp_path, tiny_base, path, max_length=512, overlength="drop", max_drop_fraction=0.5)
+    report = json.loads((tmp_path / "work" / "tokenized" / kept.fingerprint / "report.json").read_text())
+    assert kept.truncated_rows == 0 and report["dropped_by_reason"]["too_long"] > 0
+    assert kept.train_rows + kept.eval_rows == 2017 - 2 - report["dropped_by_reason"]["too_long"]
+    with pytest.raises(DataError, match=r"item \d+: \d+ tokens is more than data.max_length=512 \(data.overlength=error\)"):
+        _tokenize(tmp_path, tiny_base, path, max_length=512, overlength="error")
 
 
-@pytest.mark.parametrize(
-    "content, message",
-    [
-        ("", "file is empty"),
-        ('{"instruction": "a", "output": "b"}\n{"instruction": "a", oops}\n', ":2: malformed JSON line"),
-        ('{"instruction": "a", "output": "b"}\n[1, 2]\n', ":2: expected a JSON object, got list"),
-        ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": ""}\n', ":2: missing or empty field 'output'"),
-        ('{"instruction": "a", "output": 3}\n', ":1: field 'output' must be a string, got int"),
-        ('{"question": "a", "answer": "b"}\n', "cannot tell the format"),
-        ('[{"instruction": "a", "output": "b"}, {"instruction": "", "output": "b"}]', ": item 2: missing or empty field 'instruction'"),
-    ],
-)
-def test_bad_rows_name_file_and_line(tmp_path, tiny_base, content, message):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(content)
-    with pytest.raises(DataError) as e:
-        _tokenize(tmp_path, tiny_base, bad)
-    assert str(bad) in str(e.value)
-    assert message in str(e.value)
+def test_report_reaches_mlflow_and_duplicates_overlap_are_counted(tmp_path, tiny_base, mlflow_uri):
+    import mlflow
 
+    from qlora.config import TrackingConfig
+    from qlora.tracking import end_run, start_run
 
-def test_a_few_bad_rows_are_dropped_not_fatal(tmp_path, tiny_base, caplog):
-    good = [{"instruction": f"say {i}", "output": str(i)} for i in range(40)]
-    f = tmp_path / "mostly_good.jsonl"
-    f.write_text("".join(json.dumps(r) + "\n" for r in good) + '{"instruction": "x", "output": ""}\n')
-    with caplog.at_level("WARNING", logger="qlora.tokenize"):
-        ref, _, _ = _tokenize(tmp_path, tiny_base, f, max_drop_fraction=0.05)
-    assert ref.train_rows + ref.eval_rows == 40
-    assert f"{f}:41: missing or empty field 'output'" in caplog.text
-    with pytest.raises(DataError, match=r"1 of 41 rows unusable, more than data.max_drop_fraction=0.0"):
-        _tokenize(tmp_path, tiny_base, f, max_drop_fraction=0.0)
-
-
-def test_missing_file_is_a_data_error(tmp_path):
-    with pytest.raises(DataError, match="data file not found"):
-        read_rows(tmp_path / "nope.jsonl")
+    rows = [{"instruction": f"say {i}", "output": str(i)} for i in range(20)]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows + rows[:3]))  # 3 exact duplicates
+    ev = tmp_path / "eval.jsonl"
+    ev.write_text("".join(json.dumps(r) + "\n" for r in rows[:2] + [{"instruction": "new", "output": "x"}]))
+    run = start_run(TrackingConfig(), "t")
+    ref, _, _ = _tokenize(tmp_path, tiny_base, train, run=run, max_length=64, eval_path=str(ev))
+    _tokenize(tmp_path, tiny_base, train, run=run, max_length=64, eval_path=str(ev))  # cache hit logs again
+    end_run(run)
+    client = mlflow.MlflowClient(mlflow_uri)
+    m = client.get_run(run.run_id).data.metrics
+    assert m["data/duplicate_rows"] == 5 and m["data/train_eval_overlap"] == 2
+    assert m["data/train_rows"] == 23 and m["data/eval_rows"] == 3 and m["data/cache_hit"] == 1.0
+    assert 0 < m["data/trainable_token_share"] < 1
+    history = client.get_metric_history(run.run_id, "data/cache_hit")
+    assert sorted(h.value for h in history) == [0.0, 1.0]
+    report_md = mlflow.artifacts.load_text(f"runs:/{run.run_id}/data/report.md")
+    assert "| exact duplicate rows | 5 |" in report_md and "⟦0⟧" in report_md

@@ -1,0 +1,162 @@
+"""Training that survives being killed: valid-checkpoint selection, divergence guard, run-dir lock, safe tracking.
+
+Kept out of ``tasks/train.py`` so that file still reads as the recipe; everything here is about what
+happens when something goes wrong (issue 4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import re
+import zipfile
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from qlora.failures import TrainingDiverged, is_transient
+
+log = logging.getLogger("qlora.train")
+
+# A checkpoint is usable only when all of these load. The adapter file is parsed (header + sizes),
+# the torch files are checked as intact zip archives without unpickling anything.
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+REQUIRED = (ADAPTER_WEIGHTS, "optimizer.pt", "scheduler.pt", "trainer_state.json")
+LOCK_NAME = ".lock"
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why ``ckpt`` cannot be resumed from, or None when it is complete and loadable."""
+    for name in REQUIRED:
+        if not (ckpt / name).is_file():
+            return f"{name} missing"
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(ckpt / ADAPTER_WEIGHTS), framework="pt") as f:
+            for k in f.keys():  # reading every tensor catches a file truncated after a valid header
+                f.get_tensor(k)
+    except Exception as e:  # noqa: BLE001 - any parse failure means "not loadable"
+        return f"{ADAPTER_WEIGHTS} unreadable ({type(e).__name__}: {e})"
+    for name in ("optimizer.pt", "scheduler.pt"):
+        try:
+            with zipfile.ZipFile(ckpt / name) as z:
+                bad = z.testzip()
+            if bad is not None:
+                return f"{name} corrupt (member {bad})"
+        except (zipfile.BadZipFile, OSError) as e:
+            return f"{name} unreadable ({e})"
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        int(state["global_step"])
+    except (ValueError, KeyError, TypeError) as e:
+        return f"trainer_state.json unparseable ({type(e).__name__}: {e})"
+    return None
+
+
+def latest_valid_checkpoint(run_dir: Path) -> str | None:
+    """Newest checkpoint-N that is complete; newer broken ones are skipped with a warning naming the defect."""
+    found = []
+    for d in Path(run_dir).glob("checkpoint-*"):
+        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
+        if m and d.is_dir():
+            found.append((int(m.group(1)), d))
+    for _, d in sorted(found, reverse=True):
+        problem = checkpoint_problem(d)
+        if problem is None:
+            return str(d)
+        log.warning("skipping checkpoint %s: %s; falling back to the previous checkpoint", d, problem)
+    return None
+
+
+class DivergenceGuard(TrainerCallback):
+    """Stop at the first non-finite loss or gradient, before the optimizer applies it.
+
+    Gradients are checked every optimizer step (only the LoRA parameters have them, so it is cheap);
+    the logged loss and grad_norm are checked at each log. Requires ``logging_nan_inf_filter=False``,
+    otherwise the Trainer silently replaces a NaN loss by the running mean.
+    """
+
+    def __init__(self, learning_rate: float, max_grad_norm: float):
+        self.hint = (
+            f"train.learning_rate={learning_rate:g}, train.max_grad_norm={max_grad_norm:g}: lower the learning rate "
+            "(or check the data for empty/garbage rows); checkpoints before this step are kept, nothing was registered"
+        )
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        import torch
+
+        if model is None:
+            return
+        for name, p in model.named_parameters():
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                raise TrainingDiverged(f"non-finite gradient in {name} at step {state.global_step + 1} ({self.hint})")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm", "eval_loss"):
+            v = (logs or {}).get(key)
+            if isinstance(v, (int, float)) and not math.isfinite(v):
+                raise TrainingDiverged(f"non-finite {key}={v} at step {state.global_step} ({self.hint})")
+
+
+def safe_mlflow_callback():
+    """The Trainer's MLflow callback, except that a tracking failure warns once and training goes on.
+
+    Metrics are logged with ``synchronous=False`` by the callback (MLflow's async queue); this wrapper
+    covers what still runs in the training thread (run attach, params, queue flush at the end).
+    """
+    from transformers.integrations import MLflowCallback
+
+    class SafeMLflowCallback(MLflowCallback):
+        _broken = False
+
+        def _guard(self, fn, *a, **kw):
+            if self._broken:
+                return None
+            try:
+                return fn(*a, **kw)
+            except Exception as e:  # noqa: BLE001 - classified below; only tracking faults are swallowed
+                if not (is_transient(e) or type(e).__module__.startswith("mlflow")):
+                    raise
+                self._broken = True
+                log.warning(
+                    "MLflow logging failed (%s: %s); training continues without tracking, the loss curve of "
+                    "this run is incomplete", type(e).__name__, str(e).splitlines()[0][:200],
+                )
+                return None
+
+        def setup(self, args, state, model):
+            self._guard(super().setup, args, state, model)
+            self._initialized = True  # do not retry setup at every log
+
+        def on_log(self, args, state, control, logs, model=None, **kwargs):
+            return self._guard(super().on_log, args, state, control, logs, model=model, **kwargs)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            return self._guard(super().on_train_end, args, state, control, **kwargs)
+
+    return SafeMLflowCallback()
+
+
+@contextlib.contextmanager
+def locked_run_dir(run_dir: Path):
+    """Exclusive lock on a training run dir: a second flow run of the same config waits, then reuses the result.
+
+    A file lock (not the deployment's concurrency limit) because it also covers ``qlora run`` from two
+    shells and Prefect task retries, and it is released by the OS when the holder is SIGKILLed.
+    """
+    from filelock import FileLock, Timeout
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run_dir / LOCK_NAME))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.warning("run dir %s is locked by another run of the same config; waiting for it to finish", run_dir)
+        lock.acquire()
+    try:
+        yield run_dir
+    finally:
+        lock.release()

@@ -1,0 +1,97 @@
+"""Fixtures for the registry tests: one tiny trained adapter and a real ``mlflow server`` on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from qlora.config import DataConfig, EvalConfig, LoraSection, ModelConfig, QuantizationConfig, TrainConfig
+
+from .conftest import DEMO_DATA, REPO
+
+MLFLOW = str(Path(sys.executable).with_name("mlflow"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def subprocess_env(**extra) -> dict:
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def start_mlflow_server(backend_uri: str, artifacts: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [MLFLOW, "server", "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, env=subprocess_env(),
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/health", proc)
+    except Exception:
+        proc.kill()
+        raise RuntimeError(log.read_text()[-3000:])
+    return proc, url
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_base, tmp_path_factory):
+    """(base, adapter, report): a real 4-bit base, a 4-step adapter and its real evaluation on 6 prompts."""
+    from tasks.evaluate import evaluate_adapter
+    from tasks.quantize import prepare_quantized_model
+    from tasks.tokenize import tokenize_dataset
+    from tasks.train import train_adapter
+
+    work = tmp_path_factory.mktemp("registry-work")
+    model = ModelConfig(name_or_path=str(tiny_base))
+    data = tokenize_dataset(DataConfig(path=str(DEMO_DATA), max_length=64, eval_fraction=0.01), model, work)
+    base = prepare_quantized_model(model, QuantizationConfig(), work)
+    train = TrainConfig(max_steps=4, per_device_train_batch_size=8, gradient_accumulation_steps=1, learning_rate=2e-3,
+                        logging_steps=1, save_steps=100)
+    adapter = train_adapter(base, data, LoraSection(r=8, alpha=16), train, work)
+    report = evaluate_adapter(base, adapter, data, EvalConfig(max_samples=6, max_new_tokens=5, batch_size=6))
+    return base, adapter, report
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` process (sqlite backend, proxied artifacts) on a free loopback port."""
+    d = tmp_path_factory.mktemp("mlflow-server")
+    proc, url = start_mlflow_server(f"sqlite:///{d / 'mlflow.db'}", d / "artifacts", d / "server.log")
+    yield url
+    stop(proc)

@@ -53,8 +53,7 @@ def run(data_path: str, model_path: str, max_length: int = 1024, batch_sizes=(4,
     import datasets
 
     from qlora.config import DataConfig, ModelConfig
-    from tasks.data_sources import read_source
-    from tasks.tokenize import load_tokenizer, prepare, render_source, tokenize_items
+    from tasks.tokenize import load_tokenizer, parse, prepare, render_source, tokenize_items
 
     datasets.disable_progress_bars()
     data = DataConfig(path=data_path, max_length=max_length)
@@ -65,9 +64,9 @@ def run(data_path: str, model_path: str, max_length: int = 1024, batch_sizes=(4,
     for bs in batch_sizes:
         out[f"padding_efficiency_random_bs{bs}"] = round(padding_efficiency(lengths, bs, grouped=False), 4)
         out[f"padding_efficiency_grouped_bs{bs}"] = round(padding_efficiency(lengths, bs, grouped=True), 4)
+    out["padding_efficiency_packed"] = 1.0  # train.packing: one flattened row per batch, no pad tokens at all
 
-    src = read_source(data_path)
-    rendered = render_source(src, prep.report.format, data, tok)
+    rendered = render_source(parse(data_path, data), data, tok)
     texts = ["".join(t for t, _ in it.segments) for it in rendered.items]
     backend = tok.backend_tokenizer
     t = _best_of(

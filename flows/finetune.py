@@ -57,7 +57,7 @@ def qlora_finetune(config: PipelineConfig = PipelineConfig()) -> RegisteredVersi
         adapter = stages.train(base, data, config.lora, config.train, config.workdir, run)
         report = stages.evaluate(base, adapter, data, config.eval, run)
         run = run or stages.open_run(**opening)  # registering needs the server: retried, then a clear error
-        version = stages.register(base, adapter, report, config.registry, run)
+        version = stages.register(base, adapter, report, config.registry, run, data)
         if version.awaiting_approval:  # registry.require_approval: pause for a human (must run in the flow)
             version = await_approval(version, config.registry, run)
         reporting.publish_report(report, adapter, version, run, config.report)

@@ -49,13 +49,14 @@ def cmd_run(args) -> int:
 def cmd_validate_data(args) -> int:
     """Validation and tokenization only (tokenizer, no model, writes nothing); prints the data report."""
     from qlora.config import load_config
-    from tasks.tokenize import load_tokenizer, prepare
+    from tasks.tokenize import load_tokenizer, prepare, validate
 
     cfg = load_config(args.config, args.set)
     import datasets
 
     datasets.disable_progress_bars()  # the report is the output; bars would interleave with it
-    print(prepare(cfg.data, load_tokenizer(cfg.model)).report.markdown())
+    parsed = validate(cfg.data)  # file and row structure first: needs no tokenizer
+    print(prepare(cfg.data, load_tokenizer(cfg.model), parsed).report.markdown())
     return 0
 
 

@@ -15,7 +15,7 @@ from importlib.metadata import version as pkg_version
 
 from qlora.config import RegistryConfig
 from qlora.errors import ModelError
-from qlora.refs import Adapter, EvalReport, MlflowRun, QuantizedModel, RegisteredVersion
+from qlora.refs import Adapter, EvalReport, MlflowRun, QuantizedModel, RegisteredVersion, TokenizedData
 from qlora.template import PROMPT_TEMPLATE
 from qlora.tracking import active_run
 from registry import aliases
@@ -44,7 +44,7 @@ def pip_requirements() -> list[str]:
     return [f"{p}=={pkg_version(p)}" for p in CONSUMER_PACKAGES]
 
 
-def log_adapter(base: QuantizedModel, adapter: Adapter, run: MlflowRun):
+def log_adapter(base: QuantizedModel, adapter: Adapter, run: MlflowRun, prompt_template: str = PROMPT_TEMPLATE):
     """Log base-referenced PEFT adapter + tokenizer with the training prompt template; returns ModelInfo."""
     import mlflow
 
@@ -63,7 +63,7 @@ def log_adapter(base: QuantizedModel, adapter: Adapter, run: MlflowRun):
             task="text-generation",
             # The pre-quantized base stays where stage 2 wrote it; only the adapter is stored.
             base_model_path=base.path,
-            prompt_template=PROMPT_TEMPLATE,
+            prompt_template=prompt_template,  # the tokenize stage's, so consumers prompt as training did
             pip_requirements=pip_requirements(),
             signature=signature,
             model_config=dict(GENERATION_DEFAULTS),
@@ -115,7 +115,8 @@ def flow_report(key: str, markdown: str) -> None:
 
 
 def register_adapter(
-    base: QuantizedModel, adapter: Adapter, report: EvalReport, cfg: RegistryConfig, run: MlflowRun
+    base: QuantizedModel, adapter: Adapter, report: EvalReport, cfg: RegistryConfig, run: MlflowRun,
+    data: TokenizedData | None = None,
 ) -> RegisteredVersion:
     """Register the adapter under ``cfg.model_name``; ``challenger`` always, ``champion`` when the gate passes.
 
@@ -128,7 +129,7 @@ def register_adapter(
     client = mlflow.MlflowClient(run.tracking_uri)
     mv = version_of_run(client, cfg.model_name, run.run_id)  # a retry or re-run reuses its version (issue 4)
     if mv is None:
-        info = log_adapter(base, adapter, run)
+        info = log_adapter(base, adapter, run, data.prompt_template if data else PROMPT_TEMPLATE)
         mv = mlflow.register_model(info.model_uri, cfg.model_name, tags={"mlflow_run_id": run.run_id})
     name, version = cfg.model_name, str(mv.version)
     client.set_registered_model_alias(name, CHALLENGER, version)

@@ -169,16 +169,6 @@ def dir_digest(p: Path, split: str) -> str:
     return h.hexdigest()
 
 
-def source_digest(path: str, split: str = "train", subset: str | None = None, revision: str | None = None) -> str:
-    """Content hash without parsing rows (hub datasets are resolved, which may download)."""
-    p = Path(path)
-    if p.is_file():
-        return hashlib.sha256(p.read_bytes()).hexdigest()
-    if p.is_dir():
-        return dir_digest(p, split)
-    return read_source(path, split, subset, revision).digest
-
-
 def _read_hub(dataset_id: str, split: str, subset: str | None, revision: str | None) -> Source:
     """A hub dataset; the cache key is the resolved revision (commit), not the name."""
     from datasets import load_dataset

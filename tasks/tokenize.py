@@ -12,18 +12,18 @@ import hashlib
 import json
 import logging
 import random
+import re
 import shutil
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora.config import DataConfig, ModelConfig, stable_hash
 from qlora.errors import DataError
 from qlora.refs import MlflowRun, TokenizedData
-from qlora.template import PROMPT_TEMPLATE, Segment, TemplateError, chat_template_of, prompt_template_for, render_turns
+from qlora.template import PROMPT_TEMPLATE, Segment, Turn, TemplateError, chat_template_of, prompt_template_for, render_turns
 from tasks.data_formats import RowProblem, detect_format, first_exchange, row_turns
 from tasks.data_report import DataReport
-from tasks.data_sources import Source, read_source, source_digest
+from tasks.data_sources import Source, read_source
 
 log = logging.getLogger("qlora.tokenize")
 IGNORE_INDEX = -100
@@ -89,23 +89,63 @@ class Rendered:
     rows_read: int = 0
 
 
-def render_source(src: Source, fmt: str, data: DataConfig, tok) -> Rendered:
-    """Validate every row and render it; row problems are collected, not raised."""
-    out = Rendered(fmt=fmt, problems=list(src.problems), rows_read=len(src.rows) + len(src.problems))
+@dataclass
+class Parsed:
+    """Rows checked for structure (fields, types, roles): everything that needs no tokenizer."""
+
+    src: Source
+    fmt: str
+    rows: list[tuple[str, list[Turn] | str]] = field(default_factory=list)  # (where, turns or plain text)
+    problems: list[tuple[str, str, str]] = field(default_factory=list)
+    rows_read: int = 0
+
+
+def parse(path: str, data: DataConfig, fmt: str | None = None) -> Parsed:
+    """Read ``path`` and check every row's structure; fails when too many rows are already unusable."""
+    src = read_source(path, data.split, data.subset, data.revision)
+    fmt = fmt or _first_format(src, data)
+    out = Parsed(src=src, fmt=fmt, problems=list(src.problems), rows_read=len(src.rows) + len(src.problems))
     for where, row in src.rows:
         try:
-            turns = row_turns(row, fmt, where, data.columns)
-            if isinstance(turns, str):
-                prompt_turns, reference = first_exchange(turns)
-                out.items.append(Item(where, [(turns, True)], prompt_turns[0][1], reference))
-                continue
-            segs = render_turns(turns, tok, data.chat_template)
-            _, reference = first_exchange(turns)
-            out.items.append(Item(where, segs, segs[0][0], reference))
+            out.rows.append((where, row_turns(row, fmt, where, data.columns)))
         except RowProblem as e:
             out.problems.append((e.where, e.reason, str(e)))
+    check_drops(out.problems, out.rows_read, src.name, data.max_drop_fraction, log_them=False, hint=_format_hint(src, fmt, data))
+    return out
+
+
+def _format_hint(src: Source, fmt: str, data: DataConfig) -> str:
+    """When an explicit data.format does not match the rows, say which format they look like."""
+    first = next((r for _, r in src.rows if isinstance(r, dict)), None)
+    if data.format == "auto" or first is None:
+        return ""
+    try:
+        seen = detect_format(first, src.name, data.columns)
+    except DataError:
+        return ""
+    return f" (data.format is {fmt}, but the rows look like {seen}: set data.format={seen} or auto)" if seen != fmt else ""
+
+
+def validate(data: DataConfig) -> tuple[Parsed, Parsed | None]:
+    """Train (and eval) rows parsed and checked: the part of validation that runs before any tokenizer."""
+    train = parse(data.path, data)
+    return train, parse(data.eval_path, data, train.fmt) if data.eval_path else None
+
+
+def render_source(parsed: Parsed, data: DataConfig, tok) -> Rendered:
+    """Render every parsed row with the template; problems so far are carried over."""
+    out = Rendered(fmt=parsed.fmt, problems=list(parsed.problems), rows_read=parsed.rows_read)
+    for where, turns in parsed.rows:
+        if isinstance(turns, str):
+            prompt_turns, reference = first_exchange(turns)
+            out.items.append(Item(where, [(turns, True)], prompt_turns[0][1], reference))
+            continue
+        try:
+            segs = render_turns(turns, tok, data.chat_template)
         except TemplateError as e:
             raise DataError(f"{where}: {e}") from None
+        _, reference = first_exchange(turns)
+        out.items.append(Item(where, segs, segs[0][0], reference))
     return out
 
 
@@ -207,20 +247,27 @@ def _lines(lines: list[str]) -> str:
     return "\n".join(shown) + (f"\n... and {len(lines) - MAX_LINES} more" if len(lines) > MAX_LINES else "")
 
 
-def check_drops(rendered: Rendered, name: str, max_drop_fraction: float) -> None:
+def _position(problem) -> tuple[str, int]:
+    """(file, line/row number) of a problem's ``where``, so problems are listed in file order."""
+    m = re.search(r"^(.*?)(?::| item | row )(\d+)$", problem[0])
+    return (m.group(1), int(m.group(2))) if m else (problem[0], 0)
+
+
+def check_drops(problems, total: int, name: str, max_drop_fraction: float, log_them: bool = True, hint: str = "") -> None:
     """Fail when every row, or more than ``max_drop_fraction`` of them, is unusable."""
-    bad, total = len(rendered.problems), rendered.rows_read
+    bad = len(problems)
     if not bad:
         return
-    lines = [line for _, _, line in rendered.problems]
+    problems.sort(key=_position)
+    lines = [line for _, _, line in problems]
     if bad >= total:
-        raise DataError(_lines(lines) + f"\n{name}: all {total} rows dropped; nothing to train on")
+        raise DataError(_lines(lines) + f"\n{name}: all {total} rows dropped; nothing to train on{hint}")
     if bad / total > max_drop_fraction:
         raise DataError(
             _lines(lines) + f"\n{name}: {bad} of {total} rows unusable, more than data.max_drop_fraction="
-            f"{max_drop_fraction}; fix the rows above or raise data.max_drop_fraction"
+            f"{max_drop_fraction}; fix the rows above or raise data.max_drop_fraction{hint}"
         )
-    for line in lines:
+    for line in lines if log_them else []:
         log.warning("dropped row: %s", line)
 
 
@@ -252,21 +299,20 @@ def _finish(items: list[Item], ds, keep: list[int], with_text: bool):
     return ds
 
 
-def prepare(data: DataConfig, tok) -> Prepared:
+def prepare(data: DataConfig, tok, parsed: tuple[Parsed, Parsed | None] | None = None) -> Prepared:
     """Read, validate, render and tokenize ``data`` (train and eval splits) plus the report; writes nothing."""
-    src = read_source(data.path, data.split, data.subset, data.revision)
-    fmt = _first_format(src, data)
-    rendered = render_source(src, fmt, data, tok)
+    tparsed, eparsed = parsed or validate(data)
+    src, fmt = tparsed.src, tparsed.fmt
+    rendered = render_source(tparsed, data, tok)
     ds = tokenize_items(rendered.items, tok, data) if rendered.items else None
     keep = _collect_token_problems(ds, rendered.items, rendered, data) if ds is not None else []
-    check_drops(rendered, src.name, data.max_drop_fraction)
+    check_drops(rendered.problems, rendered.rows_read, src.name, data.max_drop_fraction)
     items = rendered.items
-    if data.eval_path:
-        esrc = read_source(data.eval_path, data.split, data.subset, data.revision)
-        erendered = render_source(esrc, fmt, data, tok)
+    if eparsed is not None:
+        erendered = render_source(eparsed, data, tok)
         eds = tokenize_items(erendered.items, tok, data) if erendered.items else None
         ekeep = _collect_token_problems(eds, erendered.items, erendered, data) if eds is not None else []
-        check_drops(erendered, esrc.name, data.max_drop_fraction)
+        check_drops(erendered.problems, erendered.rows_read, eparsed.src.name, data.max_drop_fraction)
         train = _finish(items, ds, keep, with_text=False)
         evals = _finish(erendered.items, eds, ekeep, with_text=True)
         train_items, eval_items = [items[i] for i in keep], [erendered.items[i] for i in ekeep]
@@ -309,16 +355,13 @@ def cache_key(data: DataConfig, tok, fmt_hint: str, digests: tuple[str, str]) ->
     )
 
 
-def _digest(path: str | None, data: DataConfig) -> str:
-    return source_digest(path, data.split, data.subset, data.revision) if path else ""
-
-
 def tokenize_dataset(data: DataConfig, model: ModelConfig, workdir: str | Path, run: MlflowRun | None = None) -> TokenizedData:
     """Validate and tokenize ``data``; reuse the cached result when every input's content is unchanged."""
     from datasets import DatasetDict
 
+    parsed = validate(data)  # structure first: a broken file fails here, before any tokenizer or model
     tok = load_tokenizer(model)
-    key = cache_key(data, tok, data.format, (_digest(data.path, data), _digest(data.eval_path, data)))
+    key = cache_key(data, tok, data.format, (parsed[0].src.digest, parsed[1].src.digest if parsed[1] else ""))
     out = Path(workdir) / "tokenized" / key
     manifest = out / "manifest.json"
     if manifest.is_file():
@@ -327,7 +370,7 @@ def tokenize_dataset(data: DataConfig, model: ModelConfig, workdir: str | Path, 
         log_report(DataReport.model_validate_json((out / "report.json").read_text()), run, cache_hit=True)
         return ref
 
-    prep = prepare(data, tok)
+    prep = prepare(data, tok, parsed)
     tmp = out.with_name(key + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     DatasetDict({"train": prep.train, "eval": prep.eval}).save_to_disk(str(tmp))

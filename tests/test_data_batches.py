@@ -47,3 +47,33 @@ def test_tokenize_task_publishes_the_data_report_artifact(tmp_path, tiny_base, p
     assert arts and arts[0].type == "markdown"
     assert arts[0].data == Path(ref.report_path).read_text()
     assert "6000 rows read, 0 dropped, 5400 train / 600 eval" in arts[0].data
+
+
+def test_packed_examples_do_not_attend_to_each_other(tiny_base):
+    """Loss on one packed row == token-weighted loss of the examples run one by one (sdpa, tiny Llama)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tasks.train import collator
+
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_base)))
+    prep = prepare(DataConfig(path=str(SHARED_DATA / "sharegpt_dummy_conversation.json"), max_length=160), tok)
+    feats = [{k: prep.train[i][k] for k in ("input_ids", "labels")} for i in range(6)]
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_base), attn_implementation="sdpa", dtype=torch.float32).eval()
+    # As in training (tasks/train.py): with a KV cache, transformers skips packed-sequence detection.
+    model.config.use_cache = False
+    batch = collator(tok, packing=True)(feats)
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+    with torch.no_grad():
+        packed = float(model(**batch).loss)
+        total = count = 0.0
+        for f in feats:
+            labels = torch.tensor([[-100] + f["labels"][1:]])  # the collator masks each example's first token
+            n = int((labels[:, 1:] != -100).sum())
+            total += float(model(input_ids=torch.tensor([f["input_ids"]]), labels=labels).loss) * n
+            count += n
+        # the same row with a plain all-ones mask: every example sees the ones before it
+        leaky = float(model(**batch, attention_mask=torch.ones_like(batch["input_ids"])).loss)
+    assert packed == pytest.approx(total / count, rel=1e-4)
+    assert abs(leaky - packed) > 1e-3
+    assert len({len(f["input_ids"]) for f in feats}) > 1  # uneven examples, as real batches are

@@ -82,6 +82,17 @@ def test_every_row_dropped_and_drop_share(tmp_path, tok):
         _prepare(tok, q, max_drop_fraction=0.0)
 
 
+def test_explicit_format_that_does_not_match_says_what_the_rows_look_like(tok):
+    from .conftest import SHARED_DATA
+
+    with pytest.raises(DataError) as e:
+        prepare(DataConfig(path=str(SHARED_DATA / "sharegpt_dummy_conversation.json"), format="alpaca"), tok)
+    assert str(e.value).splitlines()[-1] == (
+        f"{SHARED_DATA / 'sharegpt_dummy_conversation.json'}: all 500 rows dropped; nothing to train on "
+        "(data.format is alpaca, but the rows look like sharegpt: set data.format=sharegpt or auto)"
+    )
+
+
 def test_bom_is_accepted_and_missing_file_is_a_data_error(tmp_path, tok):
     p = tmp_path / "bom.jsonl"
     p.write_bytes(b"\xef\xbb\xbf" + (GOOD * 3).encode())
@@ -136,8 +147,8 @@ def test_validate_data_cli_prints_report_or_one_line_per_problem(tmp_path, tiny_
     assert main(["validate-data", "configs/demo.yaml", "--set", f"data.path={bad}", *common]) == 1
     err = capsys.readouterr().err
     assert err.splitlines() == [
-        f"error: {bad}:22: malformed JSON line: Expecting value (column 1)",
-        f"{bad}:21: field 'instruction' must be a string, got int",
+        f"error: {bad}:21: field 'instruction' must be a string, got int",
+        f"{bad}:22: malformed JSON line: Expecting value (column 1)",
         f"{bad}: 2 of 22 rows unusable, more than data.max_drop_fraction=0.05; fix the rows above or raise data.max_drop_fraction",
     ]
     assert "Traceback" not in err

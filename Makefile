@@ -6,7 +6,21 @@ STAMP  := $(VENV)/.installed
 DEMO_BASE := .qlora/demo-base
 MLFLOW_URI ?= sqlite:///mlflow.db
 
-.PHONY: install demo test bench clean mlflow-ui prefect-ui
+# Team mode (server + deployments + worker), see prefect.yaml. Data of both servers under SERVER_DIR.
+SERVER_DIR     ?= .server
+PREFECT_PORT   ?= 4200
+MLFLOW_PORT    ?= 5000
+POOL           ?= qlora-process
+QLORA_TIMEZONE ?= UTC
+# Only for these targets: `make demo` / `make test` keep ephemeral Prefect and the local sqlite store.
+deploy worker: export PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
+deploy worker: export MLFLOW_TRACKING_URI ?= http://127.0.0.1:$(MLFLOW_PORT)
+deploy worker: export QLORA_REPO_DIR ?= $(CURDIR)
+deploy: export QLORA_TIMEZONE := $(QLORA_TIMEZONE)
+# NO_INSTALL=1 uses BIN as it is (tests run the targets from an existing environment).
+INSTALL := $(if $(NO_INSTALL),,install)
+
+.PHONY: install demo test bench clean mlflow-ui prefect-ui server deploy worker
 
 install: $(STAMP)
 
@@ -36,6 +50,23 @@ mlflow-ui: install
 
 prefect-ui: install
 	$(BIN)/prefect server start --host 127.0.0.1
+
+# Foreground Prefect server; the MLflow server runs beside it and stops with it (Ctrl-C stops both).
+server: $(INSTALL)
+	mkdir -p $(SERVER_DIR)/prefect $(SERVER_DIR)/mlartifacts
+	$(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \
+	  --backend-store-uri sqlite:///$(abspath $(SERVER_DIR))/mlflow.db \
+	  --artifacts-destination $(abspath $(SERVER_DIR))/mlartifacts & MLFLOW_PID=$$!; \
+	trap 'kill $$MLFLOW_PID' EXIT INT TERM; \
+	PREFECT_HOME=$(abspath $(SERVER_DIR))/prefect PREFECT_SERVER_ANALYTICS_ENABLED=false \
+	  $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+deploy: $(INSTALL)
+	$(BIN)/prefect work-pool inspect $(POOL) >/dev/null 2>&1 || $(BIN)/prefect work-pool create $(POOL) --type process
+	$(BIN)/prefect --no-prompt deploy --all
+
+worker: $(INSTALL)
+	$(BIN)/prefect worker start --pool $(POOL) --type process
 
 clean:
 	rm -rf .qlora mlflow.db mlartifacts

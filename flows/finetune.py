@@ -8,6 +8,7 @@ Stages:
 4. evaluate  - base vs tuned on the held-out split -> eval/base/* and eval/tuned/* in MLflow
 5. register  - adapter -> MLflow Model Registry version (lineage tags); challenger always, champion when
                the promotion gate and the consumer check pass (and, if required, a human approves)
+6. report    - loss plot to MLflow; Prefect artifacts (run report, eval examples); notifications
 
 Failure semantics (issue 4): an MLflow server that is down at the start does not stop training;
 the run is opened again (with retries) before registering. A failed or crashed flow run marks its
@@ -24,7 +25,7 @@ from qlora.config import PipelineConfig
 from qlora.refs import RegisteredVersion
 from qlora.tracking import end_run, fail_runs_of_flow_run
 from registry.approval import await_approval
-from tasks import stages
+from tasks import reporting, stages
 
 log = logging.getLogger("qlora.flow")
 
@@ -37,7 +38,10 @@ def _fail_mlflow_runs(flow, flow_run, state) -> None:
         log.warning("flow run %s ended %s: MLflow run(s) %s marked FAILED", flow_run.name, state.type.value, failed)
 
 
-@flow(name="qlora-finetune", log_prints=True, on_failure=[_fail_mlflow_runs], on_crashed=[_fail_mlflow_runs])
+@flow(
+    name="qlora-finetune", log_prints=True,
+    on_failure=[_fail_mlflow_runs, reporting.notify_failure], on_crashed=[_fail_mlflow_runs, reporting.notify_failure],
+)
 def qlora_finetune(config: PipelineConfig = PipelineConfig()) -> RegisteredVersion:
     """Fine-tune ``config.model`` with QLoRA on ``config.data``, evaluate it and register the adapter."""
     opening = dict(
@@ -56,6 +60,7 @@ def qlora_finetune(config: PipelineConfig = PipelineConfig()) -> RegisteredVersi
         version = stages.register(base, adapter, report, config.registry, run, data)
         if version.awaiting_approval:  # registry.require_approval: pause for a human (must run in the flow)
             version = await_approval(version, config.registry, run)
+        reporting.publish_report(report, adapter, version, run, config.report)
         status = "FINISHED"
         return version
     finally:

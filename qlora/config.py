@@ -119,6 +119,11 @@ class TrainConfig(Section):
     logging_steps: int = Field(10, gt=0, description="Log loss and learning rate every N optimizer steps.")
     save_steps: int = Field(100, gt=0, description="Write an adapter-only checkpoint every N optimizer steps (resume point).")
     save_total_limit: int = Field(2, gt=0, description="Checkpoints kept on disk; older ones are deleted.")
+    num_processes: int = Field(
+        1, gt=0, le=64,
+        description="Training processes (DDP): 1 trains in the task's process; N > 1 launches N ranks "
+        "(accelerate on N GPUs, torchrun/gloo on CPU). Effective batch = batch * accumulation * N.",
+    )
     early_stopping_patience: int | None = Field(
         None, gt=0, description="Stop after N evaluations (one per save_steps) without a lower eval loss; unset = off."
     )
@@ -159,6 +164,20 @@ class TrackingConfig(Section):
     artifact_location: str = Field("mlartifacts", description="Artifact root for a new experiment when the store is local (sqlite/file).")
 
 
+class ReportConfig(Section):
+    mlflow_ui_url: str | None = Field(
+        None, description="MLflow UI base URL for links in the run report (e.g. http://127.0.0.1:5000); "
+        "unset means the tracking URI when it is http(s), else no links.",
+    )
+    examples: int = Field(5, ge=0, le=50, description="Eval examples (prompt, reference, base, tuned) shown in the report table.")
+    webhook_url: str | None = Field(
+        None, description="Optional URL that receives a JSON POST {event, text, ...} on flow failure and on promotion.",
+    )
+    notification_block: str | None = Field(
+        None, description="Optional Prefect notification block, as 'block-type/name' (e.g. slack-webhook/ml-team), notified on the same events.",
+    )
+
+
 class PipelineConfig(Section):
     """Everything one fine-tuning run needs. Sections map one-to-one onto pipeline stages."""
 
@@ -171,6 +190,7 @@ class PipelineConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Base vs fine-tuned evaluation.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="MLflow Model Registry target.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking server or local store.")
+    report: ReportConfig = Field(default_factory=ReportConfig, description="Run report, links and notifications.")
 
 
 def stable_hash(obj: Any) -> str:

@@ -44,8 +44,11 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: in
     """Greedy completions of already-templated prompts, without the prompt."""
     import torch
 
+    from tqdm.auto import tqdm
+
     out: list[str] = []
-    for i in range(0, len(prompts), batch_size):
+    # A progress bar in the terminal: generation is the slow part of evaluation (two passes: base, tuned).
+    for i in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch", leave=False):
         enc = tok(prompts[i : i + batch_size], return_tensors="pt", padding=True).to(model.device)
         with torch.no_grad():
             gen = model.generate(

@@ -18,7 +18,7 @@ from registry.register import register_adapter
 from tasks.evaluate import evaluate_adapter
 from tasks.quantize import prepare_quantized_model
 from tasks.tokenize import tokenize_dataset
-from tasks.train import train_adapter
+from tasks.distributed import launch_training
 
 
 # Stages pass only small references (paths, ids), so they are cheap to hash and safe to retry.
@@ -38,7 +38,7 @@ def _tokenize_with_report(data, model, workdir, run=None):
 
 tokenize = task(_tokenize_with_report, name="tokenize", retries=2, retry_delay_seconds=5, **_common)
 quantize = task(prepare_quantized_model, name="quantize", retries=2, retry_delay_seconds=10, **_common)
-train = task(train_adapter, name="train", retries=1, retry_delay_seconds=30, **_common)
+train = task(launch_training, name="train", retries=1, retry_delay_seconds=30, **_common)
 evaluate = task(evaluate_adapter, name="evaluate", retries=2, retry_delay_seconds=10, **_common)
 register = task(register_adapter, name="register", retries=3, retry_delay_seconds=[5, 20, 60], **_common)
 open_run = task(start_or_resume_run, name="open-mlflow-run", retries=2, retry_delay_seconds=[2, 10], **_common)

@@ -221,6 +221,8 @@ def _fit(base, data, lora, train: TrainConfig, run_dir: Path, run: MlflowRun | N
             trainer.add_callback(safe_mlflow_callback())
         result = trainer.train(resume_from_checkpoint=resume)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if not trainer.is_world_process_zero():
+        return None  # DDP rank > 0 (tasks/distributed.py): rank 0 alone saves and writes the manifest
     adapter_dir = run_dir / "adapter"
     model.save_pretrained(adapter_dir)
     tok.save_pretrained(adapter_dir)

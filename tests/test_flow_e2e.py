@@ -16,7 +16,7 @@ from qlora.template import PROMPT_TEMPLATE
 from .conftest import DEMO_DATA, REPO
 
 pytestmark = pytest.mark.e2e
-STAGES = ["tokenize", "quantize", "train", "evaluate", "register"]
+STAGES = ["tokenize", "quantize", "train", "evaluate", "register", "report"]
 
 
 def _config(tiny_base, tmp_path, **extra):
@@ -77,6 +77,17 @@ def test_flow_end_to_end(prefect_server, tiny_base, tmp_path, mlflow_uri):
     assert set(names) - set(STAGES) <= {"open-mlflow-run"}  # plus the run bookkeeping task
     assert all(r.state.is_completed() for r in runs)
 
+    # What people look at: the run report and the eval examples as artifacts of this flow run.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as pc:
+        arts = pc.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    by_key = {a.key: a for a in arts}
+    assert by_key["tiny-e2e-report"].type == "markdown" and "**Promotion:** kept as challenger" in by_key["tiny-e2e-report"].data
+    assert by_key["tiny-e2e-eval-examples"].type == "table"
+    assert by_key["data-report"].type == "markdown"  # the data validation report (tokenize task)
+
     # One MLflow run for the flow run, finished, holding training and eval metrics.
     client = mlflow.MlflowClient(mlflow_uri)
     mv = client.get_model_version(version.name, version.version)
@@ -93,6 +104,7 @@ def test_flow_end_to_end(prefect_server, tiny_base, tmp_path, mlflow_uri):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # loss went down
     assert m["eval/tuned/loss"] < m["eval/base/loss"]
     assert run.data.params["optim"] == "paged_adamw_8bit"
+    assert "plots/loss.png" in [f.path for f in client.list_artifacts(run.info.run_id, "plots")]
 
     # Registered as challenger. A dozen steps on a random 2-layer model leave exact match at 0 for
     # base and tuned alike, so the promotion gate (tuned must beat base beyond noise) keeps champion unset.

@@ -54,7 +54,7 @@ prefect-ui: install
 # Foreground Prefect server; the MLflow server runs beside it and stops with it (Ctrl-C stops both).
 server: $(INSTALL)
 	mkdir -p $(SERVER_DIR)/prefect $(SERVER_DIR)/mlartifacts
-	$(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \
 	  --backend-store-uri sqlite:///$(abspath $(SERVER_DIR))/mlflow.db \
 	  --artifacts-destination $(abspath $(SERVER_DIR))/mlartifacts & MLFLOW_PID=$$!; \
 	trap 'kill $$MLFLOW_PID' EXIT INT TERM; \

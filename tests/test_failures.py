@@ -226,14 +226,15 @@ def test_mlflow_dying_mid_training_does_not_kill_it(prepared, mlflow_uri, monkey
 def test_register_is_idempotent_per_run(prepared, mlflow_uri, tmp_path):
     import mlflow
 
-    from qlora.refs import EvalReport
+    from qlora.config import EvalConfig
     from qlora.tracking import start_run
     from registry.register import register_adapter
+    from tasks.evaluate import evaluate_adapter
 
     work, data, base = prepared
     a = train_adapter(base, data, LORA, _train(max_steps=1, save_steps=1, learning_rate=1e-3), work)
     run = start_run(TrackingConfig(uri=mlflow_uri, artifact_location=str(tmp_path / "art")), "reg")
-    report = EvalReport(metrics={"eval/tuned/exact_match": 0.0}, samples=[])
+    report = evaluate_adapter(base, a, data, EvalConfig(max_samples=4, max_new_tokens=4, batch_size=4), run)
     cfg = RegistryConfig(model_name="idem")
     v1 = register_adapter(base, a, report, cfg, run)
     v2 = register_adapter(base, a, report, cfg, run)  # a retried or re-run register task

@@ -29,6 +29,7 @@ log = logging.getLogger("qlora.register")
 # torchvision, which is not installed (and not needed) here.
 # Consumers may override these per call: predict([...], params={"max_new_tokens": 32}).
 GENERATION_DEFAULTS = {"max_new_tokens": 64, "do_sample": False, "temperature": 1.0}
+EXAMPLE_PROMPT = "Reverse the order of these words: apple river stone"
 CONSUMER_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "tokenizers", "safetensors")
 
 
@@ -51,9 +52,7 @@ def log_adapter(base: QuantizedModel, adapter: Adapter, run: MlflowRun):
 
     model, tok = load_tuned(base, adapter)
     signature = mlflow.models.infer_signature(
-        model_input=["Reverse the order of the words.\napple river stone"],
-        model_output=["stone river apple"],
-        params=GENERATION_DEFAULTS,
+        model_input=[EXAMPLE_PROMPT], model_output=["stone river apple"], params=GENERATION_DEFAULTS,
     )
     with active_run(run):
         return mlflow.transformers.log_model(
@@ -65,6 +64,8 @@ def log_adapter(base: QuantizedModel, adapter: Adapter, run: MlflowRun):
             prompt_template=PROMPT_TEMPLATE,
             pip_requirements=pip_requirements(),
             signature=signature,
+            # Raw user message + params: what a consumer sends (MLflow also checks it round-trips for serving).
+            input_example=([EXAMPLE_PROMPT], {"max_new_tokens": 8}),
             model_config=dict(GENERATION_DEFAULTS),
         )
 

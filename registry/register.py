@@ -129,7 +129,7 @@ def register_adapter(
     info = log_adapter(base, adapter, run)
     mv = mlflow.register_model(info.model_uri, cfg.model_name, tags={"mlflow_run_id": run.run_id})
     name, version = cfg.model_name, str(mv.version)
-    client.set_registered_model_alias(name, CHALLENGER, version)
+    aliases.set_challenger(client, name, version)
     decision = gate(client, report, cfg, run)
     mismatches = consumer_check(name, version, report.samples, report.max_new_tokens or GENERATION_DEFAULTS["max_new_tokens"],
                                 cfg.consumer_check_prompts, run.tracking_uri)

@@ -192,3 +192,52 @@ def test_mlflow_models_serve_answers_invocations(registered, mlflow_server, tmp_
     assert len(preds) == 1 and isinstance(preds[0], str) and "### Instruction" not in preds[0]
     local = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict([PROMPT], params={"max_new_tokens": 3})
     assert preds == list(local)  # the server generates what an in-process consumer gets
+
+
+# ------------------------------------------------------------------ human approval (runs last: it moves champion)
+
+
+def test_require_approval_pauses_until_approved(registered, trained, mlflow_server, prefect_server):
+    import threading
+    import time
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.flow_runs import resume_flow_run
+
+    from registry.approval import await_approval
+
+    base, adapter, report = trained
+    _, _, client = registered
+    champion_before = client.get_model_version_by_alias(NAME, "champion").version
+    cfg = RegistryConfig(model_name=NAME, bootstrap_resamples=200, require_approval=True, consumer_check_prompts=1)
+    run = _run(mlflow_server)
+    # a fresh name: no champion, so the gate compares with the base (scores say tuned wins everywhere)
+    v = register_adapter(base, adapter, _with_scores(report, 0.0, 1.0), cfg.model_copy(update={"model_name": "tiny-approve"}), run)
+    assert v.awaiting_approval and v.aliases == ["challenger"]  # gate passed, champion held back
+    assert aliases.current(client, "tiny-approve", "champion") is None
+
+    @flow(name="approval-under-test")
+    def approve(version, reg, mlrun):
+        return await_approval(version, reg, mlrun)
+
+    out = []
+    t = threading.Thread(target=lambda: out.append(approve(v, cfg, run, return_state=True)))
+    t.start()
+    with get_client(sync_client=True) as pc:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            runs = [r for r in pc.read_flow_runs() if r.state and r.state.is_paused()]
+            if runs:
+                break
+            time.sleep(0.5)
+        assert runs, "the flow never paused"
+        assert aliases.current(client, "tiny-approve", "champion") is None  # nothing moves while paused
+        resume_flow_run(runs[0].id, run_input={"approve": True, "approver": "carol", "reason": "reviewed samples"})
+    t.join(120)
+    state = out[0]
+    assert state.is_completed(), state.message
+    assert int(client.get_model_version_by_alias("tiny-approve", "champion").version) == int(v.version)
+    tags = client.get_model_version("tiny-approve", v.version).tags
+    assert tags["champion.by"] == "carol" and "reviewed samples" in tags["champion.why"]
+    assert client.get_model_version_by_alias(NAME, "champion").version == champion_before

@@ -92,9 +92,19 @@ def test_flow_end_to_end(prefect_server, tiny_base, tmp_path, mlflow_uri):
     assert m["eval/tuned/loss"] < m["eval/base/loss"]
     assert run.data.params["optim"] == "paged_adamw_8bit"
 
-    # Registered with both aliases (first version: no champion yet).
-    assert set(version.aliases) == {"challenger", "champion"}
-    assert str(client.get_model_version_by_alias("tiny-e2e", "champion").version) == version.version
+    # Registered as challenger; champion only if the gate found tuned better than base beyond noise
+    # (12 steps rarely move exact match on 8 prompts, so either outcome is legitimate here).
+    assert "challenger" in version.aliases and "vs base" in version.decision
+    mv = client.get_model_version(version.name, version.version)
+    assert mv.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
+    assert mv.tags["promotion"] == ("promoted to champion" if "champion" in version.aliases else "kept as challenger")
+    assert "| exact_match |" in mv.description
+    assert m["gate/n"] == 8
+    # the same Markdown is the flow run's report in Prefect
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as pc:
+        assert any(a.key == "registry-tiny-e2e" for a in pc.read_latest_artifacts())
 
     # The base the registered adapter references is the pre-quantized 4-bit checkpoint.
     quantized = [p for p in (tmp_path / "work" / "quantized").iterdir() if p.is_dir()]
@@ -107,15 +117,15 @@ def test_flow_end_to_end(prefect_server, tiny_base, tmp_path, mlflow_uri):
 
     # A registry consumer loads models:/name@champion and generates.
     prompts = ["Reverse the order of these words: apple river stone", "Reverse the order of these words: lamp tiger"]
-    outs = predict("models:/tiny-e2e@champion", prompts, max_new_tokens=4)
+    outs = predict(f"models:/tiny-e2e/{version.version}", prompts, max_new_tokens=4)
     assert len(outs) == 2 and all(isinstance(o, str) for o in outs)
 
-    # A second, worse-or-equal run registers version 2 as challenger; champion stays.
+    # A second, worse-or-equal run registers version 2 as challenger; champion does not move to it.
     cfg2 = _config(tiny_base, tmp_path, **{"train.max_steps": 2, "train.save_steps": 100})
     v2 = qlora_finetune(config=cfg2)
     assert int(v2.version) == int(version.version) + 1
     assert str(client.get_model_version_by_alias("tiny-e2e", "challenger").version) == v2.version
-    if "champion" not in v2.aliases:
+    if "champion" not in v2.aliases and "champion" in version.aliases:
         assert str(client.get_model_version_by_alias("tiny-e2e", "champion").version) == version.version
 
 

@@ -70,7 +70,7 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # shared by the registry test modules: training is the slow part
 def trained(tiny_base, tmp_path_factory):
     """(base, adapter, report): a real 4-bit base, a 4-step adapter and its real evaluation on 6 prompts."""
     from tasks.evaluate import evaluate_adapter

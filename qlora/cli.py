@@ -1,4 +1,5 @@
-"""``qlora`` command line: run the flow, validate data, predict from the registry, build the demo base.
+"""``qlora`` command line: run the flow, validate data, predict from the registry, list/promote/rollback versions,
+build the demo base.
 
 User errors (bad config, bad data, missing model) print one line per problem and exit 1, with no
 traceback; anything else is a bug or a fault and keeps its traceback.
@@ -63,8 +64,40 @@ def cmd_validate_data(args) -> int:
 def cmd_predict(args) -> int:
     from registry.consumer import predict
 
-    for out in predict(args.model_uri, args.prompts, args.max_new_tokens, args.temperature):
+    for out in predict(args.model_uri, args.prompts, args.max_new_tokens, args.temperature, args.tracking_uri):
         print(out)
+    return 0
+
+
+def _registry_client(args):
+    import mlflow
+
+    from qlora.config import TrackingConfig
+    from qlora.tracking import resolve_uri
+
+    return mlflow.MlflowClient(resolve_uri(TrackingConfig(uri=args.tracking_uri)))
+
+
+def cmd_registry_list(args) -> int:
+    from registry.aliases import list_lines
+
+    print("\n".join(list_lines(_registry_client(args), args.name)))
+    return 0
+
+
+def cmd_promote(args) -> int:
+    from registry.aliases import promote
+
+    v = promote(_registry_client(args), args.name, args.version, args.why, args.by)
+    print(f"{args.name}: champion -> v{v}")
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    from registry.aliases import rollback
+
+    frm, to = rollback(_registry_client(args), args.name, args.why, args.by)
+    print(f"{args.name}: champion v{frm} -> v{to}")
     return 0
 
 
@@ -99,7 +132,26 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("prompts", nargs="+", help="user messages; the training prompt template is applied")
     pr.add_argument("--max-new-tokens", type=int, default=64)
     pr.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    pr.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI")
     pr.set_defaults(func=cmd_predict)
+
+    tracking = argparse.ArgumentParser(add_help=False)
+    tracking.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    reg = sub.add_parser("registry", help="inspect the model registry").add_subparsers(dest="registry_command", required=True)
+    rl = reg.add_parser("list", parents=[tracking], help="versions, aliases, key metrics: a line each, newest first")
+    rl.add_argument("name")
+    rl.set_defaults(func=cmd_registry_list)
+    po = sub.add_parser("promote", parents=[tracking], help="move champion to VERSION by hand (who/why recorded)")
+    po.add_argument("name")
+    po.add_argument("version")
+    po.add_argument("--why", required=True, help="recorded in the version's tags")
+    po.add_argument("--by", default=None, help="who decides (default: the OS user)")
+    po.set_defaults(func=cmd_promote)
+    rb = sub.add_parser("rollback", parents=[tracking], help="move champion back to the previous champion")
+    rb.add_argument("name")
+    rb.add_argument("--why", default="rollback", help="recorded in the versions' tags")
+    rb.add_argument("--by", default=None)
+    rb.set_defaults(func=cmd_rollback)
 
     b = sub.add_parser("build-demo", help="build the tiny demo base model (random weights, trained tokenizer)")
     b.add_argument("--out", default=DEMO_BASE_DIR)

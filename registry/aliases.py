@@ -39,6 +39,14 @@ def current(client, name: str, alias: str):
         return None
 
 
+def set_challenger(client, name: str, version: str) -> None:
+    """``challenger`` -> ``version`` unless a newer version exists already (concurrent registrations:
+    the newest version's own writer sets it, so the alias does not go backwards when writers race)."""
+    newest = max(int(m.version) for m in client.search_model_versions(f"name='{name}'"))
+    if int(version) >= newest:
+        client.set_registered_model_alias(name, CHALLENGER, version)
+
+
 def set_champion(client, name: str, version: str, who: str, why: str) -> None:
     client.set_registered_model_alias(name, CHAMPION, version)
     hist = history(client, name)

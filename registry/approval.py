@@ -31,6 +31,7 @@ def await_approval(version: RegisteredVersion, cfg: RegistryConfig, run: MlflowR
             description=f"Promote **{version.name} v{version.version}** to champion?\n\nGate: {version.decision}",
             approve=False, approver=""),
         timeout=cfg.approval_timeout_s,
+        poll_interval=2,  # seconds between checks of the run state: cheap, and approval feels immediate
     )
     client = mlflow.MlflowClient(run.tracking_uri)
     if not answer.approve:

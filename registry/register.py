@@ -30,6 +30,7 @@ log = logging.getLogger("qlora.register")
 # torchvision, which is not installed (and not needed) here.
 # Consumers may override these per call: predict([...], params={"max_new_tokens": 32}).
 GENERATION_DEFAULTS = {"max_new_tokens": 64, "do_sample": False, "temperature": 1.0}
+EXAMPLE_PROMPT = "Reverse the order of these words: apple river stone"
 CONSUMER_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "tokenizers", "safetensors")
 
 
@@ -52,9 +53,7 @@ def log_adapter(base: QuantizedModel, adapter: Adapter, run: MlflowRun, prompt_t
 
     model, tok = load_tuned(base, adapter)
     signature = mlflow.models.infer_signature(
-        model_input=["Reverse the order of the words.\napple river stone"],
-        model_output=["stone river apple"],
-        params=GENERATION_DEFAULTS,
+        model_input=[EXAMPLE_PROMPT], model_output=["stone river apple"], params=GENERATION_DEFAULTS,
     )
     with active_run(run):
         return mlflow.transformers.log_model(
@@ -66,6 +65,8 @@ def log_adapter(base: QuantizedModel, adapter: Adapter, run: MlflowRun, prompt_t
             prompt_template=prompt_template,  # the tokenize stage's, so consumers prompt as training did
             pip_requirements=pip_requirements(),
             signature=signature,
+            # Raw user message + params: what a consumer sends (MLflow also checks it round-trips for serving).
+            input_example=([EXAMPLE_PROMPT], {"max_new_tokens": 8}),
             model_config=dict(GENERATION_DEFAULTS),
         )
 
@@ -132,7 +133,7 @@ def register_adapter(
         info = log_adapter(base, adapter, run, data.prompt_template if data else PROMPT_TEMPLATE)
         mv = mlflow.register_model(info.model_uri, cfg.model_name, tags={"mlflow_run_id": run.run_id})
     name, version = cfg.model_name, str(mv.version)
-    client.set_registered_model_alias(name, CHALLENGER, version)
+    aliases.set_challenger(client, name, version)
     decision = gate(client, report, cfg, run)
     mismatches = consumer_check(name, version, report.samples, report.max_new_tokens or GENERATION_DEFAULTS["max_new_tokens"],
                                 cfg.consumer_check_prompts, run.tracking_uri)

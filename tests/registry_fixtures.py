@@ -14,7 +14,7 @@ import pytest
 
 from qlora.config import DataConfig, EvalConfig, LoraSection, ModelConfig, QuantizationConfig, TrainConfig
 
-from .conftest import DEMO_DATA, REPO
+from .conftest import REPO
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
@@ -39,9 +39,10 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 
 def subprocess_env(**extra) -> dict:
-    env = dict(os.environ, **extra)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | extra
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.pop("MLFLOW_TRACKING_URI", None)
+    # `mlflow models serve` execs `uvicorn` by name: the venv's bin must be on PATH even when not activated.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
 
@@ -69,7 +70,7 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # shared by the registry test modules: training is the slow part
 def trained(tiny_base, tmp_path_factory):
     """(base, adapter, report): a real 4-bit base, a 4-step adapter and its real evaluation on 6 prompts."""
     from tasks.evaluate import evaluate_adapter
@@ -77,9 +78,12 @@ def trained(tiny_base, tmp_path_factory):
     from tasks.tokenize import tokenize_dataset
     from tasks.train import train_adapter
 
+    from qlora.demo import write_demo_data
+
     work = tmp_path_factory.mktemp("registry-work")
+    rows = write_demo_data(work / "rows.jsonl", n=400)  # same task as the demo, fewer rows to tokenize
     model = ModelConfig(name_or_path=str(tiny_base))
-    data = tokenize_dataset(DataConfig(path=str(DEMO_DATA), max_length=64, eval_fraction=0.01), model, work)
+    data = tokenize_dataset(DataConfig(path=str(rows), max_length=64, eval_fraction=0.015), model, work)
     base = prepare_quantized_model(model, QuantizationConfig(), work)
     train = TrainConfig(max_steps=4, per_device_train_batch_size=8, gradient_accumulation_steps=1, learning_rate=2e-3,
                         logging_steps=1, save_steps=100)

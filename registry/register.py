@@ -24,6 +24,7 @@ from registry.consumer import consumer_check
 from registry.gate import Decision, decide, eval_set_fingerprint, log_scores, stored_scores
 from registry.idempotent import version_of_run
 from registry.lineage import description, lineage_tags
+from registry.merged import merged_name, register_merged
 
 log = logging.getLogger("qlora.register")
 # What a consumer needs to load the model. Passed explicitly: MLflow's inference otherwise imports
@@ -45,6 +46,23 @@ def pip_requirements() -> list[str]:
     return [f"{p}=={pkg_version(p)}" for p in CONSUMER_PACKAGES]
 
 
+def consumer_log_kwargs(prompt_template: str = PROMPT_TEMPLATE) -> dict:
+    """What every logged model shares so consumers call it alike: template, signature, example, requirements."""
+    import mlflow
+
+    signature = mlflow.models.infer_signature(
+        model_input=[EXAMPLE_PROMPT], model_output=["stone river apple"], params=GENERATION_DEFAULTS,
+    )
+    return dict(
+        prompt_template=prompt_template,  # the tokenize stage's, so consumers prompt as training did
+        pip_requirements=pip_requirements(),
+        signature=signature,
+        # Raw user message + params: what a consumer sends (MLflow also checks it round-trips for serving).
+        input_example=([EXAMPLE_PROMPT], {"max_new_tokens": 8}),
+        model_config=dict(GENERATION_DEFAULTS),
+    )
+
+
 def log_adapter(base: QuantizedModel, adapter: Adapter, run: MlflowRun, prompt_template: str = PROMPT_TEMPLATE):
     """Log base-referenced PEFT adapter + tokenizer with the training prompt template; returns ModelInfo."""
     import mlflow
@@ -52,9 +70,6 @@ def log_adapter(base: QuantizedModel, adapter: Adapter, run: MlflowRun, prompt_t
     from tasks.evaluate import load_tuned
 
     model, tok = load_tuned(base, adapter)
-    signature = mlflow.models.infer_signature(
-        model_input=[EXAMPLE_PROMPT], model_output=["stone river apple"], params=GENERATION_DEFAULTS,
-    )
     with active_run(run):
         return mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tok},
@@ -62,12 +77,7 @@ def log_adapter(base: QuantizedModel, adapter: Adapter, run: MlflowRun, prompt_t
             task="text-generation",
             # The pre-quantized base stays where stage 2 wrote it; only the adapter is stored.
             base_model_path=base.path,
-            prompt_template=prompt_template,  # the tokenize stage's, so consumers prompt as training did
-            pip_requirements=pip_requirements(),
-            signature=signature,
-            # Raw user message + params: what a consumer sends (MLflow also checks it round-trips for serving).
-            input_example=([EXAMPLE_PROMPT], {"max_new_tokens": 8}),
-            model_config=dict(GENERATION_DEFAULTS),
+            **consumer_log_kwargs(prompt_template),
         )
 
 
@@ -148,5 +158,8 @@ def register_adapter(
         aliases.set_champion(client, name, version, who="promotion gate", why=decision.reason)
         out.append(CHAMPION)
     log.info("registered %s version %s (%s): %s", name, version, mv.source, decision.reason)
+    if cfg.register_merged and version_of_run(client, merged_name(name), run.run_id) is None:
+        template = data.prompt_template if data else PROMPT_TEMPLATE
+        register_merged(base, adapter, name, version, out, run, consumer_log_kwargs(template))
     return RegisteredVersion(name=name, version=version, model_uri=mv.source, aliases=out, decision=decision.reason,
                              awaiting_approval=decision.promote and cfg.require_approval)

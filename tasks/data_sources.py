@@ -160,6 +160,16 @@ def _read_saved_dataset(p: Path, split: str) -> Source:
     return Source(name=str(p), rows=[(f"{p}: row {i}", r) for i, r in enumerate(ds.to_list(), start=1)], digest=dir_digest(p, split))
 
 
+def local_digest(path: str, split: str) -> str | None:
+    """The digest ``read_source`` would give, without parsing: None for a hub dataset (known only once loaded)."""
+    p = Path(path)
+    if p.is_file():
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+    if p.is_dir():
+        return dir_digest(p, split)
+    return None
+
+
 def dir_digest(p: Path, split: str) -> str:
     h = hashlib.sha256(split.encode())
     for f in sorted(p.rglob("*")):

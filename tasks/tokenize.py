@@ -23,7 +23,7 @@ from qlora.refs import MlflowRun, TokenizedData
 from qlora.template import PROMPT_TEMPLATE, Segment, Turn, TemplateError, chat_template_of, prompt_template_for, render_turns
 from tasks.data_formats import RowProblem, detect_format, first_exchange, row_turns
 from tasks.data_report import DataReport
-from tasks.data_sources import Source, read_source
+from tasks.data_sources import Source, local_digest, read_source
 
 log = logging.getLogger("qlora.tokenize")
 IGNORE_INDEX = -100
@@ -355,20 +355,45 @@ def cache_key(data: DataConfig, tok, fmt_hint: str, digests: tuple[str, str]) ->
     )
 
 
+def _cache_hit(out: Path, run: MlflowRun | None) -> TokenizedData | None:
+    manifest = out / "manifest.json"
+    if not manifest.is_file():
+        return None
+    log.info("tokenized data cache hit: %s (key %s), not re-tokenizing", out, out.name)
+    log_report(DataReport.model_validate_json((out / "report.json").read_text()), run, cache_hit=True)
+    return TokenizedData.model_validate_json(manifest.read_text())
+
+
+def _cached_without_parsing(data: DataConfig, model: ModelConfig, workdir, run) -> TokenizedData | None:
+    """Warm re-runs: the same bytes were validated when the cache entry was written, so skip parsing them.
+
+    Only for local data (a hub dataset's revision is known once loaded). A tokenizer that does not load
+    is no hit: the full path then reports data problems first, before any tokenizer error.
+    """
+    digests = (local_digest(data.path, data.split), local_digest(data.eval_path, data.split) if data.eval_path else "")
+    if None in digests:
+        return None
+    try:
+        tok = load_tokenizer(model)
+    except (OSError, ValueError):
+        return None
+    return _cache_hit(Path(workdir) / "tokenized" / cache_key(data, tok, data.format, digests), run)
+
+
 def tokenize_dataset(data: DataConfig, model: ModelConfig, workdir: str | Path, run: MlflowRun | None = None) -> TokenizedData:
     """Validate and tokenize ``data``; reuse the cached result when every input's content is unchanged."""
     from datasets import DatasetDict
 
+    hit = _cached_without_parsing(data, model, workdir, run)
+    if hit is not None:
+        return hit
     parsed = validate(data)  # structure first: a broken file fails here, before any tokenizer or model
     tok = load_tokenizer(model)
     key = cache_key(data, tok, data.format, (parsed[0].src.digest, parsed[1].src.digest if parsed[1] else ""))
     out = Path(workdir) / "tokenized" / key
-    manifest = out / "manifest.json"
-    if manifest.is_file():
-        log.info("tokenized data cache hit: %s (key %s), not re-tokenizing", out, key)
-        ref = TokenizedData.model_validate_json(manifest.read_text())
-        log_report(DataReport.model_validate_json((out / "report.json").read_text()), run, cache_hit=True)
-        return ref
+    hit = _cache_hit(out, run)
+    if hit is not None:
+        return hit
 
     prep = prepare(data, tok, parsed)
     tmp = out.with_name(key + ".tmp")

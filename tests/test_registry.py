@@ -243,3 +243,35 @@ def test_require_approval_pauses_until_approved(registered, trained, mlflow_serv
     tags = client.get_model_version("tiny-approve", v.version).tags
     assert tags["champion.by"] == "carol" and "reviewed samples" in tags["champion.why"]
     assert client.get_model_version_by_alias(NAME, "champion").version == champion_before
+
+
+def test_register_merged_is_a_plain_full_precision_model(trained, mlflow_uri, tmp_path):
+    import bitsandbytes as bnb
+    import torch
+    from safetensors.torch import load_file
+
+    base, adapter, report = trained
+    run = start_run(TrackingConfig(uri=mlflow_uri, artifact_location=str(tmp_path / "art")), run_name="merged")
+    cfg = RegistryConfig(model_name="mrg", register_merged=True, consumer_check_prompts=0)
+    v = register_adapter(base, adapter, report, cfg, run)
+    client = mlflow.MlflowClient(mlflow_uri)
+    mv = client.get_model_version("mrg-merged", "1")
+    assert mv.tags["adapter_version"] == v.version
+    assert set(mv.aliases) == set(v.aliases)
+
+    comps = mlflow.transformers.load_model("models:/mrg-merged/1", return_type="components")
+    model = comps["model"]
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+    # the adapter's delta is in the weights: they differ from the original base's
+    original = load_file(f"{base.base}/model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    merged_w = dict(model.named_parameters())[key].detach().float()
+    assert not torch.allclose(merged_w, original[key].float(), atol=1e-4)
+    # and consumers call it like the adapter version: raw message in, generated text out
+    out = mlflow.pyfunc.load_model("models:/mrg-merged/1").predict(
+        ["Reverse the order of these words: apple river stone"], params={"max_new_tokens": 3})
+    assert len(out) == 1 and isinstance(out[0], str)
+    # a re-run of the register task for the same run adds no second merged version
+    register_adapter(base, adapter, report, cfg, run)
+    assert len(client.search_model_versions("name = 'mrg-merged'")) == 1

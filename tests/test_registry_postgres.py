@@ -1,8 +1,9 @@
-"""Several writers, one registry: PostgreSQL behind a real ``mlflow server``, 4 concurrent registrations.
+"""Several writers, one registry: PostgreSQL behind a real ``mlflow server``.
 
-The writers are 4 spawned processes each calling ``register_adapter`` (the register stage without the
-rest of the flow: 4 full flow runs would cost minutes of CPU here). Each has its own MLflow run and
-its own HTTP connections to the server, which serialises them through PostgreSQL.
+Two tests: 4 concurrent *flow runs* (spawned processes, each running the whole qlora-finetune flow
+on a tiny model against the session's Prefect test server), and 4 concurrent register stages whose
+scores force promotions, to check the champion alias stays consistent when writers race. Each writer
+has its own MLflow run and its own HTTP connections; the server serialises them through PostgreSQL.
 """
 
 from __future__ import annotations
@@ -80,3 +81,51 @@ def test_concurrent_registrations_on_postgres(trained, pg_mlflow_server):
     promoted = [v for v, m in mvs.items() if m.tags["promotion"] == "promoted to champion"]
     history = [int(v) for v in aliases.history(client, NAME)]
     assert champion in promoted and history and history[-1] == champion and set(history) <= set(promoted)
+
+
+def _flow(args) -> tuple[str, str]:
+    cfg_overrides, i = args
+    try:
+        from flows.finetune import qlora_finetune
+        from qlora.config import load_config
+
+        return qlora_finetune(config=load_config(None, cfg_overrides)).version, ""
+    except Exception:
+        return "", traceback.format_exc()
+
+
+def test_four_concurrent_flow_runs_register_on_postgres(prefect_server, tiny_base, pg_mlflow_server, tmp_path, monkeypatch):
+    from prefect.settings import PREFECT_API_URL
+
+    from qlora.demo import write_demo_data
+
+    name = "tiny-concurrent-flows"
+    rows = write_demo_data(tmp_path / "rows.jsonl", n=200)
+    # Spawned children inherit the environment: they talk to this session's Prefect test server.
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
+    configs = [[f"workdir={tmp_path / f'w{i}'}", f"model.name_or_path={tiny_base}", f"data.path={rows}",
+                "data.max_length=64", "data.eval_fraction=0.02", "train.max_steps=2", "train.per_device_train_batch_size=8",
+                "train.gradient_accumulation_steps=1", f"train.seed={i}", "train.save_steps=100", "lora.r=4", "lora.alpha=8",
+                "eval.max_samples=2", "eval.max_new_tokens=3", f"registry.model_name={name}", "registry.bootstrap_resamples=200",
+                "registry.consumer_check_prompts=0", f"tracking.uri={pg_mlflow_server}",
+                "tracking.experiment_name=concurrent-flows"] for i in range(WRITERS)]
+    with multiprocessing.get_context("spawn").Pool(WRITERS) as pool:
+        results = pool.map(_flow, [(c, i) for i, c in enumerate(configs)])
+    errors = [e for _, e in results if e]
+    assert not errors, errors[0]
+
+    client = mlflow.MlflowClient(pg_mlflow_server)
+    versions = sorted(int(v) for v, _ in results)
+    assert versions == list(range(1, WRITERS + 1))  # unique and consecutive
+    mvs = client.search_model_versions(f"name='{name}'")
+    assert sorted(int(m.version) for m in mvs) == versions
+    runs = [client.get_run(m.run_id) for m in mvs]
+    assert len({r.info.run_id for r in runs}) == WRITERS and all(r.info.status == "FINISHED" for r in runs)
+    assert len({r.data.tags["prefect.flow_run_id"] for r in runs}) == WRITERS  # four distinct flow runs
+    assert int(client.get_model_version_by_alias(name, "challenger").version) == WRITERS  # never moved backwards
+    promoted = {int(m.version) for m in mvs if m.tags["promotion"] == "promoted to champion"}
+    if promoted:
+        assert int(client.get_model_version_by_alias(name, "champion").version) in promoted
+    else:
+        with pytest.raises(mlflow.exceptions.MlflowException):
+            client.get_model_version_by_alias(name, "champion")

@@ -55,7 +55,7 @@ class EvalReport(BaseModel):
 class RegisteredVersion(BaseModel):
     name: str
     version: str
-    model_uri: str  # runs:/... of the logged model
+    model_uri: str  # the logged model, models:/m-<id> (MLflow 3 logged-model URI)
     aliases: list[str]
     decision: str = ""  # the promotion gate's reason, with its evidence
     awaiting_approval: bool = False  # gate passed, registry.require_approval holds champion back

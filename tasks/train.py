@@ -108,6 +108,29 @@ def training_arguments(train: TrainConfig, output_dir: Path, compute_dtype, repo
     )
 
 
+def _trainer_class():
+    from transformers import Trainer
+
+    class QLoRATrainer(Trainer):
+        """The Trainer, minus one piece of per-step Python work.
+
+        Its FLOP estimate calls ``model.num_parameters()`` every step, which walks all modules of the
+        4-bit model (measured: ~3% of a CPU step on the demo). The count never changes: compute it once.
+        """
+
+        _n_params: int | None = None
+
+        def floating_point_ops(self, inputs) -> int:
+            ids = inputs.get(getattr(self.model, "main_input_name", "input_ids"))
+            if ids is None or not hasattr(self.model, "num_parameters"):
+                return 0
+            if self._n_params is None:
+                self._n_params = self.model.num_parameters(exclude_embeddings=True)
+            return 6 * ids.numel() * self._n_params
+
+    return QLoRATrainer
+
+
 def collator(tok, packing: bool):
     """Padded batches, or one flattened row per batch whose position_ids restart at each example.
 
@@ -180,7 +203,7 @@ def _train_locked(base, data, lora, train, run_dir: Path, run: MlflowRun | None)
 def _fit(base, data, lora, train: TrainConfig, run_dir: Path, run: MlflowRun | None) -> Adapter:
     import torch
     from datasets import load_from_disk
-    from transformers import AutoTokenizer, EarlyStoppingCallback, Trainer, set_seed
+    from transformers import AutoTokenizer, EarlyStoppingCallback, set_seed
 
     from tasks.resilience import DivergenceGuard, safe_mlflow_callback
 
@@ -201,7 +224,7 @@ def _fit(base, data, lora, train: TrainConfig, run_dir: Path, run: MlflowRun | N
     callbacks = [DivergenceGuard(train.learning_rate, train.max_grad_norm)]
     if train.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
-    trainer = Trainer(
+    trainer = _trainer_class()(
         model=model,
         args=training_arguments(train, run_dir, compute_dtype),
         train_dataset=splits["train"],

@@ -34,6 +34,21 @@ def tiny_base(tmp_path_factory) -> Path:
     return build_demo_base(out, DEMO_DATA, hidden_size=64, num_layers=2, num_heads=2, vocab_size=512)
 
 
+@pytest.fixture(scope="module")
+def prepared(tiny_base, tmp_path_factory):
+    """(workdir, model config, tokenized demo data, 4-bit base) for stage-level tests; one per module,
+    so modules that corrupt or lock run directories do not see each other's."""
+    from qlora.config import DataConfig, ModelConfig, QuantizationConfig
+    from tasks.quantize import prepare_quantized_model
+    from tasks.tokenize import tokenize_dataset
+
+    work = tmp_path_factory.mktemp("work")
+    model = ModelConfig(name_or_path=str(tiny_base))
+    data = tokenize_dataset(DataConfig(path=str(DEMO_DATA), max_length=64, eval_fraction=0.02), model, work)
+    base = prepare_quantized_model(model, QuantizationConfig(), work)
+    return work, model, data, base
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """A throwaway Prefect API (temporary SQLite) for the whole session; flows run against it."""

@@ -15,16 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from qlora.config import DataConfig, LoraSection, ModelConfig, QuantizationConfig, RegistryConfig, TrackingConfig, TrainConfig
+from qlora.config import LoraSection, RegistryConfig, TrackingConfig, TrainConfig
 from qlora.errors import ConfigError, DataError
 from qlora.failures import TrackingUnavailable, TrainingDiverged, is_transient
 from qlora.refs import MlflowRun
-from tasks.quantize import prepare_quantized_model
 from tasks.resilience import checkpoint_problem, latest_valid_checkpoint
-from tasks.tokenize import tokenize_dataset
 from tasks.train import run_dir_for, train_adapter
-
-from .conftest import DEMO_DATA
 
 LORA = LoraSection(r=4, alpha=8, dropout=0.0)
 
@@ -32,15 +28,6 @@ LORA = LoraSection(r=4, alpha=8, dropout=0.0)
 def _train(**kw) -> TrainConfig:
     return TrainConfig(**({"max_steps": 4, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
                            "learning_rate": 2e-3, "logging_steps": 1, "save_steps": 2, "save_total_limit": 3} | kw))
-
-
-@pytest.fixture(scope="module")
-def prepared(tiny_base, tmp_path_factory):
-    work = tmp_path_factory.mktemp("work")
-    model = ModelConfig(name_or_path=str(tiny_base))
-    data = tokenize_dataset(DataConfig(path=str(DEMO_DATA), max_length=64, eval_fraction=0.02), model, work)
-    base = prepare_quantized_model(model, QuantizationConfig(), work)
-    return work, data, base
 
 
 @pytest.fixture
@@ -71,7 +58,7 @@ def test_retry_classification(closed_port_uri):
 
 
 def test_corrupt_newest_checkpoint_falls_back(prepared, tmp_path, caplog):
-    work, data, base = prepared
+    work, _, data, base = prepared
     train = _train()
     a = train_adapter(base, data, LORA, train, work)
     run_dir = Path(a.run_dir)
@@ -103,7 +90,7 @@ def test_corrupt_newest_checkpoint_falls_back(prepared, tmp_path, caplog):
 
 
 def test_non_finite_loss_stops_without_retry_or_adapter(prepared):
-    work, data, base = prepared
+    work, _, data, base = prepared
     train = _train(learning_rate=1e37, warmup_steps=0, max_steps=10, save_steps=100, optim="adamw_torch")
     with pytest.raises(TrainingDiverged, match=r"non-finite .* at step \d+ .*train.learning_rate=1e\+37") as e:
         train_adapter(base, data, LORA, train, work)
@@ -121,7 +108,7 @@ def test_cuda_oom_retries_once_with_half_batch(prepared, monkeypatch, caplog, ml
 
     from qlora.tracking import start_run
 
-    work, data, base = prepared
+    work, _, data, base = prepared
     run = start_run(TrackingConfig(uri=mlflow_uri), "oom")
     real_step = Trainer.training_step
     raised = []
@@ -149,7 +136,7 @@ def test_cuda_oom_retries_once_with_half_batch(prepared, monkeypatch, caplog, ml
 
 
 def test_same_config_twice_at_once_is_serialised_by_the_run_dir_lock(prepared, caplog):
-    work, data, base = prepared
+    work, _, data, base = prepared
     train = _train(max_steps=4, save_steps=2, learning_rate=5e-4)
     results, errors = {}, []
 
@@ -180,7 +167,7 @@ def test_mlflow_down_training_completes_and_registration_fails_clearly(prepared,
     from qlora.tracking import start_or_resume_run
     from registry.register import register_adapter
 
-    work, data, base = prepared
+    work, _, data, base = prepared
     dead = MlflowRun(tracking_uri=closed_port_uri, run_id="0" * 32)
     a = train_adapter(base, data, LORA, _train(max_steps=2, learning_rate=3e-3), work, run=dead)
     assert a.global_step == 2 and Path(a.path, "adapter_model.safetensors").is_file()
@@ -199,7 +186,7 @@ def test_mlflow_dying_mid_training_does_not_kill_it(prepared, mlflow_uri, monkey
 
     from qlora.tracking import start_run
 
-    work, data, base = prepared
+    work, _, data, base = prepared
     run = start_run(TrackingConfig(uri=mlflow_uri), "mid-run-outage")
     real = mlflow.log_metrics
     calls = []
@@ -231,7 +218,7 @@ def test_register_is_idempotent_per_run(prepared, mlflow_uri, tmp_path):
     from registry.register import register_adapter
     from tasks.evaluate import evaluate_adapter
 
-    work, data, base = prepared
+    work, _, data, base = prepared
     a = train_adapter(base, data, LORA, _train(max_steps=1, save_steps=1, learning_rate=1e-3), work)
     run = start_run(TrackingConfig(uri=mlflow_uri, artifact_location=str(tmp_path / "art")), "reg")
     report = evaluate_adapter(base, a, data, EvalConfig(max_samples=4, max_new_tokens=4, batch_size=4), run)
@@ -243,7 +230,7 @@ def test_register_is_idempotent_per_run(prepared, mlflow_uri, tmp_path):
 
 
 def test_early_stopping_on_eval_loss(prepared):
-    work, data, base = prepared
+    work, _, data, base = prepared
     # lr 1e-12: the adapter barely moves, eval loss soon stops improving and patience 1 ends the run.
     train = _train(max_steps=20, save_steps=1, learning_rate=1e-12, early_stopping_patience=1)
     a = train_adapter(base, data, LORA, train, work)

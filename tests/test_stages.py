@@ -6,24 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from qlora.config import DataConfig, EvalConfig, LoraSection, ModelConfig, QuantizationConfig, TrainConfig
+from qlora.config import EvalConfig, LoraSection, ModelConfig, QuantizationConfig, TrainConfig
 from qlora.errors import ModelError
 from qlora.quant import count_4bit_layers
 from tasks.evaluate import evaluate_adapter
 from tasks.quantize import load_model, prepare_quantized_model
-from tasks.tokenize import tokenize_dataset
 from tasks.train import build_peft_model, latest_checkpoint, train_adapter
-
-from .conftest import DEMO_DATA
-
-
-@pytest.fixture(scope="module")
-def prepared(tiny_base, tmp_path_factory):
-    work = tmp_path_factory.mktemp("work")
-    model = ModelConfig(name_or_path=str(tiny_base))
-    data = tokenize_dataset(DataConfig(path=str(DEMO_DATA), max_length=64, eval_fraction=0.02), model, work)
-    base = prepare_quantized_model(model, QuantizationConfig(), work)
-    return work, model, data, base
 
 
 def test_quantized_checkpoint_is_4bit_and_smaller(prepared, tiny_base):

@@ -364,31 +364,32 @@ def _cache_hit(out: Path, run: MlflowRun | None) -> TokenizedData | None:
     return TokenizedData.model_validate_json(manifest.read_text())
 
 
-def _cached_without_parsing(data: DataConfig, model: ModelConfig, workdir, run) -> TokenizedData | None:
+def _cached_without_parsing(data: DataConfig, model: ModelConfig, workdir, run) -> tuple[TokenizedData | None, object]:
     """Warm re-runs: the same bytes were validated when the cache entry was written, so skip parsing them.
 
     Only for local data (a hub dataset's revision is known once loaded). A tokenizer that does not load
     is no hit: the full path then reports data problems first, before any tokenizer error.
+    Returns (hit or None, the tokenizer if it loaded), so a miss does not load it twice.
     """
     digests = (local_digest(data.path, data.split), local_digest(data.eval_path, data.split) if data.eval_path else "")
     if None in digests:
-        return None
+        return None, None
     try:
         tok = load_tokenizer(model)
     except (OSError, ValueError):
-        return None
-    return _cache_hit(Path(workdir) / "tokenized" / cache_key(data, tok, data.format, digests), run)
+        return None, None
+    return _cache_hit(Path(workdir) / "tokenized" / cache_key(data, tok, data.format, digests), run), tok
 
 
 def tokenize_dataset(data: DataConfig, model: ModelConfig, workdir: str | Path, run: MlflowRun | None = None) -> TokenizedData:
     """Validate and tokenize ``data``; reuse the cached result when every input's content is unchanged."""
     from datasets import DatasetDict
 
-    hit = _cached_without_parsing(data, model, workdir, run)
+    hit, tok = _cached_without_parsing(data, model, workdir, run)
     if hit is not None:
         return hit
     parsed = validate(data)  # structure first: a broken file fails here, before any tokenizer or model
-    tok = load_tokenizer(model)
+    tok = tok if tok is not None else load_tokenizer(model)
     key = cache_key(data, tok, data.format, (parsed[0].src.digest, parsed[1].src.digest if parsed[1] else ""))
     out = Path(workdir) / "tokenized" / key
     hit = _cache_hit(out, run)

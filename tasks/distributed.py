@@ -53,15 +53,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launcher_command(num_processes: int, spec_path: Path, gpus: int) -> list[str]:
-    """``accelerate launch`` on GPUs, ``torchrun`` (gloo) on CPU; both run ``python -m tasks.distributed``."""
+# accelerate's FSDP settings for QLoRA (the PEFT/accelerate "FSDP + QLoRA" recipe). The Trainer adds
+# the rest itself: LoRA layers wrapped as their own units, mixed precision in the 4-bit storage dtype.
+FSDP_FLAGS = [
+    "--use_fsdp", "--fsdp_version", "1", "--fsdp_sharding_strategy", "FULL_SHARD",
+    "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_backward_prefetch", "BACKWARD_PRE",
+    "--fsdp_state_dict_type", "SHARDED_STATE_DICT", "--fsdp_use_orig_params", "false",
+    # Rank 0 reads the checkpoint, the others start on the meta device; FSDP broadcasts the shards.
+    "--fsdp_cpu_ram_efficient_loading", "true", "--fsdp_sync_module_states", "true",
+    "--fsdp_offload_params", "false",
+]
+
+
+def launcher_command(num_processes: int, spec_path: Path, gpus: int, strategy: str = "ddp") -> list[str]:
+    """``accelerate launch`` on GPUs (DDP or FSDP), ``torchrun`` (gloo) on CPU; all run ``python -m tasks.distributed``."""
     entry = ["-m", "tasks.distributed", str(spec_path)]
     port = str(_free_port())
+    if strategy == "fsdp" and gpus == 0:
+        raise ConfigError("train.distributed=fsdp needs CUDA GPUs (none visible); use train.distributed=ddp on CPU")
     if gpus > 0:
         if num_processes > gpus:
             raise ConfigError(f"train.num_processes={num_processes} but only {gpus} GPU(s) are visible; lower it")
         exe = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
-        return [exe, "launch", "--multi_gpu", "--num_machines", "1", "--num_processes", str(num_processes),
+        mode = FSDP_FLAGS if strategy == "fsdp" else ["--multi_gpu"]
+        return [exe, "launch", *mode, "--num_machines", "1", "--num_processes", str(num_processes),
                 "--main_process_port", port, *entry]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes),
             "--master_addr", "127.0.0.1", "--master_port", port, *entry]
@@ -79,7 +94,7 @@ def launch_training(
     from tasks.resilience import locked_run_dir
     from tasks.train import run_dir_for, train_adapter
 
-    if train.num_processes <= 1:
+    if train.num_processes <= 1 and train.distributed == "ddp":
         return train_adapter(base, data, lora, train, workdir, run)
     t0 = time.perf_counter()
     run_dir = run_dir_for(base, data, lora, train, workdir)
@@ -104,12 +119,12 @@ def _run_launcher(run_dir: Path, spec: LaunchSpec) -> None:
     spec_path = run_dir / "launch_spec.json"
     spec_path.write_text(spec.model_dump_json())
     n = spec.train.num_processes
-    cmd = launcher_command(n, spec_path, torch.cuda.device_count())
+    cmd = launcher_command(n, spec_path, torch.cuda.device_count(), spec.train.distributed)
     env = dict(os.environ)
     # The ranks import this checkout's packages whatever the worker's working directory is.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-    log.info("launching %d training processes: %s", n, " ".join(cmd))
+    log.info("launching %d training processes (%s): %s", n, spec.train.distributed, " ".join(cmd))
     proc = subprocess.Popen(cmd, env=env, cwd=os.getcwd(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     tail: list[str] = []
     for line in proc.stdout:  # stream: people watch training progress in the task log

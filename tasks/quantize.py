@@ -41,8 +41,13 @@ def base_identity(model: ModelConfig) -> dict:
     return {"hub_id": model.name_or_path, "revision": model.revision or "main"}
 
 
-def load_model(path: str, quant: QuantizationConfig | None, model: ModelConfig | None = None, attn: str | None = None):
-    """``from_pretrained`` with this project's device map and dtype; quantizes when ``quant`` asks for it."""
+def load_model(path: str, quant: QuantizationConfig | None, model: ModelConfig | None = None, attn: str | None = None,
+               fsdp: bool = False):
+    """``from_pretrained`` with this project's device map and dtype; quantizes when ``quant`` asks for it.
+
+    Under FSDP no device map: transformers loads the weights on local rank 0 only (meta elsewhere) and
+    FSDP shards them onto the GPUs (accelerate's cpu_ram_efficient_loading + sync_module_states).
+    """
     from transformers import AutoModelForCausalLM
 
     kwargs = {"attn_implementation": attn} if attn else {}
@@ -54,7 +59,7 @@ def load_model(path: str, quant: QuantizationConfig | None, model: ModelConfig |
         kwargs["quantization_config"] = bnb_config(quant)
     return AutoModelForCausalLM.from_pretrained(
         path,
-        device_map=device_map(),
+        device_map=None if fsdp else device_map(),
         dtype=compute_dtype(quant) if quant is not None else "auto",
         use_safetensors=True,  # never unpickle .bin weights
         **kwargs,

@@ -25,10 +25,14 @@ log = logging.getLogger("qlora.train")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 REQUIRED = (ADAPTER_WEIGHTS, "optimizer.pt", "scheduler.pt", "trainer_state.json")
 LOCK_NAME = ".lock"
+# What the Trainer writes instead under FSDP (accelerate's save_fsdp_model / save_fsdp_optimizer).
+FSDP_MODEL, FSDP_OPTIMIZER = "pytorch_model_fsdp_0", "optimizer_0"
 
 
 def checkpoint_problem(ckpt: Path) -> str | None:
     """Why ``ckpt`` cannot be resumed from, or None when it is complete and loadable."""
+    if (ckpt / FSDP_MODEL).is_dir() or (ckpt / f"{FSDP_MODEL}.bin").is_file():
+        return _fsdp_checkpoint_problem(ckpt)
     for name in REQUIRED:
         if not (ckpt / name).is_file():
             return f"{name} missing"
@@ -40,7 +44,26 @@ def checkpoint_problem(ckpt: Path) -> str | None:
                 f.get_tensor(k)
     except Exception as e:  # noqa: BLE001 - any parse failure means "not loadable"
         return f"{ADAPTER_WEIGHTS} unreadable ({type(e).__name__}: {e})"
-    for name in ("optimizer.pt", "scheduler.pt"):
+    return _torch_and_state_problem(ckpt, ("optimizer.pt", "scheduler.pt"))
+
+
+def _fsdp_checkpoint_problem(ckpt: Path) -> str | None:
+    """An FSDP checkpoint (train.distributed=fsdp): sharded model/optimizer folders written by
+    torch.distributed.checkpoint (complete once their ``.metadata`` exists), or FULL_STATE_DICT .bin files."""
+    for name in (FSDP_MODEL, FSDP_OPTIMIZER):
+        if (ckpt / name).is_dir():
+            if not (ckpt / name / ".metadata").is_file():
+                return f"{name}/.metadata missing (sharded save did not finish)"
+        elif not (ckpt / f"{name}.bin").is_file():
+            return f"{name} missing"
+    for name in ("scheduler.pt", "trainer_state.json"):
+        if not (ckpt / name).is_file():
+            return f"{name} missing"
+    return _torch_and_state_problem(ckpt, ("scheduler.pt",))
+
+
+def _torch_and_state_problem(ckpt: Path, torch_files: tuple[str, ...]) -> str | None:
+    for name in torch_files:
         try:
             with zipfile.ZipFile(ckpt / name) as z:
                 bad = z.testzip()

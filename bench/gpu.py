@@ -8,8 +8,10 @@ QLoRA r=64 on all linear layers, bf16 compute, gradient checkpointing, sequences
 Reports non-pad tokens/s, MFU on the 4N and 6N bases against the GPU's bf16 dense peak, and peak
 reserved VRAM. Anchors (LLaMA-Factory's comparison, A100 40GB, Llama-2-7B): HF 4-bit QLoRA
 2,415 tokens/s/GPU, Unsloth 3,726; ~21% and ~32% MFU. QLoRA paper: 7B 4-bit base 5,048 MB.
-The batches are full-length random token sequences, so padding/packing cannot change them; the
-padding-efficiency side is measured on real data by bench/data.py.
+The fixed-length cases use full-length random sequences (no padding). The variable-length cases draw
+row lengths uniformly from 64..1024 and compare padded batches (random order, and the default
+length-grouped order) with packed padding-free batches (``train.packing``); tokens/s counts only
+non-pad tokens, so padding shows up as lost throughput.
 """
 
 from __future__ import annotations
@@ -48,36 +50,102 @@ def build_random_base(shape: dict, out: Path, device: str) -> int:
     return n
 
 
-def random_tokens(out: Path, rows: int, seq: int, vocab: int):
-    """A tokenized dataset of full-length random sequences, every token trained."""
+def random_tokens(out: Path, rows: int, seq: int, vocab: int, varlen: bool = False):
+    """A tokenized dataset of random sequences (full-length, or 64..seq tokens), every token trained."""
     import torch
     from datasets import Dataset, DatasetDict
 
     from qlora.refs import TokenizedData
 
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(4, vocab, (rows, seq), generator=g).tolist()
-    ds = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * seq] * rows, "labels": ids})
+    lengths = torch.randint(64, seq + 1, (rows,), generator=g).tolist() if varlen else [seq] * rows
+    ids = [torch.randint(4, vocab, (n,), generator=g).tolist() for n in lengths]
+    ds = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * n for n in lengths], "labels": ids})
     DatasetDict({"train": ds, "eval": ds.select(range(2))}).save_to_disk(str(out))
-    return TokenizedData(path=str(out), fingerprint=f"random-{rows}x{seq}", train_rows=rows, eval_rows=2)
+    ref = TokenizedData(path=str(out), fingerprint=f"random-{rows}x{seq}-{varlen}", train_rows=rows, eval_rows=2)
+    return ref, lengths
 
 
-def run_case(base, seq: int, batch: int, steps: int, attn: str, workdir: Path, n_params: int, vocab: int, peak: float | None):
+def _instrumented(timer, profile: bool):
+    """The training task's own Trainer class plus a step timer (and optionally a profiler window).
+
+    The timer synchronizes the GPU at each step end, so the steady-state step time excludes the
+    first steps' one-off costs (allocator growth, cuBLAS/kernel setup) that ``train_runtime`` includes.
+    """
+    import torch
+    from transformers import TrainerCallback
+
+    import tasks.train as train_mod
+
+    class StepTimer(TrainerCallback):
+        prof = None
+
+        def on_step_begin(self, args, state, control, **kw):
+            if profile and state.global_step == 4:
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                               torch.profiler.ProfilerActivity.CUDA])
+                self.prof.__enter__()
+
+        def on_step_end(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            timer.append(time.perf_counter())
+            if self.prof is not None and state.global_step == 6:
+                self.prof.__exit__(None, None, None)
+                for key in ("cuda_time_total", "cpu_time_total"):
+                    print(self.prof.key_averages().table(sort_by=key, row_limit=20), flush=True)
+                self.prof = None
+
+    orig = train_mod._trainer_class
+
+    def cls():
+        base = orig()
+
+        class Timed(base):
+            def __init__(self, *a, **k):
+                super().__init__(*a, **k)
+                self.add_callback(StepTimer())
+
+        return Timed
+
+    return orig, cls
+
+
+def run_case(base, seq: int, batch: int, steps: int, attn: str, workdir: Path, n_params: int, vocab: int,
+             peak: float | None, batching: str = "full", overrides: dict | None = None, profile: bool = False):
+    """One training run; ``batching`` is full (fixed length), padded, grouped (padded, by length) or packed."""
+    import statistics
+
     import torch
 
+    import tasks.train as train_mod
     from qlora.config import LoraSection, TrainConfig
     from tasks.train import train_adapter
 
-    data = random_tokens(workdir / f"data-{seq}", rows=steps * batch, seq=seq, vocab=vocab)
+    varlen = batching != "full"
+    data, lengths = random_tokens(workdir / f"data-{seq}-{varlen}", rows=steps * batch, seq=seq, vocab=vocab, varlen=varlen)
     if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # peak *reserved* must not include blocks cached by the previous case
         torch.cuda.reset_peak_memory_stats()
     train = TrainConfig(max_steps=steps, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
-                        logging_steps=max(steps // 2, 1), save_steps=steps * 10, learning_rate=2e-4)
+                        logging_steps=max(steps // 2, 1), save_steps=steps * 10, learning_rate=2e-4,
+                        group_by_length=batching == "grouped", packing=batching == "packed", **(overrides or {}))
     lora = LoraSection(r=64, alpha=16, dropout=0.05, target_modules="all-linear")
-    a = train_adapter(base, data, lora, train, workdir / f"run-{seq}-{attn}")
-    tps = steps * batch * seq / a.train_runtime_s
-    out = {"seq": seq, "batch": batch, "steps": steps, "attn": attn, "tokens_per_s": round(tps, 1),
-           "train_runtime_s": round(a.train_runtime_s, 2)}
+    timer: list[float] = []
+    orig, instrumented = _instrumented(timer, profile)
+    train_mod._trainer_class = instrumented
+    try:
+        tag = "-".join(f"{k}={v}" for k, v in (overrides or {}).items())
+        a = train_adapter(base, data, lora, train, workdir / f"run-{seq}-{attn}-{batching}-{tag}")
+    finally:
+        train_mod._trainer_class = orig
+    tps = sum(lengths) / a.train_runtime_s  # one epoch's rows = exactly the rows trained
+    step_s = statistics.median(b - a_ for a_, b in zip(timer[3:], timer[4:])) if len(timer) > 5 else None
+    out = {"seq": seq, "batch": batch, "steps": steps, "attn": attn, "batching": batching, **(overrides or {}),
+           "tokens_per_s": round(tps, 1), "train_runtime_s": round(a.train_runtime_s, 2)}
+    if step_s:  # steady state: median step after the first three, tokens of an average step
+        out |= {"steady_step_s": round(step_s, 4), "steady_tokens_per_s": round(sum(lengths) / steps / step_s, 1)}
+        tps = out["steady_tokens_per_s"] if not profile else tps
     if torch.cuda.is_available():
         out["peak_reserved_mb"] = round(torch.cuda.max_memory_reserved() / 2**20)
     if peak:
@@ -95,6 +163,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="tiny model, any device: checks the harness")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--diagnose", action="store_true",
+                    help="variants of the fixed-length case: fp32 norms off, unpaged 8-bit AdamW, checkpointing off")
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler tables for steps 5-6 of each case")
     args = ap.parse_args()
     if not args.tiny and not torch.cuda.is_available():
         print("bench.gpu: no CUDA device, skipped (use --tiny to exercise the harness on CPU)")
@@ -111,6 +182,15 @@ def main() -> None:
         base = prepare_quantized_model(ModelConfig(name_or_path=str(work / "base")), QuantizationConfig(), work)
         results |= {"params": n_params, "quantized_footprint_mb": round(base.footprint_bytes / 2**20),
                     "setup_s": round(time.perf_counter() - t0, 1)}
+        if args.diagnose:
+            for seq, batch, over in ((1024, 4, {}), (1024, 4, {"fp32_norms": False}), (2048, 2, {}),
+                                     (1024, 4, {"optim": "adamw_8bit"}), (1024, 4, {"gradient_checkpointing": False})):
+                results["cases"].append(run_case(base, seq, batch, args.steps, "sdpa", work, n_params, shape["vocab_size"],
+                                                 peak, overrides=over, profile=args.profile))
+                print(json.dumps(results["cases"][-1]), flush=True)
+            out = Path(__file__).parent / ("results-gpu-diagnose-tiny.json" if args.tiny else "results-gpu-diagnose.json")
+            out.write_text(json.dumps(results, indent=2))
+            return
         attns = ["sdpa"]
         try:
             import flash_attn  # noqa: F401
@@ -124,7 +204,11 @@ def main() -> None:
                     base = prepare_quantized_model(
                         ModelConfig(name_or_path=str(work / "base"), attn_implementation=attn), QuantizationConfig(), work)
                 results["cases"].append(run_case(base, seq, batch, args.steps, attn, work, n_params, shape["vocab_size"], peak))
-                print(json.dumps(results["cases"][-1]))
+                print(json.dumps(results["cases"][-1]), flush=True)
+        base = prepare_quantized_model(ModelConfig(name_or_path=str(work / "base")), QuantizationConfig(), work)
+        for batching in ("padded", "grouped", "packed"):
+            results["cases"].append(run_case(base, 1024, 4, args.steps, "sdpa", work, n_params, shape["vocab_size"], peak, batching))
+            print(json.dumps(results["cases"][-1]), flush=True)
     out = Path(__file__).parent / ("results-gpu-tiny.json" if args.tiny else "results-gpu.json")
     out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

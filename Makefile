@@ -20,7 +20,7 @@ deploy: export QLORA_TIMEZONE := $(QLORA_TIMEZONE)
 # NO_INSTALL=1 uses BIN as it is (tests run the targets from an existing environment).
 INSTALL := $(if $(NO_INSTALL),,install)
 
-.PHONY: install demo test bench clean mlflow-ui prefect-ui server deploy worker
+.PHONY: install demo test test-gpu bench bench-gpu clean mlflow-ui prefect-ui server deploy worker
 
 install: $(STAMP)
 
@@ -44,6 +44,14 @@ test: install
 
 bench: install $(DEMO_BASE)/config.json
 	$(BIN)/python -m bench.run
+
+# On a CUDA machine: the GPU-only tests (demo recipe on the GPU, FSDP + QLoRA) and the 7B-shape benchmark.
+test-gpu: install
+	$(BIN)/python -m pytest -v -m gpu tests/test_gpu.py
+
+bench-gpu: install
+	$(BIN)/python -m bench.gpu
+	$(BIN)/python -m bench.gpu --diagnose
 
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_URI) --host 127.0.0.1 --port 5000

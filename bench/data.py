@@ -5,7 +5,8 @@
 Prints one JSON object. Padding efficiency = real tokens / tokens in padded batches, for the
 Trainer's random sampler vs its length-grouped sampler (``train.group_by_length``). Throughput
 ratio = time of one bare batched tokenizer call on the full rendered texts / time of our
-tokenization (batched ``Dataset.map`` building ids, labels and checks) on the same rows.
+tokenization (batched tokenizer calls building ids, labels and checks, written to an Arrow-backed
+Dataset) on the same rows.
 """
 
 from __future__ import annotations

@@ -195,9 +195,50 @@ def encode(tok, segs_batch: list[list[Segment]], max_length: int, overlength: st
     return cols
 
 
+CHUNK_ROWS = 10_000  # rows per tokenizer call and Arrow record batch on the single-process path
+
+
+def _list_column(rows: list[list[int]], dtype):
+    """A list<int> Arrow column built from one flat numpy buffer and offsets: converting Python lists
+    element by element was a third of the stage (bench/data.py)."""
+    import itertools
+
+    import numpy as np
+    import pyarrow as pa
+
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, rows), dtype=np.int64, count=len(rows)), out=offsets[1:])
+    values = np.fromiter(itertools.chain.from_iterable(rows), dtype=dtype, count=int(offsets[-1]))
+    return pa.LargeListArray.from_arrays(offsets, values).cast(pa.list_(pa.from_numpy_dtype(dtype)))
+
+
+def _encoded_table(cols: dict[str, list]):
+    import numpy as np
+    import pyarrow as pa
+
+    return pa.table({
+        "input_ids": _list_column(cols["input_ids"], np.int32),
+        "attention_mask": _list_column(cols["attention_mask"], np.int8),
+        "labels": _list_column(cols["labels"], np.int32),
+        "problem": pa.array(cols["problem"], pa.string()),
+        "n_tokens": pa.array(cols["n_tokens"], pa.int32()),
+    })
+
+
 def tokenize_items(items: list[Item], tok, data: DataConfig):
-    """Batched ``Dataset.map`` over the rendered items (``num_proc`` workers when configured)."""
+    """Tokenize the rendered items into a Dataset: batched tokenizer calls written straight to Arrow
+    in one process, or a batched ``Dataset.map`` over ``data.num_proc`` workers for large sets."""
     from datasets import Dataset, Features, List, Value
+
+    workers = data.num_proc if data.num_proc > 1 and len(items) >= 2000 * data.num_proc else None
+    if workers is None:
+        import pyarrow as pa
+
+        tables = [
+            _encoded_table(encode(tok, [it.segments for it in items[i:i + CHUNK_ROWS]], data.max_length, data.overlength))
+            for i in range(0, len(items), CHUNK_ROWS)
+        ]
+        return Dataset(pa.concat_tables(tables).combine_chunks() if len(tables) > 1 else tables[0])
 
     # Declared narrow types: arrow writes them faster than inferred int64 (measured ~3% of the stage).
     features = Features(
@@ -218,7 +259,7 @@ def tokenize_items(items: list[Item], tok, data: DataConfig):
 
     return ds.map(
         _map, batched=True, batch_size=1000, remove_columns=["texts", "trained"],
-        num_proc=data.num_proc if data.num_proc > 1 and len(items) >= 2000 * data.num_proc else None,
+        num_proc=workers,
         features=features, load_from_cache_file=False, keep_in_memory=True,
     )
 

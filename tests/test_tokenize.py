@@ -155,3 +155,25 @@ def test_report_reaches_mlflow_and_duplicates_overlap_are_counted(tmp_path, tiny
     assert sorted(h.value for h in history) == [0.0, 1.0]
     report_md = mlflow.artifacts.load_text(f"runs:/{run.run_id}/data/report.md")
     assert "| exact duplicate rows | 5 |" in report_md and "⟦0⟧" in report_md
+
+
+@pytest.mark.parametrize("chunk_rows, num_proc", [(10_000, 1), (7, 1), (10_000, 2)])
+def test_arrow_columns_are_exactly_the_encoded_rows(tiny_base, monkeypatch, chunk_rows, num_proc):
+    """The single-process path writes Arrow from numpy buffers (in chunks), the multi-process path runs
+    ``Dataset.map``: both hold exactly what ``encode`` computes, row for row, with narrow int types."""
+    import tasks.tokenize as T
+
+    monkeypatch.setattr(T, "CHUNK_ROWS", chunk_rows)
+    data = DataConfig(path=str(SHARED_DATA / "code_alpaca_2k.json"), max_length=128, num_proc=num_proc)
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_base)))
+    items = T.render_source(T.parse(data.path, data), data, tok).items[:40]
+    if num_proc > 1:  # below 2000 rows per worker the map would run in one process
+        items = items * 100
+    ds = T.tokenize_items(items, tok, data)
+    want = T.encode(tok, [it.segments for it in items], data.max_length, data.overlength)
+    assert len(ds) == len(items)
+    for col in ("input_ids", "attention_mask", "labels", "problem", "n_tokens"):
+        assert ds[col] == want[col], col
+    assert str(ds.features["input_ids"].feature.dtype) == "int32" and str(ds.features["attention_mask"].feature.dtype) == "int8"
+    # The sample includes rows cut at data.max_length, so the ragged offsets are exercised at the limit.
+    assert max(want["n_tokens"]) > 128 and max(len(r) for r in ds["input_ids"]) == 128

@@ -67,18 +67,22 @@ def log_adapter(base: QuantizedModel, adapter: Adapter, run: MlflowRun, prompt_t
     """Log base-referenced PEFT adapter + tokenizer with the training prompt template; returns ModelInfo."""
     import mlflow
 
-    from tasks.evaluate import load_tuned
+    from tasks.evaluate import load_tuned, release_tuned
 
-    model, tok = load_tuned(base, adapter)
-    with active_run(run):
-        return mlflow.transformers.log_model(
-            transformers_model={"model": model, "tokenizer": tok},
-            name="model",
-            task="text-generation",
-            # The pre-quantized base stays where stage 2 wrote it; only the adapter is stored.
-            base_model_path=base.path,
-            **consumer_log_kwargs(prompt_template),
-        )
+    model, tok = load_tuned(base, adapter)  # the evaluate stage's, when it ran in this process
+    try:
+        with active_run(run):
+            return mlflow.transformers.log_model(
+                transformers_model={"model": model, "tokenizer": tok},
+                name="model",
+                task="text-generation",
+                # The pre-quantized base stays where stage 2 wrote it; only the adapter is stored.
+                base_model_path=base.path,
+                **consumer_log_kwargs(prompt_template),
+            )
+    finally:
+        del model
+        release_tuned()
 
 
 def gate(client, report: EvalReport, cfg: RegistryConfig, run: MlflowRun) -> Decision:

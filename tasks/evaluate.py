@@ -26,8 +26,20 @@ def load_metric(name: str):
     return evaluate.load(str(METRICS_DIR / name))
 
 
-def load_tuned(base: QuantizedModel, adapter: Adapter):
-    """Pre-quantized base + LoRA adapter, in eval mode, with a left-padding tokenizer for batched generation."""
+# One loaded (base, adapter) pair handed from the evaluate stage to the register stage when both run in
+# one process (a flow run): loading the 4-bit base again costs ~1 s on the demo and about a minute on a
+# 7B model. Keyed by the two folders, whose content keys make them immutable; released by register.
+_KEPT: dict[tuple[str, str], tuple] = {}
+
+
+def load_tuned(base: QuantizedModel, adapter: Adapter, keep: bool = False):
+    """Pre-quantized base + LoRA adapter, in eval mode, with a left-padding tokenizer for batched generation.
+
+    ``keep`` holds the pair for the next stage in this process (see ``release_tuned``)."""
+    key = (base.path, adapter.path)
+    if key in _KEPT:
+        log.info("reusing the tuned model the evaluate stage loaded (%s + %s)", base.path, adapter.path)
+        return _KEPT[key]
     from peft import PeftModel
     from transformers import AutoTokenizer
 
@@ -37,7 +49,24 @@ def load_tuned(base: QuantizedModel, adapter: Adapter):
     model.eval()
     tok = AutoTokenizer.from_pretrained(adapter.path)
     tok.padding_side = "left"
+    if keep:
+        release_tuned()
+        _KEPT[key] = (model, tok)
     return model, tok
+
+
+def release_tuned() -> None:
+    """Drop the kept pair (and its GPU memory)."""
+    import gc
+
+    if not _KEPT:
+        return
+    _KEPT.clear()
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
@@ -97,7 +126,7 @@ def evaluate_adapter(
 
     t0 = time.perf_counter()
     ds = load_from_disk(data.path)["eval"]
-    model, tok = load_tuned(base, adapter)
+    model, tok = load_tuned(base, adapter, keep=True)  # the register stage logs this same model
     metric = load_metric("exact_match")
     with model.disable_adapter():
         base_m, base_preds, base_scores = score(model, tok, ds, cfg, metric)

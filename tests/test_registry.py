@@ -275,3 +275,21 @@ def test_register_merged_is_a_plain_full_precision_model(trained, mlflow_uri, tm
     # a re-run of the register task for the same run adds no second merged version
     register_adapter(base, adapter, report, cfg, run)
     assert len(client.search_model_versions("name = 'mrg-merged'")) == 1
+
+
+def test_register_logs_the_model_evaluate_loaded_then_releases_it(trained, mlflow_server, caplog):
+    """In one process (a flow run) the register stage reuses the evaluate stage's loaded model instead of
+    loading the 4-bit base and adapter again, and frees it once logged."""
+    import logging
+
+    from qlora.config import EvalConfig
+    from registry.register import log_adapter
+    from tasks import evaluate as ev
+
+    base, adapter, report = trained
+    ev.evaluate_adapter(base, adapter, report.data, EvalConfig(max_samples=2, max_new_tokens=3, batch_size=2))
+    assert list(ev._KEPT) == [(base.path, adapter.path)]
+    with caplog.at_level(logging.INFO, logger="qlora.evaluate"):
+        info = log_adapter(base, adapter, _run(mlflow_server))
+    assert "reusing the tuned model the evaluate stage loaded" in caplog.text
+    assert not ev._KEPT and info.model_uri

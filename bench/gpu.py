@@ -66,16 +66,14 @@ def random_tokens(out: Path, rows: int, seq: int, vocab: int, varlen: bool = Fal
     return ref, lengths
 
 
-def _instrumented(timer, profile: bool):
-    """The training task's own Trainer class plus a step timer (and optionally a profiler window).
+def _step_timer(timer: list[float], profile: bool):
+    """A callback on our training stage: step-end times (and optionally a profiler window).
 
-    The timer synchronizes the GPU at each step end, so the steady-state step time excludes the
-    first steps' one-off costs (allocator growth, cuBLAS/kernel setup) that ``train_runtime`` includes.
+    It synchronizes the GPU at each step end, so the steady-state step time excludes the first
+    steps' one-off costs (allocator growth, cuBLAS/kernel setup) that ``train_runtime`` includes.
     """
     import torch
     from transformers import TrainerCallback
-
-    import tasks.train as train_mod
 
     class StepTimer(TrainerCallback):
         prof = None
@@ -96,19 +94,7 @@ def _instrumented(timer, profile: bool):
                     print(self.prof.key_averages().table(sort_by=key, row_limit=20), flush=True)
                 self.prof = None
 
-    orig = train_mod._trainer_class
-
-    def cls():
-        base = orig()
-
-        class Timed(base):
-            def __init__(self, *a, **k):
-                super().__init__(*a, **k)
-                self.add_callback(StepTimer())
-
-        return Timed
-
-    return orig, cls
+    return StepTimer()
 
 
 def run_case(base, seq: int, batch: int, steps: int, attn: str, workdir: Path, n_params: int, vocab: int,
@@ -118,9 +104,8 @@ def run_case(base, seq: int, batch: int, steps: int, attn: str, workdir: Path, n
 
     import torch
 
-    import tasks.train as train_mod
     from qlora.config import LoraSection, TrainConfig
-    from tasks.train import train_adapter
+    from tasks.train import extra_callbacks, train_adapter
 
     varlen = batching != "full"
     data, lengths = random_tokens(workdir / f"data-{seq}-{varlen}", rows=steps * batch, seq=seq, vocab=vocab, varlen=varlen)
@@ -132,13 +117,9 @@ def run_case(base, seq: int, batch: int, steps: int, attn: str, workdir: Path, n
                         group_by_length=batching == "grouped", packing=batching == "packed", **(overrides or {}))
     lora = LoraSection(r=64, alpha=16, dropout=0.05, target_modules="all-linear")
     timer: list[float] = []
-    orig, instrumented = _instrumented(timer, profile)
-    train_mod._trainer_class = instrumented
-    try:
-        tag = "-".join(f"{k}={v}" for k, v in (overrides or {}).items())
+    tag = "-".join(f"{k}={v}" for k, v in (overrides or {}).items())
+    with extra_callbacks(_step_timer(timer, profile)):
         a = train_adapter(base, data, lora, train, workdir / f"run-{seq}-{attn}-{batching}-{tag}")
-    finally:
-        train_mod._trainer_class = orig
     tps = sum(lengths) / a.train_runtime_s  # one epoch's rows = exactly the rows trained
     step_s = statistics.median(b - a_ for a_, b in zip(timer[3:], timer[4:])) if len(timer) > 5 else None
     out = {"seq": seq, "batch": batch, "steps": steps, "attn": attn, "batching": batching, **(overrides or {}),

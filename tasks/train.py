@@ -13,6 +13,7 @@ tracking outage costs the loss curve, not the training.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
@@ -23,6 +24,20 @@ from qlora.refs import Adapter, MlflowRun, QuantizedModel, TokenizedData
 from qlora.tracking import best_effort_run
 
 log = logging.getLogger("qlora.train")
+
+_EXTRA_CALLBACKS: list = []
+
+
+@contextlib.contextmanager
+def extra_callbacks(*callbacks):
+    """Add ``TrainerCallback``s to every training started inside this block: how benchmarks and tests
+    instrument the real training stage (step timers, profilers, spies) without a copy of it."""
+    _EXTRA_CALLBACKS.extend(callbacks)
+    try:
+        yield
+    finally:
+        for cb in callbacks:
+            _EXTRA_CALLBACKS.remove(cb)
 
 
 def run_dir_for(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: TrainConfig, workdir) -> Path:
@@ -270,7 +285,7 @@ def _fit(base, data, lora, train: TrainConfig, run_dir: Path, run: MlflowRun | N
     compute_dtype = getattr(compute, "bnb_4bit_compute_dtype", torch.float32) if compute else torch.float32
     if isinstance(compute_dtype, str):
         compute_dtype = getattr(torch, compute_dtype)
-    callbacks = [DivergenceGuard(train.learning_rate, train.max_grad_norm)]
+    callbacks = [DivergenceGuard(train.learning_rate, train.max_grad_norm), *_EXTRA_CALLBACKS]
     if train.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
     trainer = _trainer_class()(

@@ -57,9 +57,8 @@ def test_demo_recipe_learns_on_gpu_with_paged_8bit_adamw(demo_on_gpu, caplog):
     import bitsandbytes as bnb
     from transformers import TrainerCallback
 
-    import tasks.train as train_mod
     from tasks.evaluate import evaluate_adapter
-    from tasks.train import train_adapter
+    from tasks.train import extra_callbacks, train_adapter
 
     work, _, data, base = demo_on_gpu
     seen = {}
@@ -68,25 +67,10 @@ def test_demo_recipe_learns_on_gpu_with_paged_8bit_adamw(demo_on_gpu, caplog):
         def on_train_begin(self, args, state, control, optimizer=None, **kw):
             seen["optimizer"] = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
 
-    orig = train_mod._trainer_class
-
-    def with_spy():
-        cls = orig()
-
-        class Spied(cls):
-            def __init__(self, *a, **k):
-                super().__init__(*a, **k)
-                self.add_callback(Spy())
-
-        return Spied
-
-    train_mod._trainer_class = with_spy
-    try:
-        train = TrainConfig(max_steps=800, per_device_train_batch_size=16, gradient_accumulation_steps=1,
-                            learning_rate=1e-3, warmup_steps=0.03, max_grad_norm=0.3, logging_steps=25, save_steps=250)
+    train = TrainConfig(max_steps=800, per_device_train_batch_size=16, gradient_accumulation_steps=1,
+                        learning_rate=1e-3, warmup_steps=0.03, max_grad_norm=0.3, logging_steps=25, save_steps=250)
+    with extra_callbacks(Spy()):
         a = train_adapter(base, data, LoraSection(r=64, alpha=128, dropout=0.0), train, work)
-    finally:
-        train_mod._trainer_class = orig
     opt = seen["optimizer"]
     # transformers builds bitsandbytes' AdamW with optim_bits=8, is_paged=True for "paged_adamw_8bit".
     assert isinstance(opt, bnb.optim.optimizer.Optimizer8bit), type(opt)

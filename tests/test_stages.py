@@ -64,3 +64,31 @@ def test_train_resume_and_evaluate(prepared):
     assert set(report.metrics) == {f"eval/{w}/{m}" for w in ("base", "tuned") for m in ("exact_match", "loss", "perplexity")}
     assert report.metrics["eval/tuned/loss"] < report.metrics["eval/base/loss"]
     assert len(report.samples) == 4
+
+
+def test_training_uses_bitsandbytes_8bit_adamw_and_extra_callbacks_see_it(prepared):
+    """optim=paged_adamw_8bit is bitsandbytes' 8-bit AdamW (paged on CUDA; bitsandbytes falls back to
+    unpaged memory on CPU), with 8-bit state for the larger LoRA matrices. extra_callbacks() is how
+    tests and benchmarks look inside the real training stage; they are gone after the block."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers import TrainerCallback
+
+    from tasks.train import _EXTRA_CALLBACKS, extra_callbacks
+
+    work, _, data, base = prepared
+    seen = {}
+
+    class Spy(TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kw):
+            opt = getattr(optimizer, "optimizer", optimizer)
+            seen["opt"] = opt
+            seen["state1"] = [s["state1"].dtype for s in opt.state.values() if "state1" in s and s["state1"].numel() >= 4096]
+
+    train = TrainConfig(max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-3,
+                        save_steps=100, seed=7)
+    with extra_callbacks(Spy()):
+        train_adapter(base, data, LoraSection(r=32, alpha=32, dropout=0.0), train, work)
+    assert not _EXTRA_CALLBACKS
+    assert isinstance(seen["opt"], bnb.optim.optimizer.Optimizer8bit) and seen["opt"].is_paged
+    assert seen["state1"] and set(seen["state1"]) == {torch.uint8}

@@ -31,7 +31,7 @@ FSDP_MODEL, FSDP_OPTIMIZER = "pytorch_model_fsdp_0", "optimizer_0"
 
 def checkpoint_problem(ckpt: Path) -> str | None:
     """Why ``ckpt`` cannot be resumed from, or None when it is complete and loadable."""
-    if (ckpt / FSDP_MODEL).is_dir() or (ckpt / f"{FSDP_MODEL}.bin").is_file():
+    if (ckpt / FSDP_MODEL).is_dir():
         return _fsdp_checkpoint_problem(ckpt)
     for name in REQUIRED:
         if not (ckpt / name).is_file():
@@ -48,14 +48,13 @@ def checkpoint_problem(ckpt: Path) -> str | None:
 
 
 def _fsdp_checkpoint_problem(ckpt: Path) -> str | None:
-    """An FSDP checkpoint (train.distributed=fsdp): sharded model/optimizer folders written by
-    torch.distributed.checkpoint (complete once their ``.metadata`` exists), or FULL_STATE_DICT .bin files."""
+    """An FSDP checkpoint (train.distributed=fsdp, SHARDED_STATE_DICT): model and optimizer folders written
+    by torch.distributed.checkpoint, complete once their ``.metadata`` exists."""
     for name in (FSDP_MODEL, FSDP_OPTIMIZER):
-        if (ckpt / name).is_dir():
-            if not (ckpt / name / ".metadata").is_file():
-                return f"{name}/.metadata missing (sharded save did not finish)"
-        elif not (ckpt / f"{name}.bin").is_file():
+        if not (ckpt / name).is_dir():
             return f"{name} missing"
+        if not (ckpt / name / ".metadata").is_file():
+            return f"{name}/.metadata missing (sharded save did not finish)"
     for name in ("scheduler.pt", "trainer_state.json"):
         if not (ckpt / name).is_file():
             return f"{name} missing"

@@ -198,28 +198,34 @@ def encode(tok, segs_batch: list[list[Segment]], max_length: int, overlength: st
 CHUNK_ROWS = 10_000  # rows per tokenizer call and Arrow record batch on the single-process path
 
 
-def _list_column(rows: list[list[int]], dtype):
-    """A list<int> Arrow column built from one flat numpy buffer and offsets: converting Python lists
+def _list_column(offsets, values):
+    """A list<int> Arrow column from one flat numpy buffer and its row offsets: converting Python lists
     element by element was a third of the stage (bench/data.py)."""
+    import pyarrow as pa
+
+    return pa.LargeListArray.from_arrays(offsets, values).cast(pa.list_(pa.from_numpy_dtype(values.dtype)))
+
+
+def _encoded_table(cols: dict[str, list]):
+    """input_ids and labels share their row lengths, and the attention mask is all ones: one set of
+    offsets serves the three list columns."""
     import itertools
 
     import numpy as np
     import pyarrow as pa
 
-    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum(np.fromiter(map(len, rows), dtype=np.int64, count=len(rows)), out=offsets[1:])
-    values = np.fromiter(itertools.chain.from_iterable(rows), dtype=dtype, count=int(offsets[-1]))
-    return pa.LargeListArray.from_arrays(offsets, values).cast(pa.list_(pa.from_numpy_dtype(dtype)))
+    ids, labels = cols["input_ids"], cols["labels"]
+    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)), out=offsets[1:])
+    n = int(offsets[-1])
 
-
-def _encoded_table(cols: dict[str, list]):
-    import numpy as np
-    import pyarrow as pa
+    def flat(rows):
+        return np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=n)
 
     return pa.table({
-        "input_ids": _list_column(cols["input_ids"], np.int32),
-        "attention_mask": _list_column(cols["attention_mask"], np.int8),
-        "labels": _list_column(cols["labels"], np.int32),
+        "input_ids": _list_column(offsets, flat(ids)),
+        "attention_mask": _list_column(offsets, np.ones(n, dtype=np.int8)),
+        "labels": _list_column(offsets, flat(labels)),
         "problem": pa.array(cols["problem"], pa.string()),
         "n_tokens": pa.array(cols["n_tokens"], pa.int32()),
     })

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora.config import DataConfig, EvalConfig, LoraSection, ModelConfig, PipelineConfig, TrainConfig
+from qlora.config import DataConfig, EvalConfig, LoraSection, ModelConfig, PipelineConfig, QuantizationConfig, TrainConfig
 
 from .conftest import DEMO_DATA
 
@@ -30,11 +30,10 @@ def demo_on_gpu(tmp_path_factory):
     from tasks.quantize import prepare_quantized_model
     from tasks.tokenize import tokenize_dataset
 
-    cfg = PipelineConfig.model_validate({})
     work = tmp_path_factory.mktemp("gpu")
     model = ModelConfig(name_or_path=str(build_demo_base(work / "base", DEMO_DATA)))
     data = tokenize_dataset(DataConfig(path=str(DEMO_DATA), format="alpaca", max_length=64, eval_fraction=0.1), model, work)
-    base = prepare_quantized_model(model, cfg.quantization, work)
+    base = prepare_quantized_model(model, QuantizationConfig(), work)
     return work, model, data, base
 
 
@@ -52,7 +51,7 @@ def test_quantized_base_lives_on_the_gpu_in_nf4(demo_on_gpu):
     assert w.quant_state.dtype == torch.bfloat16  # compute dtype picked by "auto" on an Ampere+ GPU
 
 
-def test_demo_recipe_learns_on_gpu_with_paged_8bit_adamw(demo_on_gpu, caplog):
+def test_demo_recipe_learns_on_gpu_with_paged_8bit_adamw(demo_on_gpu):
     """The demo config's training on CUDA: real paged 8-bit AdamW, loss falls, the tuned adapter answers."""
     import bitsandbytes as bnb
     from transformers import TrainerCallback

@@ -47,11 +47,27 @@ def set_challenger(client, name: str, version: str) -> None:
         client.set_registered_model_alias(name, CHALLENGER, version)
 
 
+def _lost_insert_race(e: Exception) -> bool:
+    """MLflow's SQL registry store writes a new tag as select-then-insert: two writers creating the same
+    tag at once make one fail on the primary key (seen on PostgreSQL in the concurrent-registration test)."""
+    text = str(e)
+    return any(s in text for s in ("UniqueViolation", "UNIQUE constraint failed", "duplicate key value"))
+
+
 def set_champion(client, name: str, version: str, who: str, why: str) -> None:
+    import mlflow
+
     client.set_registered_model_alias(name, CHAMPION, version)
-    hist = history(client, name)
-    if not hist or hist[-1] != str(version):
-        client.set_registered_model_tag(name, HISTORY, json.dumps(hist + [str(version)]))
+    for attempt in range(3):
+        hist = history(client, name)  # re-read: a writer that lost the race appends to the winner's list
+        if hist and hist[-1] == str(version):
+            break
+        try:
+            client.set_registered_model_tag(name, HISTORY, json.dumps(hist + [str(version)]))
+            break
+        except mlflow.exceptions.MlflowException as e:
+            if attempt == 2 or not _lost_insert_race(e):
+                raise
     for k, v in {"champion.by": who, "champion.why": why, "champion.at": _now()}.items():
         client.set_model_version_tag(name, version, k, v)
 

@@ -293,3 +293,41 @@ def test_register_logs_the_model_evaluate_loaded_then_releases_it(trained, mlflo
         info = log_adapter(base, adapter, _run(mlflow_server))
     assert "reusing the tuned model the evaluate stage loaded" in caplog.text
     assert not ev._KEPT and info.model_uri
+
+
+def test_champion_history_survives_losing_the_tag_insert_race(mlflow_uri, tmp_path):
+    """Two writers promoting at once: MLflow creates a new registered-model tag as select-then-insert, so
+    the slower one fails on the primary key (seen on PostgreSQL). It re-reads and appends instead."""
+    client = mlflow.MlflowClient(mlflow_uri)
+    client.create_registered_model("race")
+    for i in (1, 2):
+        client.create_model_version("race", source=str(tmp_path / f"v{i}"))
+
+    class LosesTheRace:
+        """The real client, except that another writer's tag lands just before our first insert."""
+
+        def __init__(self):
+            self.first = True
+
+        def __getattr__(self, attr):
+            return getattr(client, attr)
+
+        def set_registered_model_tag(self, name, key, value):
+            if self.first:
+                self.first = False
+                client.set_registered_model_tag(name, key, '["1"]')  # the other writer wins
+                raise mlflow.exceptions.MlflowException(
+                    'duplicate key value violates unique constraint "registered_model_tag_pk" (UniqueViolation)')
+            return client.set_registered_model_tag(name, key, value)
+
+    aliases.set_champion(LosesTheRace(), "race", "2", who="gate", why="test")
+    assert aliases.history(client, "race") == ["1", "2"]
+    assert str(client.get_model_version_by_alias("race", "champion").version) == "2"
+    # Any other registry error is not swallowed.
+
+    class Broken(LosesTheRace):
+        def set_registered_model_tag(self, name, key, value):
+            raise mlflow.exceptions.MlflowException("RESOURCE_DOES_NOT_EXIST")
+
+    with pytest.raises(mlflow.exceptions.MlflowException, match="RESOURCE_DOES_NOT_EXIST"):
+        aliases.set_champion(Broken(), "race", "1", who="gate", why="test")

@@ -1,6 +1,6 @@
 """Data benchmarks: padding efficiency of training batches and tokenization throughput.
 
-    PYTHONPATH=. python bench/data.py [--data ../shared/data/code_alpaca_2k.json] [--model .qlora/demo-base]
+    PYTHONPATH=. python bench/data.py [--data data/public/code_alpaca_2k.json] [--model .qlora/demo-base]
 
 Prints one JSON object. Padding efficiency = real tokens / tokens in padded batches, for the
 Trainer's random sampler vs its length-grouped sampler (``train.group_by_length``). Throughput
@@ -91,7 +91,7 @@ def run(data_path: str, model_path: str, max_length: int = 1024, batch_sizes=(4,
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "code_alpaca_2k.json"))
+    ap.add_argument("--data", default=str(REPO / "data" / "public" / "code_alpaca_2k.json"))
     ap.add_argument("--model", default=str(REPO / ".qlora" / "demo-base"))
     ap.add_argument("--max-length", type=int, default=1024)
     a = ap.parse_args()

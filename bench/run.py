@@ -189,7 +189,7 @@ def main() -> None:
     # 4: data: padding efficiency and tokenization throughput on Code Alpaca (bench/data.py).
     from bench import data as data_bench
 
-    results["data"] = data_bench.run(str(REPO.parent / "shared" / "data" / "code_alpaca_2k.json"),
+    results["data"] = data_bench.run(str(REPO / "data" / "public" / "code_alpaca_2k.json"),
                                      str(REPO / ".qlora" / "demo-base"))
 
     # 5: memory.

@@ -22,7 +22,7 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "data" / "demo" / "reverse_words.jsonl"
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = REPO / "data" / "public"  # verbatim copies of ../shared/data, see its SOURCES.md
 
 
 @pytest.fixture(scope="session")

@@ -38,6 +38,7 @@ def await_approval(version: RegisteredVersion, cfg: RegistryConfig, run: MlflowR
         client.set_model_version_tag(version.name, version.version, "promotion",
                                      f"rejected by {answer.approver}: {answer.reason}")
         return version.model_copy(update={"awaiting_approval": False})
-    aliases.set_champion(client, version.name, version.version, who=answer.approver,
-                         why=f"approved: {answer.reason} (gate: {version.decision})")
-    return version.model_copy(update={"aliases": version.aliases + [aliases.CHAMPION], "awaiting_approval": False})
+    champion = aliases.set_champion(client, version.name, version.version, who=answer.approver,
+                                    why=f"approved: {answer.reason} (gate: {version.decision})")
+    held = [aliases.CHAMPION] if champion == version.version else []  # else a later concurrent promotion holds it
+    return version.model_copy(update={"aliases": version.aliases + held, "awaiting_approval": False})

@@ -159,8 +159,8 @@ def register_adapter(
                                  f"it does not generate what evaluation generated: {'; '.join(mismatches)}")
     out = [CHALLENGER]
     if decision.promote and not cfg.require_approval:
-        aliases.set_champion(client, name, version, who="promotion gate", why=decision.reason)
-        out.append(CHAMPION)
+        if aliases.set_champion(client, name, version, who="promotion gate", why=decision.reason) == version:
+            out.append(CHAMPION)  # else a concurrent promotion landed after this one and holds the alias
     log.info("registered %s version %s (%s): %s", name, version, mv.source, decision.reason)
     if cfg.register_merged and version_of_run(client, merged_name(name), run.run_id) is None:
         template = data.prompt_template if data else PROMPT_TEMPLATE

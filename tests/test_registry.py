@@ -295,39 +295,105 @@ def test_register_logs_the_model_evaluate_loaded_then_releases_it(trained, mlflo
     assert not ev._KEPT and info.model_uri
 
 
-def test_champion_history_survives_losing_the_tag_insert_race(mlflow_uri, tmp_path):
-    """Two writers promoting at once: MLflow creates a new registered-model tag as select-then-insert, so
-    the slower one fails on the primary key (seen on PostgreSQL). It re-reads and appends instead."""
+def _versions(mlflow_uri, tmp_path, name, n):
     client = mlflow.MlflowClient(mlflow_uri)
-    client.create_registered_model("race")
-    for i in (1, 2):
-        client.create_model_version("race", source=str(tmp_path / f"v{i}"))
+    client.create_registered_model(name)
+    for i in range(1, n + 1):
+        client.create_model_version(name, source=str(tmp_path / f"v{i}"))
+    return client
+
+
+class _Interleaved:
+    """The real client, except that ``other()`` (another writer) runs just before our first call of ``method``."""
+
+    def __init__(self, client, method, other):
+        self.client, self.method, self.other = client, method, other
+
+    def __getattr__(self, attr):
+        real = getattr(self.client, attr)
+        if attr != self.method or self.other is None:
+            return real
+
+        def first_call(*a, **kw):
+            other, self.other = self.other, None
+            other()
+            return real(*a, **kw)
+        return first_call
+
+
+def _champion(client, name):
+    return str(client.get_model_version_by_alias(name, "champion").version)
+
+
+def test_champion_alias_ends_on_the_history_top_when_promotions_interleave(mlflow_uri, tmp_path):
+    """The CI failure this replaces a read-modify-write history for: writer A records its promotion and
+    reads the history's top (A); writer B records, sets and settles the alias on B; then A's stale alias
+    write lands. A must re-read and move the alias to B, and neither promotion may be lost."""
+    client = _versions(mlflow_uri, tmp_path, "race", 3)
+    client.set_registered_model_tag("race", aliases.HISTORY, '["1"]')  # an earlier release's JSON history is kept
+    b = lambda: aliases.set_champion(client, "race", "3", who="writer B", why="test")  # noqa: E731
+    got = aliases.set_champion(_Interleaved(client, "set_registered_model_alias", b), "race", "2", who="writer A", why="test")
+    assert got == "3" and _champion(client, "race") == "3"
+    assert aliases.history(client, "race") == ["1", "2", "3"]
+    assert client.get_model_version("race", "2").tags["champion.by"] == "writer A"
+    # A retried promotion is one entry, and rollback pops it.
+    assert aliases.set_champion(client, "race", "3", who="retry", why="test") == "3"
+    assert aliases.history(client, "race") == ["1", "2", "3"]
+    assert aliases.rollback(client, "race", why="test", who="bob") == ("3", "2")
+    assert aliases.history(client, "race") == ["1", "2"] and _champion(client, "race") == "2"
+
+
+def test_rollback_racing_a_promotion_is_applied_in_event_order(mlflow_uri, tmp_path):
+    """A promotion recorded after the rollback: the rollback counts, then the promotion. A promotion recorded
+    between the rollback's read and its record: the rollback is stale, changes nothing and says so."""
+    client = _versions(mlflow_uri, tmp_path, "race-rb", 3)
+    for v in ("1", "2"):
+        aliases.set_champion(client, "race-rb", v, who="gate", why="test")
+    promote3 = lambda: aliases.set_champion(client, "race-rb", "3", who="gate", why="landed meanwhile")  # noqa: E731
+    # the promotion's record lands while the rollback's own record is being written (its key is older)
+    assert aliases.rollback(_Interleaved(client, "set_registered_model_tag", promote3), "race-rb", why="t", who="bob") == ("2", "1")
+    assert aliases.history(client, "race-rb") == ["1", "3"] and _champion(client, "race-rb") == "3"
+    assert "bob" in client.get_model_version("race-rb", "2").tags["rolled_back"]
+
+    promote2 = lambda: aliases.set_champion(client, "race-rb", "2", who="gate", why="landed meanwhile")  # noqa: E731
+    with pytest.raises(aliases.RegistryError, match="champion moved to v2 while rolling back from v3"):
+        aliases.rollback(_Interleaved(client, "get_model_version_by_alias", promote2), "race-rb", why="t", who="eve")
+    assert aliases.history(client, "race-rb") == ["1", "3", "2"] and _champion(client, "race-rb") == "2"
+    assert "rolled_back" not in client.get_model_version("race-rb", "3").tags
+
+
+def test_challenger_never_goes_back_when_registrations_interleave(mlflow_uri, tmp_path):
+    client = _versions(mlflow_uri, tmp_path, "race-ch", 1)
+
+    def newer_version_registers():
+        client.create_model_version("race-ch", source=str(tmp_path / "v2"))
+        aliases.set_challenger(client, "race-ch", "2")
+    # v1's writer has read "newest is 1" when v2 is registered and takes the alias; v1's write lands late.
+    aliases.set_challenger(_Interleaved(client, "set_registered_model_alias", newer_version_registers), "race-ch", "1")
+    assert str(client.get_model_version_by_alias("race-ch", "challenger").version) == "2"
+
+
+def test_alias_write_that_loses_the_insert_race_is_retried(mlflow_uri, tmp_path):
+    """MLflow creates an alias row as select-then-insert: two writers creating it at once make one fail on
+    the primary key (PostgreSQL says UniqueViolation). The loser writes again; other errors are not swallowed."""
+    client = _versions(mlflow_uri, tmp_path, "race-pk", 2)
 
     class LosesTheRace:
-        """The real client, except that another writer's tag lands just before our first insert."""
-
-        def __init__(self):
-            self.first = True
+        def __init__(self, error):
+            self.error = error
 
         def __getattr__(self, attr):
             return getattr(client, attr)
 
-        def set_registered_model_tag(self, name, key, value):
-            if self.first:
-                self.first = False
-                client.set_registered_model_tag(name, key, '["1"]')  # the other writer wins
-                raise mlflow.exceptions.MlflowException(
-                    'duplicate key value violates unique constraint "registered_model_tag_pk" (UniqueViolation)')
-            return client.set_registered_model_tag(name, key, value)
+        def set_registered_model_alias(self, name, alias, version):
+            if self.error:
+                client.set_registered_model_alias(name, alias, "1")  # the other writer's row lands first
+                e, self.error = self.error, None
+                raise mlflow.exceptions.MlflowException(e)
+            return client.set_registered_model_alias(name, alias, version)
 
-    aliases.set_champion(LosesTheRace(), "race", "2", who="gate", why="test")
-    assert aliases.history(client, "race") == ["1", "2"]
-    assert str(client.get_model_version_by_alias("race", "champion").version) == "2"
-    # Any other registry error is not swallowed.
-
-    class Broken(LosesTheRace):
-        def set_registered_model_tag(self, name, key, value):
-            raise mlflow.exceptions.MlflowException("RESOURCE_DOES_NOT_EXIST")
-
+    race = 'duplicate key value violates unique constraint "registered_model_aliases_pk" (UniqueViolation)'
+    assert aliases.set_champion(LosesTheRace(race), "race-pk", "2", who="gate", why="test") == "2"
+    assert _champion(client, "race-pk") == "2"
     with pytest.raises(mlflow.exceptions.MlflowException, match="RESOURCE_DOES_NOT_EXIST"):
-        aliases.set_champion(Broken(), "race", "1", who="gate", why="test")
+        aliases.set_champion(LosesTheRace("RESOURCE_DOES_NOT_EXIST"), "race-pk", "1", who="gate", why="test")

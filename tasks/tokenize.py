@@ -231,6 +231,18 @@ def _encoded_table(cols: dict[str, list]):
     })
 
 
+def _fresh_fingerprint() -> str:
+    """A fingerprint for an in-memory Dataset, so ``datasets`` does not derive one by pickling the whole
+    table (and, for ``map``, the function with its tokenizer) through dill. That costs time on large
+    sets, and inside a Prefect task with ``log_prints`` it breaks: dill finds a function's globals by
+    capturing ``dis.dis`` output from sys.stdout, Prefect's print patch sends that output to the task
+    log instead (bytecode listings in the run log) and dill sees no globals. Nothing is cached by this
+    fingerprint: the tokenized data is cached under our own content key (``tokenize_dataset``)."""
+    from datasets.fingerprint import generate_random_fingerprint
+
+    return generate_random_fingerprint()
+
+
 def tokenize_items(items: list[Item], tok, data: DataConfig):
     """Tokenize the rendered items into a Dataset: batched tokenizer calls written straight to Arrow
     in one process, or a batched ``Dataset.map`` over ``data.num_proc`` workers for large sets."""
@@ -244,7 +256,7 @@ def tokenize_items(items: list[Item], tok, data: DataConfig):
             _encoded_table(encode(tok, [it.segments for it in items[i:i + CHUNK_ROWS]], data.max_length, data.overlength))
             for i in range(0, len(items), CHUNK_ROWS)
         ]
-        return Dataset(pa.concat_tables(tables).combine_chunks() if len(tables) > 1 else tables[0])
+        return Dataset(pa.concat_tables(tables).combine_chunks() if len(tables) > 1 else tables[0], fingerprint=_fresh_fingerprint())
 
     # Declared narrow types: arrow writes them faster than inferred int64 (measured ~3% of the stage).
     features = Features(
@@ -253,12 +265,12 @@ def tokenize_items(items: list[Item], tok, data: DataConfig):
             "problem": Value("string"), "n_tokens": Value("int32"),
         }
     )
-    ds = Dataset.from_dict(
-        {
-            "texts": [[t for t, _ in it.segments] for it in items],
-            "trained": [[b for _, b in it.segments] for it in items],
-        }
-    )
+    import pyarrow as pa
+
+    ds = Dataset(pa.table({
+        "texts": [[t for t, _ in it.segments] for it in items],
+        "trained": [[b for _, b in it.segments] for it in items],
+    }), fingerprint=_fresh_fingerprint())
 
     def _map(batch):
         return encode(tok, [list(zip(t, b)) for t, b in zip(batch["texts"], batch["trained"])], data.max_length, data.overlength)
@@ -266,7 +278,7 @@ def tokenize_items(items: list[Item], tok, data: DataConfig):
     return ds.map(
         _map, batched=True, batch_size=1000, remove_columns=["texts", "trained"],
         num_proc=workers,
-        features=features, load_from_cache_file=False, keep_in_memory=True,
+        features=features, load_from_cache_file=False, keep_in_memory=True, new_fingerprint=_fresh_fingerprint(),
     )
 
 

@@ -177,3 +177,43 @@ def test_arrow_columns_are_exactly_the_encoded_rows(tiny_base, monkeypatch, chun
     assert str(ds.features["input_ids"].feature.dtype) == "int32" and str(ds.features["attention_mask"].feature.dtype) == "int8"
     # The sample includes rows cut at data.max_length, so the ragged offsets are exercised at the limit.
     assert max(want["n_tokens"]) > 128 and max(len(r) for r in ds["input_ids"]) == 128
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_tokenizing_inside_a_prefect_task_logs_no_bytecode(tiny_base, prefect_server, num_proc):
+    """``datasets`` fingerprints a Dataset by pickling it with dill, and dill finds a function's globals
+    by capturing ``dis.dis`` output; under a task's ``log_prints`` that output went to the run log
+    (bytecode listings in every tokenize task's log). Tokenized datasets get their own fingerprint."""
+    import logging
+
+    from prefect import flow, task
+
+    import tasks.tokenize as T
+
+    data = DataConfig(path=str(SHARED_DATA / "code_alpaca_2k.json"), max_length=128, num_proc=num_proc)
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_base)))
+    items = T.render_source(T.parse(data.path, data), data, tok).items[:40] * (100 if num_proc > 1 else 1)
+
+    @task(log_prints=True)
+    def tokenize_in_task():
+        print("a print from inside the task")  # the capture works: this one must arrive
+        return len(T.tokenize_items(items, tok, data))
+
+    @flow(log_prints=True)
+    def tokenize_in_flow():
+        return tokenize_in_task()
+
+    class Keep(logging.Handler):
+        lines: list[str] = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    keep, logger = Keep(), logging.getLogger("prefect.task_runs")
+    logger.addHandler(keep)
+    try:
+        assert tokenize_in_flow() == len(items)
+    finally:
+        logger.removeHandler(keep)
+    assert "a print from inside the task" in keep.lines
+    assert not [line for line in keep.lines if "LOAD_" in line or "RESUME" in line], keep.lines[:5]

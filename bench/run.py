@@ -42,14 +42,11 @@ def timed_child(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str]:
     return wall, usage.ru_maxrss * 1024, out
 
 
-def server_start_seconds(log: str) -> float | None:
-    """Ephemeral Prefect server start, read off the flow's own log timestamps."""
-    stamps = {}
-    for key, pat in (("start", r"Starting temporary server"), ("flow", r"Beginning flow run")):
-        m = re.search(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}).*" + pat, log)
-        if m:
-            stamps[key] = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f")
-    return (stamps["flow"] - stamps["start"]).total_seconds() if len(stamps) == 2 else None
+def server_start_seconds(log: str) -> tuple[float, float] | tuple[None, None]:
+    """Ephemeral Prefect server start, and the part of it the run waited for (``qlora run`` starts
+    it while importing the task libraries), read off the CLI's own log line."""
+    m = re.search(r"Prefect temporary server up in ([\d.]+) s, ([\d.]+) s of it not hidden", log)
+    return (float(m.group(1)), float(m.group(2))) if m else (None, None)
 
 
 class PrefectServer:
@@ -164,9 +161,11 @@ def main() -> None:
     results["orchestration"] = {
         "plain_s": round(plain_cold, 1), "flow_s": round(flow_cold, 1),
         "ratio": round(flow_cold / plain_cold, 3), "fixed_cost_s": round(flow_cold - plain_cold, 1),
-        "prefect_server_start_s": server_start_seconds(flow_log), "goal": "<= 1.10 (later 1.05)",
+        "prefect_server_start_s": server_start_seconds(flow_log)[0], "goal": "<= 1.10 (later 1.05)",
+        "prefect_server_start_not_hidden_s": server_start_seconds(flow_log)[1],
         # The second run reuses PREFECT_HOME, so its ephemeral server skips creating the database.
-        "prefect_server_start_warm_home_s": server_start_seconds(flow_warm_log),
+        "prefect_server_start_warm_home_s": server_start_seconds(flow_warm_log)[0],
+        "prefect_server_start_warm_home_not_hidden_s": server_start_seconds(flow_warm_log)[1],
         "flow_with_running_server_s": round(flow_server, 1), "ratio_with_running_server": round(flow_server / plain_cold, 3),
         "fixed_cost_with_running_server_s": round(flow_server - plain_cold, 1),
         "train_loop_s": {"plain": plain_loop, "flow": train_loop_seconds(flow_log), "flow_running_server": train_loop_seconds(server_log)},
@@ -206,8 +205,11 @@ def main() -> None:
     rows = [
         ("orchestration wall ratio (flow / plain)", results["orchestration"]["ratio"], "<= 1.10"),
         ("orchestration fixed cost, s", results["orchestration"]["fixed_cost_s"], ""),
-        ("  of which Prefect ephemeral server start, s", results["orchestration"]["prefect_server_start_s"], ""),
-        ("  ephemeral server start when PREFECT_HOME exists, s", results["orchestration"]["prefect_server_start_warm_home_s"], ""),
+        ("  Prefect ephemeral server start / of it not overlapped with imports, s",
+         f'{results["orchestration"]["prefect_server_start_s"]} / {results["orchestration"]["prefect_server_start_not_hidden_s"]}', ""),
+        ("  same when PREFECT_HOME exists, s",
+         f'{results["orchestration"]["prefect_server_start_warm_home_s"]} / '
+         f'{results["orchestration"]["prefect_server_start_warm_home_not_hidden_s"]}', ""),
         ("orchestration wall ratio, running Prefect server", results["orchestration"]["ratio_with_running_server"], "<= 1.10"),
         ("orchestration fixed cost, running Prefect server, s", results["orchestration"]["fixed_cost_with_running_server_s"], ""),
         ("same, training-loop drift removed: ratio (ephemeral)", results["orchestration"]["ratio_outside_train_loop"], "<= 1.10"),

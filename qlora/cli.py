@@ -127,6 +127,10 @@ def cmd_promote(args) -> int:
     from registry.aliases import promote
 
     v = promote(_registry_client(args), args.name, args.version, args.why, args.by)
+    if v != str(args.version):
+        print(f"{args.name}: v{args.version} recorded as promoted, but a promotion of v{v} landed after it and "
+              f"holds champion (see `qlora registry list {args.name}`)", file=sys.stderr)
+        return 1
     print(f"{args.name}: champion -> v{v}")
     return 0
 

@@ -137,10 +137,10 @@ def _version(client, name: str, version: str):
 
 
 def promote(client, name: str, version: str, why: str, who: str | None = None) -> str:
-    """Manual promotion: champion -> ``version``, recording who and why."""
+    """Manual promotion: champion -> ``version``, recording who and why. Returns the champion, which is
+    another version only if a concurrent promotion was recorded after this one."""
     mv = _version(client, name, version)
-    set_champion(client, name, str(mv.version), who or getpass.getuser(), f"manual: {why}")
-    return str(mv.version)
+    return set_champion(client, name, str(mv.version), who or getpass.getuser(), f"manual: {why}")
 
 
 def rollback(client, name: str, why: str = "rollback", who: str | None = None) -> tuple[str, str]:

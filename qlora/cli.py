@@ -202,6 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _lighten_interpreter_teardown() -> None:
+    """At exit Python garbage-collects, several times over, every object that torch, transformers,
+    MLflow and Prefect created: 2.8 s after a ``qlora run`` had finished its work, here. One collection
+    now (cyclic garbage is still finalized) and freezing what survives leaves teardown only the objects
+    made after this point: 0.9 s in all. Only for a process about to exit, as frozen objects are never
+    collected again. atexit handlers (Prefect's log and event workers, its temporary server, MLflow)
+    run as before."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
@@ -218,5 +231,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The ``qlora`` command (and ``python -m qlora.cli``): ``main`` in a process that ends with it."""
+    code = main()
+    _lighten_interpreter_teardown()  # not in main(): callers that go on (tests, notebooks) keep a normal GC
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

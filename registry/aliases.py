@@ -67,8 +67,9 @@ def current(client, name: str, alias: str):
 
 
 def _lost_insert_race(e: Exception) -> bool:
-    """MLflow's SQL registry store writes a new alias or tag as select-then-insert: two writers creating
-    the same one at once make one fail on the primary key (seen on PostgreSQL in the concurrent test)."""
+    """MLflow's SQL registry store writes a new alias as select-then-insert: two writers creating the same
+    one at once make one fail on the primary key (PostgreSQL, concurrent test). History records cannot
+    collide: each has its own key."""
     text = str(e)
     return any(s in text for s in ("UniqueViolation", "UNIQUE constraint failed", "duplicate key value"))
 

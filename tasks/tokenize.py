@@ -246,12 +246,11 @@ def _fresh_fingerprint() -> str:
 def tokenize_items(items: list[Item], tok, data: DataConfig):
     """Tokenize the rendered items into a Dataset: batched tokenizer calls written straight to Arrow
     in one process, or a batched ``Dataset.map`` over ``data.num_proc`` workers for large sets."""
+    import pyarrow as pa
     from datasets import Dataset, Features, List, Value
 
     workers = data.num_proc if data.num_proc > 1 and len(items) >= 2000 * data.num_proc else None
     if workers is None:
-        import pyarrow as pa
-
         tables = [
             _encoded_table(encode(tok, [it.segments for it in items[i:i + CHUNK_ROWS]], data.max_length, data.overlength))
             for i in range(0, len(items), CHUNK_ROWS)
@@ -265,8 +264,6 @@ def tokenize_items(items: list[Item], tok, data: DataConfig):
             "problem": Value("string"), "n_tokens": Value("int32"),
         }
     )
-    import pyarrow as pa
-
     ds = Dataset(pa.table({
         "texts": [[t for t, _ in it.segments] for it in items],
         "trained": [[b for _, b in it.segments] for it in items],

@@ -54,7 +54,9 @@ def run(data_path: str, model_path: str, max_length: int = 1024, batch_sizes=(4,
     import datasets
 
     from qlora.config import DataConfig, ModelConfig
-    from tasks.tokenize import load_tokenizer, parse, prepare, render_source, tokenize_items
+    from qlora.loading import load_tokenizer
+    from tasks.data.encode import prepare, render_source, tokenize_items
+    from tasks.data.validate import parse
 
     datasets.disable_progress_bars()
     data = DataConfig(path=data_path, max_length=max_length)

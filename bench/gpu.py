@@ -105,7 +105,7 @@ def run_case(base, seq: int, batch: int, steps: int, attn: str, workdir: Path, n
     import torch
 
     from qlora.config import LoraSection, TrainConfig
-    from tasks.train import extra_callbacks, train_adapter
+    from tasks.train import train_adapter
 
     varlen = batching != "full"
     data, lengths = random_tokens(workdir / f"data-{seq}-{varlen}", rows=steps * batch, seq=seq, vocab=vocab, varlen=varlen)
@@ -118,8 +118,8 @@ def run_case(base, seq: int, batch: int, steps: int, attn: str, workdir: Path, n
     lora = LoraSection(r=64, alpha=16, dropout=0.05, target_modules="all-linear")
     timer: list[float] = []
     tag = "-".join(f"{k}={v}" for k, v in (overrides or {}).items())
-    with extra_callbacks(_step_timer(timer, profile)):
-        a = train_adapter(base, data, lora, train, workdir / f"run-{seq}-{attn}-{batching}-{tag}")
+    a = train_adapter(base, data, lora, train, workdir / f"run-{seq}-{attn}-{batching}-{tag}",
+                      callbacks=(_step_timer(timer, profile),))
     tps = sum(lengths) / a.train_runtime_s  # one epoch's rows = exactly the rows trained
     step_s = statistics.median(b - a_ for a_, b in zip(timer[3:], timer[4:])) if len(timer) > 5 else None
     out = {"seq": seq, "batch": batch, "steps": steps, "attn": attn, "batching": batching, **(overrides or {}),

@@ -130,7 +130,7 @@ def main() -> None:
 
     # 1 + 2: plain calls vs the flow, each cold (fresh workdir) then warm (same workdir again).
     plain_cmd = [py, "-m", "bench.plain", CONFIG, "--set", f"workdir={root / 'plain'}"]
-    flow_cmd = [py, "-m", "qlora.cli", "run", CONFIG, "--set", f"workdir={root / 'flow'}",
+    flow_cmd = [py, "-m", "flows.cli", "run", CONFIG, "--set", f"workdir={root / 'flow'}",
                 "--set", f"tracking.artifact_location={root / 'mlartifacts'}"]
     plain_cold, _, plain_log = timed_child(plain_cmd, env)
     plain_stages = json.loads(plain_log.split("BENCH ", 1)[1].splitlines()[0])

@@ -18,7 +18,7 @@ def minimal_loop_steps_per_s(base_path: str, data_path: str, cfg, steps: int) ->
     from datasets import load_from_disk
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq
 
-    from tasks.train import build_peft_model
+    from tasks.training.recipe import build_peft_model
 
     torch.manual_seed(cfg.train.seed)
     tok = AutoTokenizer.from_pretrained(base_path)

@@ -21,11 +21,13 @@ import logging
 
 from prefect import flow, runtime
 
+from flows import stages
+from flows.approval import await_approval
 from qlora.config import PipelineConfig
+from qlora.loading import ModelCache
 from qlora.refs import RegisteredVersion
 from qlora.tracking import end_run, fail_runs_of_flow_run
-from registry.approval import await_approval
-from tasks import reporting, stages
+from tasks.reporting import notify
 
 log = logging.getLogger("qlora.flow")
 
@@ -38,9 +40,18 @@ def _fail_mlflow_runs(flow, flow_run, state) -> None:
         log.warning("flow run %s ended %s: MLflow run(s) %s marked FAILED", flow_run.name, state.type.value, failed)
 
 
+def _notify_failure(flow, flow_run, state) -> None:
+    """on_failure / on_crashed: the config comes from the flow run's own parameters."""
+    try:
+        cfg = PipelineConfig.model_validate(flow_run.parameters.get("config", {})).report
+    except Exception:  # invalid parameters never reach a running flow; be safe anyway
+        return
+    notify(cfg, "failure", f"flow run {flow_run.name} failed: {state.message}", flow_run_id=str(flow_run.id))
+
+
 @flow(
     name="qlora-finetune", log_prints=True,
-    on_failure=[_fail_mlflow_runs, reporting.notify_failure], on_crashed=[_fail_mlflow_runs, reporting.notify_failure],
+    on_failure=[_fail_mlflow_runs, _notify_failure], on_crashed=[_fail_mlflow_runs, _notify_failure],
 )
 def qlora_finetune(config: PipelineConfig = PipelineConfig()) -> RegisteredVersion:
     """Fine-tune ``config.model`` with QLoRA on ``config.data``, evaluate it and register the adapter."""
@@ -51,18 +62,20 @@ def qlora_finetune(config: PipelineConfig = PipelineConfig()) -> RegisteredVersi
     opened = stages.open_run(**opening, return_state=True)
     run = opened.result() if opened.is_completed() else None  # tracking down: train anyway, untracked
     status = "FAILED"
+    models = ModelCache()  # the tuned model evaluate loads, reused by register in this process
     try:
         data = stages.tokenize(config.data, config.model, config.workdir, run)
         base = stages.quantize(config.model, config.quantization, config.workdir)
         adapter = stages.train(base, data, config.lora, config.train, config.workdir, run)
-        report = stages.evaluate(base, adapter, data, config.eval, run)
+        report = stages.evaluate(base, adapter, data, config.eval, run, models)
         run = run or stages.open_run(**opening)  # registering needs the server: retried, then a clear error
-        version = stages.register(base, adapter, report, config.registry, run, data)
+        version = stages.register(base, adapter, report, config.registry, run, data, models)
         if version.awaiting_approval:  # registry.require_approval: pause for a human (must run in the flow)
             version = await_approval(version, config.registry, run)
-        reporting.publish_report(report, adapter, version, run, config.report)
+        stages.publish_report(report, adapter, version, run, config.report)
         status = "FINISHED"
         return version
     finally:
+        models.release()
         if run is not None:
             end_run(run, status)  # never leave the MLflow run RUNNING, whatever happened

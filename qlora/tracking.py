@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from qlora.config import TrackingConfig
-from qlora.failures import TrackingUnavailable, is_transient
+from qlora.errors import TrackingUnavailable, is_transient
 from qlora.refs import MlflowRun
 
 log = logging.getLogger("qlora.tracking")

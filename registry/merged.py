@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from qlora.loading import load_merged
 from qlora.refs import Adapter, MlflowRun, QuantizedModel
 from qlora.tracking import active_run
 
@@ -20,27 +21,12 @@ def merged_name(model_name: str) -> str:
     return f"{model_name}-merged"
 
 
-def merge_adapter(base: QuantizedModel, adapter: Adapter):
-    """Original base (bf16) + adapter, merged into plain ``nn.Linear`` weights; returns (model, tokenizer)."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    full = AutoModelForCausalLM.from_pretrained(
-        base.base, revision=base.revision, dtype=torch.bfloat16, use_safetensors=True,
-        attn_implementation=base.attn_implementation,
-    )
-    merged = PeftModel.from_pretrained(full, adapter.path).merge_and_unload()
-    merged.eval()
-    return merged, AutoTokenizer.from_pretrained(adapter.path)
-
-
 def register_merged(base: QuantizedModel, adapter: Adapter, model_name: str, adapter_version: str,
                     aliases: list[str], run: MlflowRun, log_kwargs: dict) -> str:
     """Log and register the merged model; returns its version. ``log_kwargs`` = the adapter's log_model extras."""
     import mlflow
 
-    model, tok = merge_adapter(base, adapter)
+    model, tok = load_merged(base, adapter)
     with active_run(run):
         info = mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tok}, name="merged", task="text-generation",

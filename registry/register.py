@@ -10,11 +10,11 @@ evaluation's outputs. Every version carries lineage tags and a Markdown descript
 from __future__ import annotations
 
 import logging
-import re
 from importlib.metadata import version as pkg_version
 
 from qlora.config import RegistryConfig
 from qlora.errors import ModelError
+from qlora.loading import ModelCache, tuned
 from qlora.refs import Adapter, EvalReport, MlflowRun, QuantizedModel, RegisteredVersion, TokenizedData
 from qlora.template import PROMPT_TEMPLATE
 from qlora.tracking import active_run
@@ -63,13 +63,13 @@ def consumer_log_kwargs(prompt_template: str = PROMPT_TEMPLATE) -> dict:
     )
 
 
-def log_adapter(base: QuantizedModel, adapter: Adapter, run: MlflowRun, prompt_template: str = PROMPT_TEMPLATE):
-    """Log base-referenced PEFT adapter + tokenizer with the training prompt template; returns ModelInfo."""
+def log_adapter(base: QuantizedModel, adapter: Adapter, run: MlflowRun, prompt_template: str = PROMPT_TEMPLATE,
+                models: ModelCache | None = None):
+    """Log base-referenced PEFT adapter + tokenizer with the training prompt template; returns ModelInfo.
+    ``models`` holds the pair the evaluate stage loaded (same process); it is released afterwards."""
     import mlflow
 
-    from tasks.evaluate import load_tuned, release_tuned
-
-    model, tok = load_tuned(base, adapter)  # the evaluate stage's, when it ran in this process
+    model, tok = tuned(base, adapter, models)
     try:
         with active_run(run):
             return mlflow.transformers.log_model(
@@ -82,7 +82,8 @@ def log_adapter(base: QuantizedModel, adapter: Adapter, run: MlflowRun, prompt_t
             )
     finally:
         del model
-        release_tuned()
+        if models is not None:
+            models.release()
 
 
 def gate(client, report: EvalReport, cfg: RegistryConfig, run: MlflowRun) -> Decision:
@@ -100,7 +101,7 @@ def gate(client, report: EvalReport, cfg: RegistryConfig, run: MlflowRun) -> Dec
 
 def record(client, name: str, version: str, base: QuantizedModel, adapter: Adapter, report: EvalReport,
            run: MlflowRun, decision: Decision) -> str:
-    """Lineage tags + Markdown description on the version; the decision in the run and the flow's report."""
+    """Lineage tags + Markdown description on the version, the decision in the run; returns the description."""
     import mlflow
 
     tags = lineage_tags(base, adapter, report, run, client.get_run(run.run_id).data.tags)
@@ -112,30 +113,17 @@ def record(client, name: str, version: str, base: QuantizedModel, adapter: Adapt
     client.update_model_version(name, version, description=text)
     with active_run(run):
         mlflow.log_metrics(decision.metrics())
-    flow_report(f"registry-{name}", text)
     return text
-
-
-def flow_report(key: str, markdown: str) -> None:
-    """The same Markdown as a Prefect artifact on the flow run, when there is one."""
-    from prefect.context import get_run_context
-
-    try:
-        get_run_context()
-    except Exception:  # plain-function call (tests, notebooks): no flow report to attach to
-        return
-    from prefect.artifacts import create_markdown_artifact
-
-    create_markdown_artifact(markdown=markdown, key=re.sub(r"[^a-z0-9-]", "-", key.lower()))
 
 
 def register_adapter(
     base: QuantizedModel, adapter: Adapter, report: EvalReport, cfg: RegistryConfig, run: MlflowRun,
-    data: TokenizedData | None = None,
+    data: TokenizedData | None = None, models: ModelCache | None = None, publish=None,
 ) -> RegisteredVersion:
     """Register the adapter under ``cfg.model_name``; ``challenger`` always, ``champion`` when the gate passes.
 
-    Order matters: the version is registered and tagged ``challenger`` first, so a failed consumer
+    ``models``: the evaluate stage's loaded pair, reused for logging. ``publish(key, markdown)``: where the
+    version's description also goes (the flow passes a Prefect artifact writer). Order matters: the version is registered and tagged ``challenger`` first, so a failed consumer
     check or a refused approval still leaves an inspectable version that consumers of ``champion``
     never see.
     """
@@ -144,7 +132,7 @@ def register_adapter(
     client = mlflow.MlflowClient(run.tracking_uri)
     mv = version_of_run(client, cfg.model_name, run.run_id)  # a retry or re-run reuses its version (issue 4)
     if mv is None:
-        info = log_adapter(base, adapter, run, data.prompt_template if data else PROMPT_TEMPLATE)
+        info = log_adapter(base, adapter, run, data.prompt_template if data else PROMPT_TEMPLATE, models)
         mv = mlflow.register_model(info.model_uri, cfg.model_name, tags={"mlflow_run_id": run.run_id})
     name, version = cfg.model_name, str(mv.version)
     aliases.set_challenger(client, name, version)
@@ -153,7 +141,9 @@ def register_adapter(
                                 cfg.consumer_check_prompts, run.tracking_uri)
     if mismatches:
         decision = decision.model_copy(update={"promote": False, "reason": "consumer check failed: " + "; ".join(mismatches)})
-    record(client, name, version, base, adapter, report, run, decision)
+    text = record(client, name, version, base, adapter, report, run, decision)
+    if publish is not None:
+        publish(f"registry-{name}", text)
     if mismatches:
         raise ConsumerCheckError(f"{name} version {version} kept as challenger only: loaded through models:/{name}/{version} "
                                  f"it does not generate what evaluation generated: {'; '.join(mismatches)}")

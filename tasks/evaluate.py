@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from qlora.config import EvalConfig
+from qlora.loading import ModelCache, tuned
 from qlora.refs import Adapter, EvalReport, MlflowRun, QuantizedModel, TokenizedData
 from qlora.tracking import active_run
 
@@ -24,49 +25,6 @@ def load_metric(name: str):
     import evaluate
 
     return evaluate.load(str(METRICS_DIR / name))
-
-
-# One loaded (base, adapter) pair handed from the evaluate stage to the register stage when both run in
-# one process (a flow run): loading the 4-bit base again costs ~1 s on the demo and about a minute on a
-# 7B model. Keyed by the two folders, whose content keys make them immutable; released by register.
-_KEPT: dict[tuple[str, str], tuple] = {}
-
-
-def load_tuned(base: QuantizedModel, adapter: Adapter, keep: bool = False):
-    """Pre-quantized base + LoRA adapter, in eval mode, with a left-padding tokenizer for batched generation.
-
-    ``keep`` holds the pair for the next stage in this process (see ``release_tuned``)."""
-    key = (base.path, adapter.path)
-    if key in _KEPT:
-        log.info("reusing the tuned model the evaluate stage loaded (%s + %s)", base.path, adapter.path)
-        return _KEPT[key]
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    from tasks.quantize import load_model
-
-    model = PeftModel.from_pretrained(load_model(base.path, None, attn=base.attn_implementation), adapter.path)
-    model.eval()
-    tok = AutoTokenizer.from_pretrained(adapter.path)
-    tok.padding_side = "left"
-    if keep:
-        release_tuned()
-        _KEPT[key] = (model, tok)
-    return model, tok
-
-
-def release_tuned() -> None:
-    """Drop the kept pair (and its GPU memory)."""
-    import gc
-
-    if not _KEPT:
-        return
-    _KEPT.clear()
-    gc.collect()
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
@@ -119,14 +77,16 @@ def score(model, tok, ds, cfg: EvalConfig, metric) -> tuple[dict[str, float], li
 
 
 def evaluate_adapter(
-    base: QuantizedModel, adapter: Adapter, data: TokenizedData, cfg: EvalConfig, run: MlflowRun | None = None
+    base: QuantizedModel, adapter: Adapter, data: TokenizedData, cfg: EvalConfig, run: MlflowRun | None = None,
+    models: ModelCache | None = None,
 ) -> EvalReport:
-    """Base vs tuned on the eval split; logs ``eval/base/*`` and ``eval/tuned/*`` to the flow's MLflow run."""
+    """Base vs tuned on the eval split; logs ``eval/base/*`` and ``eval/tuned/*`` to the flow's MLflow run.
+    With ``models`` the loaded pair stays there for the register stage."""
     from datasets import load_from_disk
 
     t0 = time.perf_counter()
     ds = load_from_disk(data.path)["eval"]
-    model, tok = load_tuned(base, adapter, keep=True)  # the register stage logs this same model
+    model, tok = tuned(base, adapter, models)
     metric = load_metric("exact_match")
     with model.disable_adapter():
         base_m, base_preds, base_scores = score(model, tok, ds, cfg, metric)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from qlora.config import ModelConfig, QuantizationConfig, stable_hash
 from qlora.errors import ModelError
-from qlora.quant import bnb_config, compute_dtype, count_4bit_layers, device_map
+from qlora.loading import load_base, load_tokenizer
+from qlora.quant import count_4bit_layers
 from qlora.refs import QuantizedModel
-from qlora.secrets import hf_token
 
 log = logging.getLogger("qlora.quantize")
 
@@ -41,35 +41,8 @@ def base_identity(model: ModelConfig) -> dict:
     return {"hub_id": model.name_or_path, "revision": model.revision or "main"}
 
 
-def load_model(path: str, quant: QuantizationConfig | None, model: ModelConfig | None = None, attn: str | None = None,
-               fsdp: bool = False):
-    """``from_pretrained`` with this project's device map and dtype; quantizes when ``quant`` asks for it.
-
-    Under FSDP no device map: transformers loads the weights on local rank 0 only (meta elsewhere) and
-    FSDP shards them onto the GPUs (accelerate's cpu_ram_efficient_loading + sync_module_states).
-    """
-    from transformers import AutoModelForCausalLM
-
-    kwargs = {"attn_implementation": attn} if attn else {}
-    if model is not None:
-        kwargs = {"revision": model.revision, "trust_remote_code": model.trust_remote_code,
-                  "attn_implementation": model.attn_implementation, "token": hf_token(model)}
-    if quant is not None and quant.load_in_4bit:
-        # Only when quantizing: an explicit None would shadow a pre-quantized checkpoint's own config.
-        kwargs["quantization_config"] = bnb_config(quant)
-    return AutoModelForCausalLM.from_pretrained(
-        path,
-        device_map=None if fsdp else device_map(),
-        dtype=compute_dtype(quant) if quant is not None else "auto",
-        use_safetensors=True,  # never unpickle .bin weights
-        **kwargs,
-    )
-
-
 def prepare_quantized_model(model: ModelConfig, quant: QuantizationConfig, workdir: str | Path) -> QuantizedModel:
     """Quantize ``model`` per ``quant`` and save it under a content key; reuse it if already there."""
-    from transformers import AutoTokenizer
-
     if model.trust_remote_code:
         log.warning("model.trust_remote_code is on: code from %s will run on this machine", model.name_or_path)
     key = stable_hash({"base": base_identity(model), "quant": quant.model_dump(), "attn": model.attn_implementation})
@@ -81,10 +54,8 @@ def prepare_quantized_model(model: ModelConfig, quant: QuantizationConfig, workd
 
     t0 = time.perf_counter()
     try:
-        m = load_model(model.name_or_path, quant, model)
-        tok = AutoTokenizer.from_pretrained(
-            model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code, token=hf_token(model)
-        )
+        m = load_base(model.name_or_path, quant, model)
+        tok = load_tokenizer(model)  # saved with its pad token fixed: every later stage loads it from here
     except OSError as e:
         raise ModelError(f"model.name_or_path: cannot load '{model.name_or_path}': {e}") from None
     n4 = count_4bit_layers(m) if quant.load_in_4bit else 0

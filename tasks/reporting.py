@@ -1,12 +1,12 @@
-"""What people look at after a run: the Prefect run report, the eval examples table, the loss plot
-in MLflow, and optional notifications (webhook / Prefect notification block).
+"""What people look at after a run: the run report, the eval examples table, the loss plot in MLflow,
+and optional notifications (webhook / Prefect notification block).
 
-The builders are plain functions (testable without Prefect); ``publish_report`` is the one thin task
-that creates the Prefect artifacts, and ``notify_failure`` is the flow's ``on_failure`` hook.
-Artifacts per flow run (keys are stable, so the Artifacts page shows their history across runs):
+Builders only: no Prefect task or flow here. ``flows/stages.py`` turns them into artifacts per flow run
+(keys are stable, so the Artifacts page shows their history across runs):
 - ``<model>-report``         Markdown: base vs tuned metrics, promotion decision, MLflow links
 - ``<model>-eval-examples``  table: prompt, reference, base output, tuned output
-- ``data-report``            Markdown data validation report: created by the tokenize task (tasks/stages.py)
+- ``data-report``            Markdown data validation report (the tokenize task)
+and ``flows/finetune.py``'s failure hook calls ``notify``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import re
 import tempfile
 import urllib.request
 from pathlib import Path
-
-from prefect import task
 
 from qlora.config import ReportConfig
 from qlora.refs import Adapter, EvalReport, MlflowRun, RegisteredVersion
@@ -136,31 +134,15 @@ def notify(cfg: ReportConfig, event: str, text: str, **fields) -> None:
             log.warning("notification block %s failed for %s: %s", cfg.notification_block, event, e)
 
 
-@task(name="report", retries=2, retry_delay_seconds=5, log_prints=True)
-def publish_report(
-    report: EvalReport, adapter: Adapter, version: RegisteredVersion, run: MlflowRun, cfg: ReportConfig
-) -> list[str]:
-    """Loss plot to MLflow; Markdown report + eval examples table as Prefect artifacts; notify on promotion."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
+def build_report(report: EvalReport, adapter: Adapter, version: RegisteredVersion, run: MlflowRun,
+                 cfg: ReportConfig) -> tuple[str, str]:
+    """Loss plot logged to MLflow; returns (run report Markdown, promotion decision line)."""
     plot = log_loss_plot(run, report)
     decision = promotion_decision(version, run)
-    md = render_report(report, adapter, version, decision, mlflow_links(run, version, cfg))
-    keys = [artifact_key(version.name, "report"), artifact_key(version.name, "eval-examples")]
-    create_markdown_artifact(md, key=keys[0], description=f"{version.name} v{version.version}: {decision}")
-    create_table_artifact(example_rows(report, cfg.examples), key=keys[1], description="held-out prompts, base vs tuned")
-    log.info("published artifacts %s; loss plot %s in MLflow run %s", keys, plot, run.run_id)
+    log.info("loss plot %s in MLflow run %s", plot, run.run_id)
+    return render_report(report, adapter, version, decision, mlflow_links(run, version, cfg)), decision
+
+
+def notify_promotion(cfg: ReportConfig, version: RegisteredVersion) -> None:
     if "champion" in version.aliases:
         notify(cfg, "promotion", f"{version.name} v{version.version} promoted to champion", model_uri=version.model_uri)
-    return keys
-
-
-def notify_failure(flow, flow_run, state) -> None:
-    """Flow ``on_failure`` hook: the config comes from the flow run's own parameters."""
-    from qlora.config import PipelineConfig
-
-    try:
-        cfg = PipelineConfig.model_validate(flow_run.parameters.get("config", {})).report
-    except Exception:  # invalid parameters never reach a running flow; be safe anyway
-        return
-    notify(cfg, "failure", f"flow run {flow_run.name} failed: {state.message}", flow_run_id=str(flow_run.id))

@@ -6,8 +6,9 @@ import pytest
 
 from bench.data import padding_efficiency
 from qlora.config import DataConfig, ModelConfig, TrainConfig
-from tasks.tokenize import load_tokenizer, prepare
-from tasks.train import training_arguments
+from qlora.loading import load_tokenizer
+from tasks.data.encode import prepare
+from tasks.training.recipe import training_arguments
 
 from .conftest import DEMO_DATA, SHARED_DATA
 
@@ -26,7 +27,7 @@ def test_length_grouping_reaches_095_padding_efficiency_on_code_alpaca(tiny_base
 def test_train_config_sets_the_trainer_sampler(tmp_path, group, strategy):
     import torch
 
-    args = training_arguments(TrainConfig(group_by_length=group), tmp_path, torch.float32, report=False)
+    args = training_arguments(TrainConfig(group_by_length=group), tmp_path, torch.float32)
     assert args.train_sampling_strategy == strategy
 
 
@@ -35,7 +36,7 @@ def test_tokenize_task_publishes_the_data_report_artifact(tmp_path, tiny_base, p
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from tasks import stages
+    from flows import stages
 
     @flow
     def just_tokenize(work: str):
@@ -54,7 +55,7 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_base):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks.train import collator
+    from tasks.training.recipe import collator
 
     tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_base)))
     prep = prepare(DataConfig(path=str(SHARED_DATA / "sharegpt_dummy_conversation.json"), max_length=160), tok)

@@ -6,7 +6,8 @@ import pytest
 
 from qlora.config import DataConfig, ModelConfig
 from qlora.template import PROMPT_TEMPLATE, inference_prompt, prompt_template_for, render_turns
-from tasks.tokenize import IGNORE_INDEX, load_tokenizer, prepare
+from qlora.loading import load_tokenizer
+from tasks.data.encode import IGNORE_INDEX, prepare
 
 from .test_tokenize import CHAT_TEMPLATE, trained_spans
 

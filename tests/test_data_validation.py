@@ -4,10 +4,11 @@ import json
 
 import pytest
 
-from qlora.cli import main
+from flows.cli import main
 from qlora.config import DataConfig, ModelConfig
 from qlora.errors import DataError
-from tasks.tokenize import load_tokenizer, prepare
+from qlora.loading import load_tokenizer
+from tasks.data.encode import prepare
 
 GOOD = '{"instruction": "say hi", "output": "hi"}\n'
 

@@ -11,9 +11,9 @@ import mlflow
 
 from qlora.config import DataConfig, LoraSection, ModelConfig, QuantizationConfig, TrackingConfig, TrainConfig
 from qlora.tracking import end_run, start_run
-from tasks.distributed import launch_training
 from tasks.quantize import prepare_quantized_model
 from tasks.tokenize import tokenize_dataset
+from tasks.train import train_adapter
 
 from .conftest import DEMO_DATA
 
@@ -28,7 +28,7 @@ def test_two_process_training_only_rank0_logs_and_saves(tiny_base, tmp_path, mlf
     train = TrainConfig(max_steps=6, per_device_train_batch_size=4, gradient_accumulation_steps=1,
                         learning_rate=2e-3, logging_steps=1, save_steps=3, num_processes=2)
     with caplog.at_level(logging.INFO, logger="qlora.distributed"):
-        a = launch_training(base, data, LoraSection(r=4, alpha=8, dropout=0.0), train, work, run)
+        a = train_adapter(base, data, LoraSection(r=4, alpha=8, dropout=0.0), train, work, run)
     end_run(run)
 
     assert a.global_step == 6
@@ -43,7 +43,7 @@ def test_two_process_training_only_rank0_logs_and_saves(tiny_base, tmp_path, mlf
     # A finished adapter is reused without launching anything.
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="qlora.distributed"):
-        assert launch_training(base, data, LoraSection(r=4, alpha=8, dropout=0.0), train, work, None) == a
+        assert train_adapter(base, data, LoraSection(r=4, alpha=8, dropout=0.0), train, work, None) == a
     assert not any("launching" in r.getMessage() for r in caplog.records)
     # Only rank 0 reported: one loss value per logged step, not two.
     hist = mlflow.MlflowClient(mlflow_uri).get_metric_history(run.run_id, "loss")
@@ -54,12 +54,12 @@ def test_launcher_is_accelerate_on_gpus_and_torchrun_on_cpu(tmp_path):
     import pytest
 
     from qlora.errors import ConfigError
-    from tasks.distributed import launcher_command
+    from tasks.training.launch import launcher_command
 
     spec = tmp_path / "spec.json"
     gpu = launcher_command(4, spec, gpus=4)
     assert Path(gpu[0]).name == "accelerate" and gpu[1:3] == ["launch", "--multi_gpu"]
-    assert gpu[gpu.index("--num_processes") + 1] == "4" and gpu[-3:] == ["-m", "tasks.distributed", str(spec)]
+    assert gpu[gpu.index("--num_processes") + 1] == "4" and gpu[-3:] == ["-m", "tasks.training.launch", str(spec)]
     cpu = launcher_command(2, spec, gpus=0)
     assert cpu[1:3] == ["-m", "torch.distributed.run"] and cpu[cpu.index("--nproc_per_node") + 1] == "2"
     with pytest.raises(ConfigError, match="train.num_processes=8"):

@@ -17,9 +17,9 @@ import pytest
 
 from qlora.config import LoraSection, RegistryConfig, TrackingConfig, TrainConfig
 from qlora.errors import ConfigError, DataError
-from qlora.failures import TrackingUnavailable, TrainingDiverged, is_transient
+from qlora.errors import TrackingUnavailable, TrainingDiverged, is_transient
 from qlora.refs import MlflowRun
-from tasks.resilience import checkpoint_problem, latest_valid_checkpoint
+from tasks.training.checkpoints import checkpoint_problem, latest_valid_checkpoint
 from tasks.train import run_dir_for, train_adapter
 
 LORA = LoraSection(r=4, alpha=8, dropout=0.0)

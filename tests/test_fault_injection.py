@@ -1,6 +1,6 @@
 """Kill, diverge and lose the tracking server while the real flow runs (issue 4).
 
-The SIGKILL test runs ``python -m qlora.cli run`` twice as a subprocess (~8 s of ephemeral Prefect
+The SIGKILL test runs ``python -m flows.cli run`` twice as a subprocess (~8 s of ephemeral Prefect
 each): the second run must continue the first one's checkpoint and MLflow run, and end with the
 same adapter as an uninterrupted run.
 """
@@ -54,7 +54,7 @@ def _overrides(tiny_base, tmp_path, **extra) -> dict:
 
 
 def _valid_checkpoints(work: Path) -> list[int]:
-    from tasks.resilience import checkpoint_problem
+    from tasks.training.checkpoints import checkpoint_problem
 
     return sorted(int(c.name.split("-")[1]) for c in work.glob("runs/*/checkpoint-*") if checkpoint_problem(c) is None)
 
@@ -72,7 +72,7 @@ def test_sigkill_then_rerun_resumes_same_step_same_run_same_weights(tiny_base, t
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PREFECT_HOME=str(tmp_path / "prefect"),
                PYTHONPATH=str(REPO), HF_TOKEN=PLANTED_TOKEN)
     env.pop("PREFECT_API_URL", None)
-    cmd = [sys.executable, "-m", "qlora.cli", "run", str(REPO / "configs" / "demo.yaml")]
+    cmd = [sys.executable, "-m", "flows.cli", "run", str(REPO / "configs" / "demo.yaml")]
     cmd += [a for k, v in over.items() for a in ("--set", f"{k}={v}")]
     work = tmp_path / "work"
 
@@ -157,8 +157,8 @@ def test_mlflow_down_whole_flow_trains_then_fails_clearly(prefect_server, tiny_b
     import socket
 
     from flows.finetune import qlora_finetune
-    from qlora.failures import TrackingUnavailable
-    from tasks import stages
+    from qlora.errors import TrackingUnavailable
+    from flows import stages
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")

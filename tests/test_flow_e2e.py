@@ -63,7 +63,7 @@ def test_flow_end_to_end(prefect_server, tiny_base, tmp_path, mlflow_uri):
 
     from flows.finetune import qlora_finetune
     from registry.consumer import predict
-    from tasks.quantize import load_model
+    from qlora.loading import load_base
 
     cfg = _config(tiny_base, tmp_path)
     state = qlora_finetune(config=cfg, return_state=True)
@@ -128,7 +128,7 @@ def test_flow_end_to_end(prefect_server, tiny_base, tmp_path, mlflow_uri):
     # The base the registered adapter references is the pre-quantized 4-bit checkpoint.
     quantized = [p for p in (tmp_path / "work" / "quantized").iterdir() if p.is_dir()]
     assert len(quantized) == 1
-    assert sum(isinstance(x, bnb.nn.Linear4bit) for x in load_model(str(quantized[0]), None).modules()) == 2 * 7
+    assert sum(isinstance(x, bnb.nn.Linear4bit) for x in load_base(str(quantized[0]), None).modules()) == 2 * 7
     logged = mlflow.models.Model.load(f"models:/tiny-e2e/{version.version}")
     assert str(quantized[0].resolve()) in json.dumps(logged.flavors["transformers"])
     # consumers get the training template applied for them
@@ -153,7 +153,7 @@ def test_cli_bad_data_fails_fast_with_one_line(tmp_path):
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PREFECT_HOME=str(tmp_path / "prefect"))
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "qlora.cli", "run", str(REPO / "configs" / "demo.yaml"),
+        [sys.executable, "-m", "flows.cli", "run", str(REPO / "configs" / "demo.yaml"),
          "--set", f"data.path={bad}", "--set", f"workdir={tmp_path / 'work'}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
@@ -171,7 +171,7 @@ def test_bare_run_starts_prefects_temporary_server_early_and_the_flow_reuses_it(
     libraries import (hides 8.7 s of a 29.5 s first tiny run here); the flow then runs on that server,
     not a second one. With PREFECT_API_URL set, nothing is started."""
     code = (
-        "from qlora.cli import _start_ephemeral_prefect_server as start\n"
+        "from flows.cli import _start_ephemeral_prefect_server as start\n"
         "from prefect import flow, get_client\n"
         "from prefect.server.api.server import SubprocessASGIServer\n"
         "t = start(); t.join()\n"
@@ -190,14 +190,14 @@ def test_bare_run_starts_prefects_temporary_server_early_and_the_flow_reuses_it(
     flow_api, started_api = out.split("FLOW-API ", 1)[1].split()[0], out.split("STARTED-API ", 1)[1].split()[0]
     assert flow_api.rstrip("/") == started_api.rstrip("/")
     assert out.count("Starting temporary server") == 1
-    code = "from qlora.cli import _start_ephemeral_prefect_server as start; assert start() is None"
+    code = "from flows.cli import _start_ephemeral_prefect_server as start; assert start() is None"
     env["PREFECT_API_URL"] = "http://127.0.0.1:9/api"  # a team server; never contacted here
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, timeout=120)
 
 
 def test_cli_bad_config_names_the_key(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "qlora.cli", "run", str(REPO / "configs" / "demo.yaml"), "--set", "train.learning_rate=-1"],
+        [sys.executable, "-m", "flows.cli", "run", str(REPO / "configs" / "demo.yaml"), "--set", "train.learning_rate=-1"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 1

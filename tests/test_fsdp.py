@@ -16,8 +16,8 @@ import torch
 
 from qlora.config import ModelConfig, PipelineConfig, QuantizationConfig, load_config
 from qlora.errors import ConfigError
-from tasks.distributed import launcher_command
-from tasks.resilience import checkpoint_problem
+from tasks.training.launch import launcher_command
+from tasks.training.checkpoints import checkpoint_problem
 
 
 def test_fsdp_derives_float_quant_storage_and_ddp_keeps_uint8():
@@ -40,13 +40,14 @@ def test_float_storage_quantizes_the_same_weights(tiny_base, tmp_path):
     """bf16 storage reinterprets the same packed NF4 bytes: identical logits to the uint8 checkpoint."""
     import bitsandbytes as bnb
 
-    from tasks.quantize import load_model, prepare_quantized_model
+    from qlora.loading import load_base
+    from tasks.quantize import prepare_quantized_model
 
     model = ModelConfig(name_or_path=str(tiny_base))
     outs = {}
     for storage in ("auto", "bfloat16"):
         ref = prepare_quantized_model(model, QuantizationConfig(quant_storage=storage), tmp_path)
-        m = load_model(ref.path, None)  # the storage dtype travels in the checkpoint's config.json
+        m = load_base(ref.path, None)  # the storage dtype travels in the checkpoint's config.json
         w = next(x for x in m.modules() if isinstance(x, bnb.nn.Linear4bit)).weight
         assert w.dtype == (torch.uint8 if storage == "auto" else torch.bfloat16)
         with torch.no_grad():
@@ -61,7 +62,7 @@ def test_fsdp_launch_is_accelerate_with_fsdp_flags(tmp_path):
     flags = dict(zip(cmd[2::1], cmd[3::1]))
     assert "--use_fsdp" in cmd and flags["--fsdp_sharding_strategy"] == "FULL_SHARD"
     assert flags["--fsdp_cpu_ram_efficient_loading"] == "true" and flags["--fsdp_use_orig_params"] == "false"
-    assert flags["--num_processes"] == "4" and cmd[-3:] == ["-m", "tasks.distributed", str(spec)]
+    assert flags["--num_processes"] == "4" and cmd[-3:] == ["-m", "tasks.training.launch", str(spec)]
     with pytest.raises(ConfigError, match="train.distributed=fsdp needs CUDA GPUs"):
         launcher_command(2, spec, gpus=0, strategy="fsdp")
 

@@ -40,10 +40,10 @@ def demo_on_gpu(tmp_path_factory):
 def test_quantized_base_lives_on_the_gpu_in_nf4(demo_on_gpu):
     import bitsandbytes as bnb
 
-    from tasks.quantize import load_model
+    from qlora.loading import load_base
 
     _, _, _, base = demo_on_gpu
-    m = load_model(base.path, None)
+    m = load_base(base.path, None)
     layers = [x for x in m.modules() if isinstance(x, bnb.nn.Linear4bit)]
     assert len(layers) == 4 * 7  # q, k, v, o, gate, up, down per block
     w = layers[0].weight
@@ -57,7 +57,7 @@ def test_demo_recipe_learns_on_gpu_with_paged_8bit_adamw(demo_on_gpu):
     from transformers import TrainerCallback
 
     from tasks.evaluate import evaluate_adapter
-    from tasks.train import extra_callbacks, train_adapter
+    from tasks.train import train_adapter
 
     work, _, data, base = demo_on_gpu
     seen = {}
@@ -68,8 +68,7 @@ def test_demo_recipe_learns_on_gpu_with_paged_8bit_adamw(demo_on_gpu):
 
     train = TrainConfig(max_steps=800, per_device_train_batch_size=16, gradient_accumulation_steps=1,
                         learning_rate=1e-3, warmup_steps=0.03, max_grad_norm=0.3, logging_steps=25, save_steps=250)
-    with extra_callbacks(Spy()):
-        a = train_adapter(base, data, LoraSection(r=64, alpha=128, dropout=0.0), train, work)
+    a = train_adapter(base, data, LoraSection(r=64, alpha=128, dropout=0.0), train, work, callbacks=(Spy(),))
     opt = seen["optimizer"]
     # transformers builds bitsandbytes' AdamW with optim_bits=8, is_paged=True for "paged_adamw_8bit".
     assert isinstance(opt, bnb.optim.optimizer.Optimizer8bit), type(opt)
@@ -90,9 +89,9 @@ def test_fsdp_qlora_trains_saves_and_resumes(demo_on_gpu, caplog):
     shard), a plain PEFT adapter at the end, sharded checkpoints that a re-run resumes from."""
     from safetensors.torch import load_file
 
-    from tasks.distributed import launch_training
+    from tasks.train import train_adapter
     from tasks.quantize import prepare_quantized_model
-    from tasks.resilience import checkpoint_problem
+    from tasks.training.checkpoints import checkpoint_problem
 
     work, model, data, _ = demo_on_gpu
     cfg = PipelineConfig.model_validate({"train": {"distributed": "fsdp"}})
@@ -102,7 +101,7 @@ def test_fsdp_qlora_trains_saves_and_resumes(demo_on_gpu, caplog):
                         logging_steps=10, save_steps=20, distributed="fsdp", num_processes=1)
     lora = LoraSection(r=16, alpha=32, dropout=0.0)
     with caplog.at_level(logging.INFO, logger="qlora.distributed"):
-        a = launch_training(base, data, lora, train, work)
+        a = train_adapter(base, data, lora, train, work)
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "--use_fsdp" in text and "(fsdp)" in text
     assert a.global_step == 40 and a.last_loss < a.first_loss
@@ -110,7 +109,7 @@ def test_fsdp_qlora_trains_saves_and_resumes(demo_on_gpu, caplog):
     assert weights and all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in weights)
     assert any(float(v.abs().sum()) > 0 for k, v in weights.items() if "lora_B" in k)  # B starts at 0: it trained
     # A plain PEFT adapter: it loads onto the 4-bit base outside FSDP, every LoRA tensor from the file.
-    from tasks.evaluate import load_tuned
+    from qlora.loading import load_tuned
 
     tuned, _ = load_tuned(base, a)
     loaded = {n: p for n, p in tuned.named_parameters() if "lora_" in n}

@@ -15,7 +15,7 @@ import urllib.request
 import mlflow
 import pytest
 
-from qlora.cli import main as cli
+from flows.cli import main as cli
 from qlora.config import RegistryConfig, TrackingConfig
 from qlora.tracking import start_run
 from registry import aliases
@@ -207,7 +207,7 @@ def test_require_approval_pauses_until_approved(registered, trained, mlflow_serv
     from prefect.client.orchestration import get_client
     from prefect.flow_runs import resume_flow_run
 
-    from registry.approval import await_approval
+    from flows.approval import await_approval
 
     base, adapter, report = trained
     _, _, client = registered
@@ -283,16 +283,18 @@ def test_register_logs_the_model_evaluate_loaded_then_releases_it(trained, mlflo
     import logging
 
     from qlora.config import EvalConfig
+    from qlora.loading import ModelCache
     from registry.register import log_adapter
-    from tasks import evaluate as ev
+    from tasks.evaluate import evaluate_adapter
 
     base, adapter, report = trained
-    ev.evaluate_adapter(base, adapter, report.data, EvalConfig(max_samples=2, max_new_tokens=3, batch_size=2))
-    assert list(ev._KEPT) == [(base.path, adapter.path)]
-    with caplog.at_level(logging.INFO, logger="qlora.evaluate"):
-        info = log_adapter(base, adapter, _run(mlflow_server))
-    assert "reusing the tuned model the evaluate stage loaded" in caplog.text
-    assert not ev._KEPT and info.model_uri
+    models = ModelCache()
+    evaluate_adapter(base, adapter, report.data, EvalConfig(max_samples=2, max_new_tokens=3, batch_size=2), models=models)
+    assert models.holds == (base.path, adapter.path)
+    with caplog.at_level(logging.INFO, logger="qlora.loading"):
+        info = log_adapter(base, adapter, _run(mlflow_server), models=models)
+    assert "reusing the tuned model loaded earlier in this run" in caplog.text
+    assert models.holds is None and info.model_uri
 
 
 def _versions(mlflow_uri, tmp_path, name, n):

@@ -10,15 +10,18 @@ from qlora.config import EvalConfig, LoraSection, ModelConfig, QuantizationConfi
 from qlora.errors import ModelError
 from qlora.quant import count_4bit_layers
 from tasks.evaluate import evaluate_adapter
-from tasks.quantize import load_model, prepare_quantized_model
-from tasks.train import build_peft_model, latest_checkpoint, train_adapter
+from qlora.loading import load_base
+from tasks.quantize import prepare_quantized_model
+from tasks.train import train_adapter
+from tasks.training.checkpoints import latest_valid_checkpoint
+from tasks.training.recipe import build_peft_model
 
 
 def test_quantized_checkpoint_is_4bit_and_smaller(prepared, tiny_base):
     work, model, _, base = prepared
-    m = load_model(base.path, None)  # no quantization config passed: it comes from the checkpoint
+    m = load_base(base.path, None)  # no quantization config passed: it comes from the checkpoint
     assert count_4bit_layers(m) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
-    full = load_model(str(tiny_base), None)
+    full = load_base(str(tiny_base), None)
     assert base.footprint_bytes < full.get_memory_footprint()
     again = prepare_quantized_model(model, QuantizationConfig(), work)
     assert again == base  # content-keyed cache
@@ -46,7 +49,7 @@ def test_train_resume_and_evaluate(prepared):
     assert a.global_step == 8
     assert a.last_loss < a.first_loss
     run_dir = Path(a.run_dir)
-    assert latest_checkpoint(run_dir).endswith("checkpoint-8")
+    assert latest_valid_checkpoint(run_dir).endswith("checkpoint-8")
 
     # A finished adapter is reused as is.
     assert train_adapter(base, data, lora, train, work) == a
@@ -68,13 +71,11 @@ def test_train_resume_and_evaluate(prepared):
 
 def test_training_uses_bitsandbytes_8bit_adamw_and_extra_callbacks_see_it(prepared):
     """optim=paged_adamw_8bit is bitsandbytes' 8-bit AdamW (paged on CUDA; bitsandbytes falls back to
-    unpaged memory on CPU), with 8-bit state for the larger LoRA matrices. extra_callbacks() is how
-    tests and benchmarks look inside the real training stage; they are gone after the block."""
+    unpaged memory on CPU), with 8-bit state for the larger LoRA matrices. ``callbacks=`` is how tests
+    and benchmarks look inside the real training stage; they apply to that call only."""
     import bitsandbytes as bnb
     import torch
     from transformers import TrainerCallback
-
-    from tasks.train import _EXTRA_CALLBACKS, extra_callbacks
 
     work, _, data, base = prepared
     seen = {}
@@ -87,8 +88,6 @@ def test_training_uses_bitsandbytes_8bit_adamw_and_extra_callbacks_see_it(prepar
 
     train = TrainConfig(max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-3,
                         save_steps=100, seed=7)
-    with extra_callbacks(Spy()):
-        train_adapter(base, data, LoraSection(r=32, alpha=32, dropout=0.0), train, work)
-    assert not _EXTRA_CALLBACKS
+    train_adapter(base, data, LoraSection(r=32, alpha=32, dropout=0.0), train, work, callbacks=(Spy(),))
     assert isinstance(seen["opt"], bnb.optim.optimizer.Optimizer8bit) and seen["opt"].is_paged
     assert seen["state1"] and set(seen["state1"]) == {torch.uint8}

@@ -9,7 +9,9 @@ from datasets import load_from_disk
 from qlora.config import DataConfig, ModelConfig
 from qlora.errors import DataError
 from qlora.template import format_prompt, user_message
-from tasks.tokenize import IGNORE_INDEX, load_tokenizer, tokenize_dataset
+from qlora.loading import load_tokenizer
+from tasks.data.encode import IGNORE_INDEX
+from tasks.tokenize import tokenize_dataset
 
 from .conftest import DEMO_DATA, SHARED_DATA
 
@@ -161,12 +163,13 @@ def test_report_reaches_mlflow_and_duplicates_overlap_are_counted(tmp_path, tiny
 def test_arrow_columns_are_exactly_the_encoded_rows(tiny_base, monkeypatch, chunk_rows, num_proc):
     """The single-process path writes Arrow from numpy buffers (in chunks), the multi-process path runs
     ``Dataset.map``: both hold exactly what ``encode`` computes, row for row, with narrow int types."""
-    import tasks.tokenize as T
+    import tasks.data.encode as T
+    from tasks.data.validate import parse
 
     monkeypatch.setattr(T, "CHUNK_ROWS", chunk_rows)
     data = DataConfig(path=str(SHARED_DATA / "code_alpaca_2k.json"), max_length=128, num_proc=num_proc)
     tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_base)))
-    items = T.render_source(T.parse(data.path, data), data, tok).items[:40]
+    items = T.render_source(parse(data.path, data), data, tok).items[:40]
     if num_proc > 1:  # below 2000 rows per worker the map would run in one process
         items = items * 100
     ds = T.tokenize_items(items, tok, data)
@@ -188,11 +191,12 @@ def test_tokenizing_inside_a_prefect_task_logs_no_bytecode(tiny_base, prefect_se
 
     from prefect import flow, task
 
-    import tasks.tokenize as T
+    import tasks.data.encode as T
+    from tasks.data.validate import parse
 
     data = DataConfig(path=str(SHARED_DATA / "code_alpaca_2k.json"), max_length=128, num_proc=num_proc)
     tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_base)))
-    items = T.render_source(T.parse(data.path, data), data, tok).items[:40] * (100 if num_proc > 1 else 1)
+    items = T.render_source(parse(data.path, data), data, tok).items[:40] * (100 if num_proc > 1 else 1)
 
     @task(log_prints=True)
     def tokenize_in_task():

@@ -88,7 +88,9 @@ def cmd_run(args) -> int:
 def cmd_validate_data(args) -> int:
     """Validation and tokenization only (tokenizer, no model, writes nothing); prints the data report."""
     from qlora.config import load_config
-    from tasks.tokenize import load_tokenizer, prepare, validate
+    from qlora.loading import load_tokenizer
+    from tasks.data.encode import prepare
+    from tasks.data.validate import validate
 
     cfg = load_config(args.config, args.set)
     import datasets
@@ -218,8 +220,7 @@ def _lighten_interpreter_teardown() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
-    from qlora.errors import UserError
-    from qlora.failures import TrackingUnavailable
+    from qlora.errors import TrackingUnavailable, UserError
 
     try:
         return args.func(args)
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The ``qlora`` command (and ``python -m qlora.cli``): ``main`` in a process that ends with it."""
+    """The ``qlora`` command (and ``python -m flows.cli``): ``main`` in a process that ends with it."""
     code = main()
     _lighten_interpreter_teardown()  # not in main(): callers that go on (tests, notebooks) keep a normal GC
     sys.exit(code)

@@ -33,10 +33,12 @@ def looks_like_hub_id(path: str) -> bool:
     return not p.exists() and path.count("/") == 1 and not path.startswith((".", "/")) and p.suffix == ""
 
 
-def read_source(path: str, split: str = "train", subset: str | None = None, revision: str | None = None) -> Source:
+def read_source(path: str, split: str = "train", subset: str | None = None, revision: str | None = None,
+                local: LocalContent | None = None) -> Source:
+    """All rows of ``path``; ``local`` is its content when the caller already read it (``local_content``)."""
     p = Path(path)
     if p.is_dir():
-        return _read_saved_dataset(p, split)
+        return _read_saved_dataset(p, split, local.digest if local else None)
     if not p.exists():
         if looks_like_hub_id(path):
             return _read_hub(path, split, subset, revision)
@@ -45,8 +47,9 @@ def read_source(path: str, split: str = "train", subset: str | None = None, revi
             "a hub dataset id looks like owner/name)"
         )
     suffix = p.suffix.lower()
-    raw = p.read_bytes()
-    src = Source(name=str(p), digest=hashlib.sha256(raw).hexdigest())
+    local = local if local is not None and local.raw is not None else local_content(path, split)
+    raw = local.raw
+    src = Source(name=str(p), digest=local.digest)
     if not raw.strip() or raw.strip() == b"\xef\xbb\xbf":
         raise DataError(f"{p}: file is empty; expected rows of training data")
     if suffix == ".parquet":
@@ -145,7 +148,7 @@ def _read_parquet(p: Path, raw: bytes, src: Source) -> Source:
     return src
 
 
-def _read_saved_dataset(p: Path, split: str) -> Source:
+def _read_saved_dataset(p: Path, split: str, digest: str | None = None) -> Source:
     from datasets import Dataset, DatasetDict, load_from_disk
 
     try:
@@ -157,16 +160,30 @@ def _read_saved_dataset(p: Path, split: str) -> Source:
             raise DataError(f"{p}: no split '{split}' (has {sorted(ds)}); set data.split")
         ds = ds[split]
     assert isinstance(ds, Dataset)
-    return Source(name=str(p), rows=[(f"{p}: row {i}", r) for i, r in enumerate(ds.to_list(), start=1)], digest=dir_digest(p, split))
+    return Source(name=str(p), rows=[(f"{p}: row {i}", r) for i, r in enumerate(ds.to_list(), start=1)],
+                  digest=digest or dir_digest(p, split))
 
 
-def local_digest(path: str, split: str) -> str | None:
+@dataclass
+class LocalContent:
+    """A local source read once: its digest (the cache key's part) and, for a file, its bytes, which
+    ``read_source`` then parses without reading the file again."""
+
+    digest: str
+    raw: bytes | None = None  # None for a save_to_disk folder
+
+
+def local_content(path: str, split: str) -> LocalContent | None:
     """The digest ``read_source`` would give, without parsing: None for a hub dataset (known only once loaded)."""
     p = Path(path)
     if p.is_file():
-        return hashlib.sha256(p.read_bytes()).hexdigest()
+        try:
+            raw = p.read_bytes()
+        except OSError as e:
+            raise DataError(f"{p}: cannot read the data file ({e.strerror or e}); check its permissions") from None
+        return LocalContent(hashlib.sha256(raw).hexdigest(), raw)
     if p.is_dir():
-        return dir_digest(p, split)
+        return LocalContent(dir_digest(p, split))
     return None
 
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 
-def minimal_loop_steps_per_s(base_path: str, data_path: str, cfg, steps: int) -> float:
+def minimal_loop_steps_per_s(base_path: str, data_path: str, cfg, steps: int, checkpointing: bool) -> float:
     import bitsandbytes as bnb
     import torch
     from datasets import load_from_disk
@@ -23,7 +23,7 @@ def minimal_loop_steps_per_s(base_path: str, data_path: str, cfg, steps: int) ->
     torch.manual_seed(cfg.train.seed)
     tok = AutoTokenizer.from_pretrained(base_path)
     ds = load_from_disk(data_path)["train"]
-    model = build_peft_model(base_path, cfg.lora, cfg.train.gradient_checkpointing, quantized=True)
+    model = build_peft_model(base_path, cfg.lora, checkpointing, quantized=True)
     model.train()
     opt = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=cfg.train.learning_rate)
     collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
@@ -52,7 +52,12 @@ def measure(config_path: str, workdir: Path, steps: int = 120) -> dict[str, floa
     )
     data = tokenize_dataset(cfg.data, cfg.model, cfg.workdir)
     base = prepare_quantized_model(cfg.model, cfg.quantization, cfg.workdir)
-    minimal = minimal_loop_steps_per_s(base.path, data.path, cfg, steps)
+    from datasets import load_from_disk
+
+    from tasks.training.recipe import resolve_checkpointing
+
+    checkpointing = resolve_checkpointing(base, cfg.train, load_from_disk(data.path)["train"])
+    minimal = minimal_loop_steps_per_s(base.path, data.path, cfg, steps, checkpointing)
     adapter = train_adapter(base, data, cfg.lora, cfg.train, cfg.workdir)
     ours = adapter.global_step / adapter.train_runtime_s
     return {"trainer_steps_per_s": ours, "minimal_steps_per_s": minimal, "trainer_vs_minimal": ours / minimal}

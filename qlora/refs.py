@@ -26,6 +26,8 @@ class QuantizedModel(BaseModel):
     footprint_bytes: int  # model.get_memory_footprint() after 4-bit load
     quantized: bool = True
     attn_implementation: str = "sdpa"  # what training and evaluation load it with
+    compute_dtype: str | None = None  # the 4-bit matmuls' dtype, auto resolved on the machine that quantized
+    dtype_choice: str | None = None  # why that dtype (config, GPU capability, or the CPU timing probe)
 
 
 class Adapter(BaseModel):

@@ -76,6 +76,7 @@ def lineage_tags(base: QuantizedModel, adapter: Adapter, report: EvalReport, run
         "base.fingerprint": base.fingerprint,  # content key: local weights hash or hub id+revision, + quant config
         "base.quantized_path": base.path,
         "quantization": json.dumps(quant, sort_keys=True, default=str),
+        "quantization.compute_dtype_choice": base.dtype_choice or "",
         "lora": json.dumps(lora, sort_keys=True, default=str),
         "config_hash": run_tags.get("config_hash", ""),
         "git_commit": git_commit() or "unknown",

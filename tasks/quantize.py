@@ -15,7 +15,7 @@ from pathlib import Path
 from qlora.config import ModelConfig, QuantizationConfig, stable_hash
 from qlora.errors import ModelError
 from qlora.loading import load_base, load_tokenizer
-from qlora.quant import count_4bit_layers
+from qlora.quant import count_4bit_layers, dtype_choice
 from qlora.refs import QuantizedModel
 
 log = logging.getLogger("qlora.quantize")
@@ -45,7 +45,9 @@ def prepare_quantized_model(model: ModelConfig, quant: QuantizationConfig, workd
     """Quantize ``model`` per ``quant`` and save it under a content key; reuse it if already there."""
     if model.trust_remote_code:
         log.warning("model.trust_remote_code is on: code from %s will run on this machine", model.name_or_path)
-    key = stable_hash({"base": base_identity(model), "quant": quant.model_dump(), "attn": model.attn_implementation})
+    dtype, why = dtype_choice(quant)  # auto resolves per machine: a bf16 checkpoint is no hit on an AVX2-only CPU
+    key = stable_hash({"base": base_identity(model), "quant": quant.model_dump(), "attn": model.attn_implementation,
+                       "compute_dtype": str(dtype)})
     out = Path(workdir) / "quantized" / key
     manifest = out / "manifest.json"
     if manifest.is_file():
@@ -68,6 +70,7 @@ def prepare_quantized_model(model: ModelConfig, quant: QuantizationConfig, workd
     ref = QuantizedModel(
         path=str(out.resolve()), base=model.name_or_path, revision=model.revision, fingerprint=key,
         footprint_bytes=int(m.get_memory_footprint()), quantized=quant.load_in_4bit,
+        compute_dtype=str(dtype).removeprefix("torch."), dtype_choice=why,
         attn_implementation=model.attn_implementation,
     )
     (tmp / "manifest.json").write_text(ref.model_dump_json())

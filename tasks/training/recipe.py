@@ -1,6 +1,6 @@
 """The QLoRA recipe: k-bit preparation -> LoRA on the configured modules -> ``transformers.Trainer`` with
-paged 8-bit AdamW, cosine schedule with warmup, gradient clipping, (optional) gradient checkpointing and
-gradient accumulation. ``fit`` trains one run dir to its adapter; ``fit_with_oom_retry`` adds the one
+paged 8-bit AdamW, cosine schedule with warmup, gradient clipping, gradient checkpointing where memory
+needs it (``memory.py``) and gradient accumulation. ``fit`` trains one run dir to its adapter; ``fit_with_oom_retry`` adds the one
 CUDA out-of-memory retry. Every process of a multi-process run calls the latter (``launch.py``).
 """
 
@@ -17,6 +17,7 @@ from qlora.refs import Adapter, MlflowRun, QuantizedModel, TokenizedData
 from qlora.tracking import best_effort_run
 from tasks.training.callbacks import DivergenceGuard, safe_mlflow_callback
 from tasks.training.checkpoints import gather_fsdp_adapter, latest_valid_checkpoint, save_adapter_tensors
+from tasks.training.memory import max_tokens_per_micro_batch, use_checkpointing
 
 log = logging.getLogger("qlora.train")
 
@@ -27,7 +28,7 @@ def build_peft_model(base_path: str, lora: LoraSection, gradient_checkpointing: 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     model = load_base(base_path, attn=attn, fsdp=fsdp)
-    if quantized and (fsdp or (torch.cuda.is_available() and not fp32_norms)):
+    if quantized and not upcasts_norms(fsdp, fp32_norms):
         # Skip the kbit preparation's fp32 upcast of norms and embeddings; GPUs train under bf16/fp16
         # autocast and RMSNorm still computes its variance in fp32. Profiled on an H100 (7B, seq 1024):
         # with fp32 norms every 4-bit matmul gets an fp32 input, and bitsandbytes converts each dequantized
@@ -52,7 +53,25 @@ def build_peft_model(base_path: str, lora: LoraSection, gradient_checkpointing: 
     return get_peft_model(model, cfg)
 
 
-def training_arguments(train: TrainConfig, output_dir: Path, compute_dtype):
+def upcasts_norms(fsdp: bool, fp32_norms: bool) -> bool:
+    """Whether peft's k-bit preparation upcasts norms and embeddings of the 4-bit model to fp32."""
+    import torch
+
+    return not (fsdp or (torch.cuda.is_available() and not fp32_norms))
+
+
+def resolve_checkpointing(base: QuantizedModel, train: TrainConfig, train_split) -> bool:
+    """``train.gradient_checkpointing`` as a bool: ``auto`` asks ``memory.use_checkpointing``."""
+    if train.gradient_checkpointing != "auto":
+        return bool(train.gradient_checkpointing)
+    from transformers import AutoConfig
+
+    fp32 = base.compute_dtype == "float32" or (base.quantized and upcasts_norms(train.distributed == "fsdp", train.fp32_norms))
+    tokens = max_tokens_per_micro_batch(train_split, train.per_device_train_batch_size, train.packing)
+    return use_checkpointing("auto", AutoConfig.from_pretrained(base.path), tokens, 4 if fp32 else 2, base.footprint_bytes)
+
+
+def training_arguments(train: TrainConfig, output_dir: Path, compute_dtype, checkpointing: bool):
     import torch
     from transformers import TrainingArguments
 
@@ -75,7 +94,7 @@ def training_arguments(train: TrainConfig, output_dir: Path, compute_dtype):
         lr_scheduler_type=train.lr_scheduler_type,
         warmup_steps=train.warmup_steps,  # transformers 5: a float < 1 is a ratio
         max_grad_norm=train.max_grad_norm,
-        activation_checkpointing=train.gradient_checkpointing,
+        activation_checkpointing=checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         seed=train.seed,
         # Length-grouped batches: measured padding efficiency 0.5 -> 0.95+ on Code Alpaca (bench/data.py).
@@ -159,8 +178,8 @@ def fit(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: Tra
     # starts from the same adapter in every process, which is what makes a resumed run match an uninterrupted one.
     set_seed(train.seed)
     fsdp = train.distributed == "fsdp"
-    model = build_peft_model(base.path, lora, train.gradient_checkpointing, base.quantized, base.attn_implementation,
-                             fsdp, train.fp32_norms)
+    checkpointing = resolve_checkpointing(base, train, splits["train"])
+    model = build_peft_model(base.path, lora, checkpointing, base.quantized, base.attn_implementation, fsdp, train.fp32_norms)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA r=%d on %s: %d trainable of %d parameters (%.2f%%)", lora.r, lora.target_modules, trainable, total, 100 * trainable / total)
 
@@ -169,7 +188,7 @@ def fit(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: Tra
         all_callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
     trainer = _trainer_class()(
         model=model,
-        args=training_arguments(train, run_dir, _compute_dtype(model)),
+        args=training_arguments(train, run_dir, _compute_dtype(model), checkpointing),
         train_dataset=splits["train"],
         # The eval split also carries prompt/reference text for generation; the Trainer needs only tokens.
         eval_dataset=splits["eval"].select_columns(splits["train"].column_names)

@@ -20,18 +20,39 @@ deploy: export QLORA_TIMEZONE := $(QLORA_TIMEZONE)
 # NO_INSTALL=1 uses BIN as it is (tests run the targets from an existing environment).
 INSTALL := $(if $(NO_INSTALL),,install)
 
-.PHONY: install demo test test-gpu bench bench-gpu clean mlflow-ui prefect-ui server deploy worker
+.PHONY: install lock demo test test-gpu bench bench-quality bench-gpu clean mlflow-ui prefect-ui server deploy worker
+
+# Every package pinned: what CI tested is what a clone installs next month (pyproject.toml keeps the
+# ranges, for people who install the package into their own environment). `make lock` regenerates it.
+LOCK  := requirements.lock
+TORCH := torch==2.13.0
+PIP   := pip==26.3
 
 install: $(STAMP)
 
 # torch first, pinned: that wheel is the CPU build here (CUDA on a GPU machine). The project's own
-# range admits it, so the second pip call never swaps it for a multi-GB CUDA download.
-$(STAMP): pyproject.toml
+# range admits it, so the second pip call never swaps it for a multi-GB CUDA download; the lock
+# constrains everything else.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q $(PIP)
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -c $(LOCK) -e ".[dev,bench]"
 	touch $(STAMP)
+
+# pip's own resolver, in a throwaway venv, then `pip freeze` of what it installed. Not pip-compile or
+# uv: neither sees the local CPU torch wheel (uv ignores pip's find-links; both resolve PyPI's torch and
+# lock its CUDA dependencies), while a freeze records exactly the set CI installs.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install -q $(PIP)
+	.lock-venv/bin/python -m pip install -q $(TORCH)
+	.lock-venv/bin/python -m pip install -q ".[dev,bench]"
+	{ echo "# make lock: every package \`make install\` installs, from pyproject.toml's ranges on $$(date -u +%F)."; \
+	  echo "# $(TORCH) is installed first by its own pin (the CPU build here); not constrained here."; \
+	  .lock-venv/bin/python -m pip freeze --exclude qlora-pipeline --exclude torch; } > $(LOCK)
+	rm -rf .lock-venv
 
 $(DEMO_BASE)/config.json: qlora/demo.py data/demo/reverse_words.jsonl | $(STAMP)
 	$(BIN)/qlora build-demo --out $(DEMO_BASE)
@@ -44,6 +65,10 @@ test: install
 
 bench: install $(DEMO_BASE)/config.json
 	$(BIN)/python -m bench.run
+
+# The demo recipe's quality grid: seeds x {bf16, float32, auto under AVX2-only dispatch}, ~25 min.
+bench-quality: install $(DEMO_BASE)/config.json
+	$(BIN)/python -m bench.quality
 
 # On a CUDA machine: the GPU-only tests (demo recipe on the GPU, FSDP + QLoRA) and the 7B-shape benchmark.
 test-gpu: install

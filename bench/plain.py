@@ -38,6 +38,10 @@ def run(config_path: str, overrides: list[str]) -> dict[str, float]:
     report = evaluate_adapter(base, adapter, data, cfg.eval)
     times["evaluate"] = time.perf_counter() - t
     times["tuned_exact_match"] = report.metrics["eval/tuned/exact_match"]
+    times["tuned_eval_loss"] = report.metrics["eval/tuned/loss"]
+    times["train_runtime"] = adapter.train_runtime_s
+    times["steps"] = adapter.global_step
+    times["compute_dtype"] = base.compute_dtype
     return times
 
 

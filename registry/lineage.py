@@ -42,6 +42,26 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def _canonical(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def install_is_locked() -> bool | None:
+    """Whether the installed packages are exactly ``requirements.lock`` (what ``make install`` installs);
+    None without a lock file (an installed wheel, not a checkout). torch has its own pin; pip's own
+    tooling and this project are not in the lock."""
+    from importlib.metadata import distributions
+
+    lock = REPO / "requirements.lock"
+    if not lock.is_file():
+        return None
+    locked = {_canonical(k): v for k, v in (line.split("==", 1) for line in lock.read_text().splitlines()
+                                           if line and not line.startswith("#"))}
+    skip = {"torch", "pip", "setuptools", "wheel", "distribute", "qlora-pipeline"}
+    installed = {_canonical(d.metadata["Name"]): d.version for d in distributions()}
+    return locked == {k: v for k, v in installed.items() if k not in skip}
+
+
 def prefect_ui_url(flow_run_id: str | None) -> str | None:
     """Link to the flow run in the Prefect UI, when a server (not the ephemeral API) is configured."""
     if not flow_run_id:
@@ -81,6 +101,7 @@ def lineage_tags(base: QuantizedModel, adapter: Adapter, report: EvalReport, run
         "config_hash": run_tags.get("config_hash", ""),
         "git_commit": git_commit() or "unknown",
         "libraries": json.dumps(library_versions(), sort_keys=True),
+        "libraries.locked": {True: "true", False: "false", None: "no lock file"}[install_is_locked()],
         "prefect.flow_run_id": flow_run_id or "",
         "mlflow_run_id": run.run_id,
         "train.global_step": str(adapter.global_step),

@@ -1,0 +1,243 @@
+"""``qlora`` command line: run the flow, validate data, predict from the registry, list/promote/rollback versions,
+build the demo base.
+
+User errors (bad config, bad data, missing model) print one line per problem and exit 1, with no
+traceback; anything else is a bug or a fault and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+import time
+
+
+class _UserErrorsWithoutTraceback(logging.Filter):
+    """A UserError is the user's input, not our bug: Prefect logs its message, not a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from qlora.errors import UserError
+
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _setup_logging() -> None:
+    # Plain-function logs (logger "qlora.*") also show up in the Prefect task run logs.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "qlora")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network for telemetry
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "alembic", "mlflow.store.db.utils", "bitsandbytes"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for engine in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(engine).addFilter(_UserErrorsWithoutTraceback())
+
+
+def _start_ephemeral_prefect_server() -> threading.Thread | None:
+    """A bare ``qlora run`` (no PREFECT_API_URL) has Prefect start its temporary server when the flow
+    begins: 3.5 s, about 10 s the first time (it creates its database). Starting Prefect's own
+    ``SubprocessASGIServer`` in a thread now lets it come up while this process imports the libraries
+    the tasks need anyway (5.5 s here); the flow's ``get_client()`` then finds it running. If the start
+    fails, the server is marked not running and the flow's own start raises the error as before."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    t0 = time.perf_counter()
+
+    def start() -> None:
+        try:
+            SubprocessASGIServer().start()
+            thread.up_s = time.perf_counter() - t0
+        except Exception:  # reported by the flow's own start, in the main thread
+            pass
+
+    thread = threading.Thread(target=start, name="prefect-ephemeral-server", daemon=True)
+    thread.up_s = None
+    thread.start()
+    return thread
+
+
+def cmd_run(args) -> int:
+    from qlora.config import load_config
+
+    cfg = load_config(args.config, args.set)  # bad config: fail before starting anything
+    server = _start_ephemeral_prefect_server()
+    from flows.finetune import qlora_finetune
+
+    if server is not None:
+        import datasets, mlflow, peft, torch, transformers  # noqa: E401,F401  (what the tasks import first)
+
+        t = time.perf_counter()
+        server.join()  # the flow must not see a server that is still starting
+        if server.up_s is not None:
+            logging.getLogger("qlora.cli").info(
+                "Prefect temporary server up in %.1f s, %.1f s of it not hidden by imports", server.up_s, time.perf_counter() - t)
+    version = qlora_finetune(config=cfg)
+    print(f"registered {version.name} version {version.version} aliases={','.join(version.aliases)}")
+    return 0
+
+
+def cmd_validate_data(args) -> int:
+    """Validation and tokenization only (tokenizer, no model, writes nothing); prints the data report."""
+    from qlora.config import load_config
+    from qlora.loading import load_tokenizer
+    from tasks.data.encode import prepare
+    from tasks.data.validate import validate
+
+    cfg = load_config(args.config, args.set)
+    import datasets
+
+    datasets.disable_progress_bars()  # the report is the output; bars would interleave with it
+    parsed = validate(cfg.data)  # file and row structure first: needs no tokenizer
+    print(prepare(cfg.data, load_tokenizer(cfg.model), parsed).report.markdown())
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from registry.consumer import predict
+
+    for out in predict(args.model_uri, args.prompts, args.max_new_tokens, args.temperature, args.tracking_uri):
+        print(out)
+    return 0
+
+
+def _registry_client(args):
+    import mlflow
+
+    from qlora.config import TrackingConfig
+    from qlora.tracking import resolve_uri
+
+    return mlflow.MlflowClient(resolve_uri(TrackingConfig(uri=args.tracking_uri)))
+
+
+def cmd_registry_list(args) -> int:
+    from registry.aliases import list_lines
+
+    print("\n".join(list_lines(_registry_client(args), args.name)))
+    return 0
+
+
+def cmd_promote(args) -> int:
+    from registry.aliases import promote
+
+    v = promote(_registry_client(args), args.name, args.version, args.why, args.by)
+    if v != str(args.version):
+        print(f"{args.name}: v{args.version} recorded as promoted, but a promotion of v{v} landed after it and "
+              f"holds champion (see `qlora registry list {args.name}`)", file=sys.stderr)
+        return 1
+    print(f"{args.name}: champion -> v{v}")
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    from registry.aliases import rollback
+
+    frm, to = rollback(_registry_client(args), args.name, args.why, args.by)
+    print(f"{args.name}: champion v{frm} -> v{to}")
+    return 0
+
+
+def cmd_build_demo(args) -> int:
+    from qlora.demo import build_demo_base
+
+    out = build_demo_base(args.out, args.data)
+    print(f"demo base model written to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from qlora.config import DEMO_BASE_DIR
+    from qlora.demo import DEMO_DATA
+
+    p = argparse.ArgumentParser(prog="qlora", description="Prefect-orchestrated QLoRA fine-tuning.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run the fine-tuning flow on a config")
+    r.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.max_steps=5 (repeatable)")
+    r.set_defaults(func=cmd_run)
+
+    v = sub.add_parser("validate-data", help="validate and tokenize the config's data, print the data report")
+    v.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    v.set_defaults(func=cmd_validate_data)
+
+    pr = sub.add_parser("predict", help="generate with a registered model, as a registry consumer would")
+    pr.add_argument("model_uri", help="e.g. models:/qlora-demo@champion")
+    pr.add_argument("prompts", nargs="+", help="user messages; the training prompt template is applied")
+    pr.add_argument("--max-new-tokens", type=int, default=64)
+    pr.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    pr.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI")
+    pr.set_defaults(func=cmd_predict)
+
+    tracking = argparse.ArgumentParser(add_help=False)
+    tracking.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    reg = sub.add_parser("registry", help="inspect the model registry").add_subparsers(dest="registry_command", required=True)
+    rl = reg.add_parser("list", parents=[tracking], help="versions, aliases, key metrics: a line each, newest first")
+    rl.add_argument("name")
+    rl.set_defaults(func=cmd_registry_list)
+    po = sub.add_parser("promote", parents=[tracking], help="move champion to VERSION by hand (who/why recorded)")
+    po.add_argument("name")
+    po.add_argument("version")
+    po.add_argument("--why", required=True, help="recorded in the version's tags")
+    po.add_argument("--by", default=None, help="who decides (default: the OS user)")
+    po.set_defaults(func=cmd_promote)
+    rb = sub.add_parser("rollback", parents=[tracking], help="move champion back to the previous champion")
+    rb.add_argument("name")
+    rb.add_argument("--why", default="rollback", help="recorded in the versions' tags")
+    rb.add_argument("--by", default=None)
+    rb.set_defaults(func=cmd_rollback)
+
+    b = sub.add_parser("build-demo", help="build the tiny demo base model (random weights, trained tokenizer)")
+    b.add_argument("--out", default=DEMO_BASE_DIR)
+    b.add_argument("--data", default=str(DEMO_DATA))
+    b.set_defaults(func=cmd_build_demo)
+    return p
+
+
+def _lighten_interpreter_teardown() -> None:
+    """At exit Python garbage-collects, several times over, every object that torch, transformers,
+    MLflow and Prefect created: 2.8 s after a ``qlora run`` had finished its work, here. One collection
+    now (cyclic garbage is still finalized) and freezing what survives leaves teardown only the objects
+    made after this point: 0.9 s in all. Only for a process about to exit, as frozen objects are never
+    collected again. atexit handlers (Prefect's log and event workers, its temporary server, MLflow)
+    run as before."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    from qlora.errors import TrackingUnavailable, UserError
+
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except TrackingUnavailable as e:  # a fault, not a bug: say what was kept and what to do
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def entry() -> None:
+    """The ``qlora`` command (and ``python -m flows.cli``): ``main`` in a process that ends with it."""
+    code = main()
+    _lighten_interpreter_teardown()  # not in main(): callers that go on (tests, notebooks) keep a normal GC
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,81 @@
+"""The ``qlora-finetune`` flow: five retriable tasks wired together, one MLflow run per flow run.
+
+Stages:
+0. open-mlflow-run - the config's unfinished MLflow run if a killed attempt left one, else a new run
+1. tokenize  - dataset -> templated, completion-only-labelled tokens on disk
+2. quantize  - base model -> pre-quantized 4-bit NF4 checkpoint on disk
+3. train     - QLoRA with transformers.Trainer -> adapter on disk (metrics autologged to MLflow)
+4. evaluate  - base vs tuned on the held-out split -> eval/base/* and eval/tuned/* in MLflow
+5. register  - adapter -> MLflow Model Registry version (lineage tags); challenger always, champion when
+               the promotion gate and the consumer check pass (and, if required, a human approves)
+6. report    - loss plot to MLflow; Prefect artifacts (run report, eval examples); notifications
+
+Failure semantics (issue 4): an MLflow server that is down at the start does not stop training;
+the run is opened again (with retries) before registering. A failed or crashed flow run marks its
+MLflow run FAILED (hooks below); a SIGKILLed one leaves it RUNNING until the re-run continues it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prefect import flow, runtime
+
+from flows import stages
+from flows.approval import await_approval
+from qlora.config import PipelineConfig
+from qlora.loading import ModelCache
+from qlora.refs import RegisteredVersion
+from qlora.tracking import end_run, fail_runs_of_flow_run
+from tasks.reporting import notify
+
+log = logging.getLogger("qlora.flow")
+
+
+def _fail_mlflow_runs(flow, flow_run, state) -> None:
+    """on_failure / on_crashed: no MLflow run of this flow run is left RUNNING."""
+    cfg = PipelineConfig.model_validate(flow_run.parameters.get("config") or {})
+    failed = fail_runs_of_flow_run(cfg.tracking, str(flow_run.id))
+    if failed:
+        log.warning("flow run %s ended %s: MLflow run(s) %s marked FAILED", flow_run.name, state.type.value, failed)
+
+
+def _notify_failure(flow, flow_run, state) -> None:
+    """on_failure / on_crashed: the config comes from the flow run's own parameters."""
+    try:
+        cfg = PipelineConfig.model_validate(flow_run.parameters.get("config", {})).report
+    except Exception:  # invalid parameters never reach a running flow; be safe anyway
+        return
+    notify(cfg, "failure", f"flow run {flow_run.name} failed: {state.message}", flow_run_id=str(flow_run.id))
+
+
+@flow(
+    name="qlora-finetune", log_prints=True,
+    on_failure=[_fail_mlflow_runs, _notify_failure], on_crashed=[_fail_mlflow_runs, _notify_failure],
+)
+def qlora_finetune(config: PipelineConfig = PipelineConfig()) -> RegisteredVersion:
+    """Fine-tune ``config.model`` with QLoRA on ``config.data``, evaluate it and register the adapter."""
+    opening = dict(
+        cfg=config.tracking, workdir=config.workdir, key=config.fingerprint(), run_name=runtime.flow_run.name,
+        tags={"prefect.flow_run_id": str(runtime.flow_run.id), "config_hash": config.fingerprint()},
+    )
+    opened = stages.open_run(**opening, return_state=True)
+    run = opened.result() if opened.is_completed() else None  # tracking down: train anyway, untracked
+    status = "FAILED"
+    models = ModelCache()  # the tuned model evaluate loads, reused by register in this process
+    try:
+        data = stages.tokenize(config.data, config.model, config.workdir, run)
+        base = stages.quantize(config.model, config.quantization, config.workdir)
+        adapter = stages.train(base, data, config.lora, config.train, config.workdir, run)
+        report = stages.evaluate(base, adapter, data, config.eval, run, models)
+        run = run or stages.open_run(**opening)  # registering needs the server: retried, then a clear error
+        version = stages.register(base, adapter, report, config.registry, run, data, models)
+        if version.awaiting_approval:  # registry.require_approval: pause for a human (must run in the flow)
+            version = await_approval(version, config.registry, run)
+        stages.publish_report(report, adapter, version, run, config.report)
+        status = "FINISHED"
+        return version
+    finally:
+        models.release()
+        if run is not None:
+            end_run(run, status)  # never leave the MLflow run RUNNING, whatever happened

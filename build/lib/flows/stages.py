@@ -1,0 +1,87 @@
+"""Prefect task wrappers for the stages: names, retries and artifacts, nothing else.
+
+The work is in the plain functions (``tasks.tokenize`` ... ``registry.register``), which import and
+test without Prefect. A task retries transient faults (I/O, network, a tracking server blip) and
+never a ``UserError`` or a bug: bad input fails at once with its message. Stages pass only small
+references (paths, ids), so they are cheap to hash and safe to retry; the one exception, the flow
+run's ``ModelCache`` handed from evaluate to register, is left out of the cache key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import DEFAULT
+
+from qlora.config import DataConfig, EvalConfig, LoraSection, ModelConfig, QuantizationConfig, RegistryConfig, ReportConfig, TrackingConfig, TrainConfig
+from qlora.errors import retry_transient
+from qlora.loading import ModelCache
+from qlora.refs import Adapter, EvalReport, MlflowRun, QuantizedModel, RegisteredVersion, TokenizedData
+from qlora.tracking import start_or_resume_run
+from registry.register import register_adapter
+from tasks import reporting
+from tasks.evaluate import evaluate_adapter
+from tasks.quantize import prepare_quantized_model
+from tasks.tokenize import tokenize_dataset
+from tasks.train import train_adapter
+
+# Only transient faults are retried (qlora.errors.is_transient): never a UserError, a diverged run or a
+# code bug. Training's CUDA OOM is handled inside train_adapter (smaller micro-batch).
+_common = dict(retry_condition_fn=retry_transient, retry_jitter_factor=0.5, log_prints=True)
+_WITHOUT_MODELS = DEFAULT - "models"  # a loaded model is no cache-key material
+
+
+def _markdown(key: str, markdown: str) -> None:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    create_markdown_artifact(markdown=markdown, key=reporting.artifact_key(key, ""))
+
+
+@task(name="open-mlflow-run", retries=2, retry_delay_seconds=[2, 10], **_common)
+def open_run(cfg: TrackingConfig, workdir: str, key: str, run_name: str | None, tags: dict[str, str] | None = None) -> MlflowRun:
+    return start_or_resume_run(cfg, workdir, key, run_name, tags)
+
+
+@task(name="tokenize", retries=2, retry_delay_seconds=5, **_common)
+def tokenize(data: DataConfig, model: ModelConfig, workdir: str, run: MlflowRun | None = None) -> TokenizedData:
+    """Tokenize, then show the data report (drops by reason, lengths, examples) in the Prefect UI."""
+    ref = tokenize_dataset(data, model, workdir, run)
+    if ref.report_path:
+        create_markdown_artifact(markdown=Path(ref.report_path).read_text(), key="data-report", description="tokenize: data report")
+    return ref
+
+
+@task(name="quantize", retries=2, retry_delay_seconds=10, **_common)
+def quantize(model: ModelConfig, quant: QuantizationConfig, workdir: str) -> QuantizedModel:
+    return prepare_quantized_model(model, quant, workdir)
+
+
+@task(name="train", retries=1, retry_delay_seconds=30, **_common)
+def train(base: QuantizedModel, data: TokenizedData, lora: LoraSection, cfg: TrainConfig, workdir: str,
+          run: MlflowRun | None = None) -> Adapter:
+    return train_adapter(base, data, lora, cfg, workdir, run)
+
+
+@task(name="evaluate", retries=2, retry_delay_seconds=10, cache_policy=_WITHOUT_MODELS, **_common)
+def evaluate(base: QuantizedModel, adapter: Adapter, data: TokenizedData, cfg: EvalConfig, run: MlflowRun | None = None,
+             models: ModelCache | None = None) -> EvalReport:
+    return evaluate_adapter(base, adapter, data, cfg, run, models)
+
+
+@task(name="register", retries=3, retry_delay_seconds=[5, 20, 60], cache_policy=_WITHOUT_MODELS, **_common)
+def register(base: QuantizedModel, adapter: Adapter, report: EvalReport, cfg: RegistryConfig, run: MlflowRun,
+             data: TokenizedData | None = None, models: ModelCache | None = None) -> RegisteredVersion:
+    return register_adapter(base, adapter, report, cfg, run, data, models, publish=_markdown)
+
+
+@task(name="report", retries=2, retry_delay_seconds=5, log_prints=True)
+def publish_report(report: EvalReport, adapter: Adapter, version: RegisteredVersion, run: MlflowRun,
+                   cfg: ReportConfig) -> list[str]:
+    """Loss plot to MLflow; Markdown report + eval examples table as Prefect artifacts; notify on promotion."""
+    md, decision = reporting.build_report(report, adapter, version, run, cfg)
+    keys = [reporting.artifact_key(version.name, "report"), reporting.artifact_key(version.name, "eval-examples")]
+    create_markdown_artifact(md, key=keys[0], description=f"{version.name} v{version.version}: {decision}")
+    create_table_artifact(reporting.example_rows(report, cfg.examples), key=keys[1], description="held-out prompts, base vs tuned")
+    reporting.notify_promotion(cfg, version)
+    return keys

@@ -1,0 +1,146 @@
+"""Every model and tokenizer load in one place: the base (quantizing or pre-quantized), the tuned
+adapter on it, the merged full-precision model, and the tokenizer with its pad token fixed.
+
+Stages and the registry load through these functions only, so a loading rule (safetensors only,
+the device map, the pad token, left padding for generation) is written once.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from qlora.config import ModelConfig, QuantizationConfig
+from qlora.quant import bnb_config, compute_dtype, device_map
+from qlora.refs import Adapter, QuantizedModel
+from qlora.secrets import hf_token
+
+log = logging.getLogger("qlora.loading")
+
+
+def fix_pad_token(tok):
+    """A tokenizer without a pad token (Llama-3, Mistral) pads with EOS: batches and batched generation need
+    one, and the padded positions are masked (attention mask 0, labels -100), so which id it is does not matter."""
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_tokenizer(source: ModelConfig | str | Path, padding_side: str = "right"):
+    """The tokenizer of a base (``ModelConfig``: hub id or local dir) or of a saved folder (quantized base,
+    adapter), pad token fixed. ``padding_side="left"`` for batched generation."""
+    from transformers import AutoTokenizer
+
+    if isinstance(source, ModelConfig):
+        tok = AutoTokenizer.from_pretrained(
+            source.name_or_path, revision=source.revision, trust_remote_code=source.trust_remote_code,
+            token=hf_token(source),
+        )
+    else:
+        tok = AutoTokenizer.from_pretrained(str(source))
+    tok = fix_pad_token(tok)
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_base(path: str, quant: QuantizationConfig | None = None, model: ModelConfig | None = None,
+              attn: str | None = None, fsdp: bool = False):
+    """``from_pretrained`` with this project's device map and dtype; quantizes when ``quant`` asks for it.
+
+    ``model`` carries the hub options (revision, trust_remote_code, token, attention kernel) when ``path``
+    is the user's base; a pre-quantized folder needs none of them. Under FSDP no device map:
+    transformers loads the weights on local rank 0 only (meta elsewhere) and FSDP shards them onto the
+    GPUs (accelerate's cpu_ram_efficient_loading + sync_module_states).
+    """
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"attn_implementation": attn} if attn else {}
+    if model is not None:
+        kwargs = {"revision": model.revision, "trust_remote_code": model.trust_remote_code,
+                  "attn_implementation": model.attn_implementation, "token": hf_token(model)}
+    if quant is not None and quant.load_in_4bit:
+        # Only when quantizing: an explicit None would shadow a pre-quantized checkpoint's own config.
+        kwargs["quantization_config"] = bnb_config(quant)
+    return AutoModelForCausalLM.from_pretrained(
+        path,
+        device_map=None if fsdp else device_map(),
+        dtype=compute_dtype(quant) if quant is not None else "auto",
+        use_safetensors=True,  # never unpickle .bin weights
+        **kwargs,
+    )
+
+
+def _ready_for_generation(model, tok):
+    """Eval mode, and a pad id in the generation config (bases without a pad token have none)."""
+    model.eval()
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and gen.pad_token_id is None:
+        gen.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def load_tuned(base: QuantizedModel, adapter: Adapter):
+    """Pre-quantized base + LoRA adapter, in eval mode, with a left-padding tokenizer for batched generation."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_base(base.path, attn=base.attn_implementation), adapter.path)
+    return _ready_for_generation(model, load_tokenizer(adapter.path, padding_side="left"))
+
+
+def load_merged(base: QuantizedModel, adapter: Adapter):
+    """The *original* base in bf16 + the adapter, merged into plain ``nn.Linear`` weights.
+
+    Not the 4-bit base: merging into NF4 weights would re-quantize them and lose most of what the
+    adapter adds. Returns (model, tokenizer)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    full = AutoModelForCausalLM.from_pretrained(
+        base.base, revision=base.revision, dtype=torch.bfloat16, use_safetensors=True,
+        attn_implementation=base.attn_implementation,
+    )
+    merged = PeftModel.from_pretrained(full, adapter.path).merge_and_unload()
+    return _ready_for_generation(merged, load_tokenizer(adapter.path, padding_side="left"))
+
+
+class ModelCache:
+    """One loaded (base + adapter) pair, handed from the evaluate stage to the register stage when both
+    run in one process (a flow run): loading the 4-bit base again costs ~1 s on the demo and about a
+    minute on a 7B model. The flow owns one per run and passes it to both stages; plain calls without
+    one load afresh. Keyed by the two folders, whose content keys make them immutable."""
+
+    def __init__(self):
+        self._key: tuple[str, str] | None = None
+        self._pair: tuple | None = None
+
+    def tuned(self, base: QuantizedModel, adapter: Adapter):
+        key = (base.path, adapter.path)
+        if self._key == key:
+            log.info("reusing the tuned model loaded earlier in this run (%s + %s)", base.path, adapter.path)
+            return self._pair
+        self.release()
+        self._pair, self._key = load_tuned(base, adapter), key
+        return self._pair
+
+    @property
+    def holds(self) -> tuple[str, str] | None:
+        return self._key
+
+    def release(self) -> None:
+        """Drop the kept pair (and its GPU memory)."""
+        if self._pair is None:
+            return
+        import gc
+
+        import torch
+
+        self._pair, self._key = None, None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def tuned(base: QuantizedModel, adapter: Adapter, cache: ModelCache | None = None):
+    """From ``cache`` when given (kept there for the next stage), else a fresh load."""
+    return cache.tuned(base, adapter) if cache is not None else load_tuned(base, adapter)

@@ -1,0 +1,63 @@
+"""What tasks hand each other: small, serialisable references (paths, fingerprints, ids), never objects."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from qlora.template import PROMPT_TEMPLATE
+
+
+class TokenizedData(BaseModel):
+    path: str  # datasets.DatasetDict.save_to_disk folder with "train" and "eval"
+    fingerprint: str  # content key: data bytes + tokenizer + template + max_length + format
+    train_rows: int
+    eval_rows: int
+    truncated_rows: int = 0
+    format: str = "alpaca"
+    prompt_template: str = PROMPT_TEMPLATE  # one-placeholder inference prompt (the same function rendered training)
+    report_path: str | None = None  # report.md of the data report
+
+
+class QuantizedModel(BaseModel):
+    path: str  # pre-quantized checkpoint + tokenizer, loadable with from_pretrained alone
+    base: str  # what the user asked for: hub id or local path
+    revision: str | None = None
+    fingerprint: str
+    footprint_bytes: int  # model.get_memory_footprint() after 4-bit load
+    quantized: bool = True
+    attn_implementation: str = "sdpa"  # what training and evaluation load it with
+    compute_dtype: str | None = None  # the 4-bit matmuls' dtype, auto resolved on the machine that quantized
+    dtype_choice: str | None = None  # why that dtype (config, GPU capability, or the CPU timing probe)
+
+
+class Adapter(BaseModel):
+    path: str  # PEFT adapter folder (adapter_config.json + adapter_model.safetensors)
+    run_dir: str  # Trainer output_dir holding the checkpoints
+    global_step: int
+    train_loss: float
+    first_loss: float | None = None
+    last_loss: float | None = None
+    resumed_from_step: int | None = None  # set when training continued from a checkpoint
+    train_runtime_s: float | None = None  # Trainer's own wall time for train() (excludes model load)
+
+
+class MlflowRun(BaseModel):
+    tracking_uri: str
+    run_id: str
+
+
+class EvalReport(BaseModel):
+    metrics: dict[str, float]  # eval/base/<m> and eval/tuned/<m>
+    samples: list[dict]  # a few {prompt, reference, base, tuned} rows for people to read
+    # What was scored and how: the registry's lineage tags and its consumer check need both.
+    data: TokenizedData | None = None
+    max_new_tokens: int | None = None
+
+
+class RegisteredVersion(BaseModel):
+    name: str
+    version: str
+    model_uri: str  # the logged model, models:/m-<id> (MLflow 3 logged-model URI)
+    aliases: list[str]
+    decision: str = ""  # the promotion gate's reason, with its evidence
+    awaiting_approval: bool = False  # gate passed, registry.require_approval holds champion back

@@ -1,0 +1,151 @@
+"""What every registered version says about where it came from: tags (searchable) and a Markdown description.
+
+Built from what is on disk and in the MLflow run, not from what the config asked for: the quantization
+config is read from the pre-quantized checkpoint's config.json and the LoRA config from the adapter's
+adapter_config.json, so the tags describe the artifacts a consumer actually loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from importlib.metadata import PackageNotFoundError, version as pkg_version
+from pathlib import Path
+
+from qlora.refs import Adapter, EvalReport, MlflowRun, QuantizedModel
+
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "mlflow", "prefect")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def git_commit() -> str | None:
+    """HEAD of the project checkout, with ``-dirty`` when tracked files changed; None outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for p in LIBRARIES:
+        try:
+            out[p] = pkg_version(p)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _canonical(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def install_is_locked() -> bool | None:
+    """Whether the installed packages are exactly ``requirements.lock`` (what ``make install`` installs);
+    None without a lock file (an installed wheel, not a checkout). torch has its own pin; pip's own
+    tooling and this project are not in the lock."""
+    from importlib.metadata import distributions
+
+    lock = REPO / "requirements.lock"
+    if not lock.is_file():
+        return None
+    locked = {_canonical(k): v for k, v in (line.split("==", 1) for line in lock.read_text().splitlines()
+                                           if line and not line.startswith("#"))}
+    skip = {"torch", "pip", "setuptools", "wheel", "distribute", "qlora-pipeline"}
+    installed = {_canonical(d.metadata["Name"]): d.version for d in distributions()}
+    return locked == {k: v for k, v in installed.items() if k not in skip}
+
+
+def prefect_ui_url(flow_run_id: str | None) -> str | None:
+    """Link to the flow run in the Prefect UI, when a server (not the ephemeral API) is configured."""
+    if not flow_run_id:
+        return None
+    try:
+        from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+        ui = PREFECT_UI_URL.value() or (PREFECT_API_URL.value() or "").removesuffix("/api") or None
+    except Exception:  # settings unreadable: lineage must never fail a registration
+        ui = None
+    ui = ui or os.environ.get("PREFECT_UI_URL")
+    return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}" if ui else None
+
+
+def _json_file(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def lineage_tags(base: QuantizedModel, adapter: Adapter, report: EvalReport, run: MlflowRun,
+                 run_tags: dict[str, str]) -> dict[str, str]:
+    """Flat string tags (MLflow tag values are strings; long JSON is fine, 8k chars max)."""
+    quant = _json_file(Path(base.path) / "config.json").get("quantization_config", {})
+    lora = _json_file(Path(adapter.path) / "adapter_config.json")
+    lora = {k: lora.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "task_type")}
+    flow_run_id = run_tags.get("prefect.flow_run_id")
+    tags = {
+        "base.name_or_path": base.base,
+        "base.revision": base.revision or "",
+        "base.fingerprint": base.fingerprint,  # content key: local weights hash or hub id+revision, + quant config
+        "base.quantized_path": base.path,
+        "quantization": json.dumps(quant, sort_keys=True, default=str),
+        "quantization.compute_dtype_choice": base.dtype_choice or "",
+        "lora": json.dumps(lora, sort_keys=True, default=str),
+        "config_hash": run_tags.get("config_hash", ""),
+        "git_commit": git_commit() or "unknown",
+        "libraries": json.dumps(library_versions(), sort_keys=True),
+        "libraries.locked": {True: "true", False: "false", None: "no lock file"}[install_is_locked()],
+        "prefect.flow_run_id": flow_run_id or "",
+        "mlflow_run_id": run.run_id,
+        "train.global_step": str(adapter.global_step),
+        "train.loss": f"{adapter.train_loss:.6g}",
+    }
+    if report.data is not None:
+        tags |= {"data.fingerprint": report.data.fingerprint, "data.train_rows": str(report.data.train_rows),
+                 "data.eval_rows": str(report.data.eval_rows), "data.truncated_rows": str(report.data.truncated_rows)}
+    if url := prefect_ui_url(flow_run_id):
+        tags["prefect.flow_run_url"] = url
+    tags |= {k: f"{v:.6g}" for k, v in report.metrics.items()}
+    return {k: v for k, v in tags.items() if v != ""}
+
+
+def eval_table(metrics: dict[str, float]) -> str:
+    names = sorted({k.split("/")[-1] for k in metrics if k.startswith("eval/")})
+    rows = ["| metric | base | tuned |", "|---|---|---|"]
+    for m in names:
+        b, t = metrics.get(f"eval/base/{m}"), metrics.get(f"eval/tuned/{m}")
+        rows.append(f"| {m} | {'' if b is None else f'{b:.4g}'} | {'' if t is None else f'{t:.4g}'} |")
+    return "\n".join(rows)
+
+
+def description(name: str, version: str, tags: dict[str, str], report: EvalReport, decision) -> str:
+    """Markdown shown on the version's page in the MLflow UI."""
+    evidence = ""
+    if decision.n:
+        evidence = (f"\n\n| against | n | mean diff | {decision.level:.0%} CI | resamples |\n|---|---|---|---|---|\n"
+                    f"| {decision.against} | {decision.n} | {decision.mean_diff:+.3f} | "
+                    f"[{decision.ci_low:+.3f}, {decision.ci_high:+.3f}] | {decision.resamples} |")
+    data = ""
+    if report.data is not None:
+        data = (f"- data: fingerprint `{report.data.fingerprint}`, {report.data.train_rows} train / "
+                f"{report.data.eval_rows} eval rows ({report.data.truncated_rows} truncated)\n")
+    link = f" ([Prefect UI]({tags['prefect.flow_run_url']}))" if "prefect.flow_run_url" in tags else ""
+    return (
+        f"## {name} v{version}: QLoRA adapter\n\n"
+        f"- base: `{tags.get('base.name_or_path')}` revision `{tags.get('base.revision', '-')}` "
+        f"(fingerprint `{tags.get('base.fingerprint')}`)\n"
+        f"- quantization: `{tags.get('quantization')}`\n- LoRA: `{tags.get('lora')}`\n{data}"
+        f"- config hash `{tags.get('config_hash', '-')}`, git `{tags.get('git_commit')}`\n"
+        f"- Prefect flow run `{tags.get('prefect.flow_run_id', '-')}`{link}, MLflow run `{tags['mlflow_run_id']}`\n"
+        f"- libraries: `{tags.get('libraries')}`\n\n"
+        f"### Evaluation (greedy, same held-out eval set for base and tuned)\n\n{eval_table(report.metrics)}\n\n"
+        f"### Promotion\n\n**{'promoted to champion' if decision.promote else 'kept as challenger'}**: "
+        f"{decision.reason}{evidence}\n"
+    )

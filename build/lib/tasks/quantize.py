@@ -1,0 +1,83 @@
+"""Stage 2: load the base model in 4-bit NF4 once and save the pre-quantized checkpoint.
+
+Training, evaluation and the registered model all load this folder with a plain
+``from_pretrained``: the quantization config travels in its config.json, so nobody re-quantizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from qlora.config import ModelConfig, QuantizationConfig, stable_hash
+from qlora.errors import ModelError
+from qlora.loading import load_base, load_tokenizer
+from qlora.quant import count_4bit_layers, dtype_choice
+from qlora.refs import QuantizedModel
+
+log = logging.getLogger("qlora.quantize")
+
+
+def base_identity(model: ModelConfig) -> dict:
+    """What the base *is*: a hash of a local directory's weights, or hub id + revision."""
+    p = Path(model.name_or_path)
+    if p.is_dir():
+        h = hashlib.sha256()
+        files = sorted(f for f in p.iterdir() if f.suffix in {".safetensors", ".json", ".model"})
+        if not any(f.suffix == ".safetensors" for f in files):
+            raise ModelError(f"{p}: no .safetensors weights in this model directory (model.name_or_path)")
+        for f in files:
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+        return {"local_weights_sha256": h.hexdigest()}
+    if p.suffix or model.name_or_path.startswith((".", "/")) or model.name_or_path.count("/") > 1:
+        raise ModelError(
+            f"model.name_or_path: '{model.name_or_path}' is neither an existing local directory nor a hub id "
+            "like 'org/name' (for the demo base run `make demo` or `qlora build-demo` first)"
+        )
+    return {"hub_id": model.name_or_path, "revision": model.revision or "main"}
+
+
+def prepare_quantized_model(model: ModelConfig, quant: QuantizationConfig, workdir: str | Path) -> QuantizedModel:
+    """Quantize ``model`` per ``quant`` and save it under a content key; reuse it if already there."""
+    if model.trust_remote_code:
+        log.warning("model.trust_remote_code is on: code from %s will run on this machine", model.name_or_path)
+    dtype, why = dtype_choice(quant)  # auto resolves per machine: a bf16 checkpoint is no hit on an AVX2-only CPU
+    key = stable_hash({"base": base_identity(model), "quant": quant.model_dump(), "attn": model.attn_implementation,
+                       "compute_dtype": str(dtype)})
+    out = Path(workdir) / "quantized" / key
+    manifest = out / "manifest.json"
+    if manifest.is_file():
+        log.info("pre-quantized checkpoint cache hit: %s", out)
+        return QuantizedModel.model_validate_json(manifest.read_text())
+
+    t0 = time.perf_counter()
+    try:
+        m = load_base(model.name_or_path, quant, model)
+        tok = load_tokenizer(model)  # saved with its pad token fixed: every later stage loads it from here
+    except OSError as e:
+        raise ModelError(f"model.name_or_path: cannot load '{model.name_or_path}': {e}") from None
+    n4 = count_4bit_layers(m) if quant.load_in_4bit else 0
+    if quant.load_in_4bit and n4 == 0:
+        raise ModelError(f"model.name_or_path: '{model.name_or_path}' loaded, but no layer was quantized to 4-bit")
+    tmp = out.with_name(key + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    m.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    ref = QuantizedModel(
+        path=str(out.resolve()), base=model.name_or_path, revision=model.revision, fingerprint=key,
+        footprint_bytes=int(m.get_memory_footprint()), quantized=quant.load_in_4bit,
+        compute_dtype=str(dtype).removeprefix("torch."), dtype_choice=why,
+        attn_implementation=model.attn_implementation,
+    )
+    (tmp / "manifest.json").write_text(ref.model_dump_json())
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    log.info(
+        "quantized %s: %d Linear4bit layers, %.1f MB in memory, %.1f s -> %s",
+        model.name_or_path, n4, ref.footprint_bytes / 2**20, time.perf_counter() - t0, out,
+    )
+    return ref

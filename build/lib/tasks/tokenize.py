@@ -1,0 +1,130 @@
+"""Stage 1: validate and tokenize the dataset once per content, cached under a key made from content.
+
+Order matters: everything here runs on CPU with the tokenizer only, before any model is loaded,
+so bad data fails in seconds instead of after a GPU was allocated. The data path itself is in
+``tasks/data/`` (sources -> formats -> validate -> encode -> report); this module decides whether it
+has to run at all, writes its result atomically and logs the data report to MLflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from qlora.config import DataConfig, ModelConfig, stable_hash
+from qlora.loading import load_tokenizer
+from qlora.refs import MlflowRun, TokenizedData
+from qlora.template import PROMPT_TEMPLATE, chat_template_of
+from tasks.data.encode import prepare
+from tasks.data.report import DataReport
+from tasks.data.sources import local_content
+from tasks.data.validate import validate
+
+log = logging.getLogger("qlora.tokenize")
+
+
+def tokenizer_fingerprint(tok) -> str:
+    backend = getattr(tok, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
+    body += str(tok.all_special_tokens) + str(getattr(tok, "chat_template", None))
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def cache_key(data: DataConfig, tok, fmt_hint: str, digests: tuple[str, str]) -> str:
+    """Content, not names: data bytes (or hub revision), tokenizer, template, length, format, mapping."""
+    return stable_hash(
+        {
+            "data": digests[0],
+            "eval_data": digests[1],
+            "tokenizer": tokenizer_fingerprint(tok),
+            "template": [PROMPT_TEMPLATE, chat_template_of(tok, data.chat_template)],
+            "max_length": data.max_length,
+            "overlength": data.overlength,
+            "format": fmt_hint,
+            "columns": data.columns,
+            "split": [data.eval_fraction, data.seed, data.max_drop_fraction],
+        }
+    )
+
+
+def _cache_hit(out: Path, run: MlflowRun | None) -> TokenizedData | None:
+    manifest = out / "manifest.json"
+    if not manifest.is_file():
+        return None
+    log.info("tokenized data cache hit: %s (key %s), not re-tokenizing", out, out.name)
+    log_report(DataReport.model_validate_json((out / "report.json").read_text()), run, cache_hit=True)
+    return TokenizedData.model_validate_json(manifest.read_text())
+
+
+def _probe_cache(data: DataConfig, model: ModelConfig, workdir, run):
+    """Warm re-runs: the same bytes were validated when the cache entry was written, so skip parsing them.
+
+    Only for local data (a hub dataset's revision is known once loaded). A tokenizer that does not load
+    is no hit: the full path then reports data problems first, before any tokenizer error.
+    Returns (hit or None, the tokenizer if it loaded, the local contents read): a miss reuses both, so
+    neither the tokenizer nor the data file is loaded twice.
+    """
+    local = (local_content(data.path, data.split), local_content(data.eval_path, data.split) if data.eval_path else None)
+    if local[0] is None or (data.eval_path and local[1] is None):
+        return None, None, local
+    try:
+        tok = load_tokenizer(model)
+    except (OSError, ValueError):
+        return None, None, local
+    digests = (local[0].digest, local[1].digest if local[1] else "")
+    return _cache_hit(Path(workdir) / "tokenized" / cache_key(data, tok, data.format, digests), run), tok, local
+
+
+def tokenize_dataset(data: DataConfig, model: ModelConfig, workdir: str | Path, run: MlflowRun | None = None) -> TokenizedData:
+    """Validate and tokenize ``data``; reuse the cached result when every input's content is unchanged."""
+    from datasets import DatasetDict
+
+    hit, tok, local = _probe_cache(data, model, workdir, run)
+    if hit is not None:
+        return hit
+    parsed = validate(data, local)  # structure first: a broken file fails here, before any tokenizer or model
+    tok = tok if tok is not None else load_tokenizer(model)
+    key = cache_key(data, tok, data.format, (parsed[0].src.digest, parsed[1].src.digest if parsed[1] else ""))
+    out = Path(workdir) / "tokenized" / key
+    hit = _cache_hit(out, run)
+    if hit is not None:
+        return hit
+
+    prep = prepare(data, tok, parsed)
+    tmp = out.with_name(key + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    DatasetDict({"train": prep.train, "eval": prep.eval}).save_to_disk(str(tmp))
+    r = prep.report
+    ref = TokenizedData(
+        path=str(out.resolve()), fingerprint=key, train_rows=len(prep.train), eval_rows=len(prep.eval),
+        truncated_rows=r.truncated_rows, format=r.format, prompt_template=prep.prompt_template,
+        report_path=str((out / "report.md").resolve()),
+    )
+    (tmp / "report.json").write_text(r.model_dump_json(indent=1))
+    (tmp / "report.md").write_text(r.markdown())
+    (tmp / "manifest.json").write_text(ref.model_dump_json())
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)  # atomic: a half-written folder is never taken for a cache hit
+    log.info(
+        "tokenized %s (%s): %d train / %d eval rows, %d dropped, %d truncated to %d tokens -> %s",
+        data.path, r.format, ref.train_rows, ref.eval_rows, r.rows_dropped, r.truncated_rows, data.max_length, out,
+    )
+    log_report(r, run, cache_hit=False)
+    return ref
+
+
+def log_report(report: DataReport, run: MlflowRun | None, cache_hit: bool) -> None:
+    """The data report into the flow's MLflow run: metrics ``data/*`` plus report.md and report.json."""
+    if run is None:
+        return
+    import mlflow
+
+    from qlora.tracking import active_run
+
+    with active_run(run):
+        mlflow.log_metrics({**report.metrics(), "data/cache_hit": float(cache_hit)})
+        mlflow.log_text(report.markdown(), "data/report.md")
+        mlflow.log_dict(report.model_dump(mode="json"), "data/report.json")

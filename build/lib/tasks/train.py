@@ -1,0 +1,65 @@
+"""Stage 3: QLoRA training with ``transformers.Trainer`` on the pre-quantized base.
+
+The recipe is in ``tasks/training/recipe.py``; this entry decides where it runs. One run dir per
+(base, data, LoRA, train config), locked while training, so a retry or a second flow run of the same
+config never writes the same checkpoints: it waits, then returns the adapter the first one finished.
+Training resumes from the newest *valid* checkpoint (``training/checkpoints.py``), a NaN/inf loss or
+gradient stops it at once (``TrainingDiverged``, never retried), a CUDA OOM retries once with half the
+micro-batch, and a tracking outage costs the loss curve, not the training (``training/callbacks.py``).
+``train.num_processes > 1`` or FSDP runs the same recipe in N processes (``training/launch.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from qlora.config import LoraSection, TrainConfig, stable_hash
+from qlora.refs import Adapter, MlflowRun, QuantizedModel, TokenizedData
+from tasks.training.checkpoints import finished_adapter, locked_run_dir
+from tasks.training.launch import LaunchSpec, run_launcher
+from tasks.training.recipe import fit_with_oom_retry
+
+log = logging.getLogger("qlora.train")
+
+
+def run_dir_for(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: TrainConfig, workdir) -> Path:
+    """Keyed by what is trained (not a timestamp), so a retry or re-run finds its checkpoints."""
+    key = stable_hash({"base": base.fingerprint, "data": data.fingerprint, "lora": lora.model_dump(), "train": train.model_dump()})
+    return Path(workdir) / "runs" / key
+
+
+def train_adapter(
+    base: QuantizedModel,
+    data: TokenizedData,
+    lora: LoraSection,
+    train: TrainConfig,
+    workdir: str | Path,
+    run: MlflowRun | None = None,
+    callbacks: tuple = (),
+) -> Adapter:
+    """Train a LoRA adapter on ``base`` and save it; resumes from the newest valid checkpoint of the same run dir.
+
+    ``callbacks`` are extra ``TrainerCallback``s for in-process training (how benchmarks and tests
+    instrument the real stage: step timers, profilers, spies); ranks of a multi-process run get none.
+    """
+    run_dir = run_dir_for(base, data, lora, train, workdir)
+    with locked_run_dir(run_dir):
+        done = finished_adapter(run_dir)
+        if done is not None:
+            log.info("adapter already trained for this exact config and data: %s", Path(done.path))
+            return done
+        if train.num_processes <= 1 and train.distributed == "ddp":
+            return fit_with_oom_retry(base, data, lora, train, run_dir, run, tuple(callbacks))
+        if callbacks:
+            log.warning("train_adapter: %d extra callback(s) ignored: the ranks of a multi-process run are "
+                        "separate processes", len(callbacks))
+        t0 = time.perf_counter()
+        run_launcher(LaunchSpec(base=base, data=data, lora=lora, train=train, run_dir=str(run_dir), run=run))
+        done = finished_adapter(run_dir)
+        if done is None:
+            raise RuntimeError(f"distributed training finished but rank 0 wrote no {run_dir / 'adapter' / 'manifest.json'}")
+    log.info("distributed training (%d processes) done in %.1f s: %d steps", train.num_processes,
+             time.perf_counter() - t0, done.global_step)
+    return done

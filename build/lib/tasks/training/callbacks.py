@@ -1,0 +1,126 @@
+"""Trainer callbacks that decide what happens when something goes wrong mid-training: the divergence
+guard (a non-finite loss or gradient stops the run, never retried) and the MLflow callback that survives a
+tracking outage and logs synchronously.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from transformers import TrainerCallback
+
+from qlora.errors import TrainingDiverged, is_transient
+
+log = logging.getLogger("qlora.train")
+
+
+class DivergenceGuard(TrainerCallback):
+    """Stop at the first non-finite loss or gradient, before the optimizer applies it.
+
+    Gradients are checked every optimizer step (only the LoRA parameters have them, so it is cheap);
+    the logged loss and grad_norm are checked at each log. Requires ``logging_nan_inf_filter=False``,
+    otherwise the Trainer silently replaces a NaN loss by the running mean.
+    """
+
+    def __init__(self, learning_rate: float, max_grad_norm: float):
+        self.trainable: list = []
+        self.hint = (
+            f"train.learning_rate={learning_rate:g}, train.max_grad_norm={max_grad_norm:g}: lower the learning rate "
+            "(or check the data for empty/garbage rows); checkpoints before this step are kept, nothing was registered"
+        )
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # Looked up once: walking named_parameters() of a 4-bit model every step costs ~5% of a CPU step.
+        self.trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad] if model is not None else []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        import torch
+
+        grads = [p.grad for _, p in self.trainable if p.grad is not None]
+        # One fused norm per tensor and a single host sync, instead of a sync per parameter.
+        if not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+            return
+        name = next(n for n, p in self.trainable if p.grad is not None and not torch.isfinite(p.grad).all())
+        raise TrainingDiverged(f"non-finite gradient in {name} at step {state.global_step + 1} ({self.hint})")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm", "eval_loss"):
+            v = (logs or {}).get(key)
+            if isinstance(v, (int, float)) and not math.isfinite(v):
+                raise TrainingDiverged(f"non-finite {key}={v} at step {state.global_step} ({self.hint})")
+
+
+class _SynchronousMlflow:
+    """The ``mlflow`` module as the Trainer's callback sees it, with its params and metrics logged
+    synchronously. Measured here (300 demo steps on 2 CPU cores, same process otherwise): the callback's
+    default ``synchronous=False`` made the training loop 44-46 s instead of 36-38 s, with only 12
+    metric batches logged; synchronous logging: 37.5 s. A log call costs milliseconds every
+    ``train.logging_steps`` steps. The price: if the tracking server vanishes mid-training, one log call
+    waits out MLflow's HTTP retries before the callback gives up (MLFLOW_HTTP_REQUEST_MAX_RETRIES)."""
+
+    def __init__(self, mlflow_module):
+        self._m = mlflow_module
+
+    def __getattr__(self, name):
+        return getattr(self._m, name)
+
+    def log_params(self, params, synchronous=None, **kw):
+        return self._m.log_params(params, synchronous=True, **kw)
+
+    def log_metrics(self, metrics, step=None, synchronous=None, **kw):
+        return self._m.log_metrics(metrics, step=step, synchronous=True, **kw)
+
+
+def safe_mlflow_callback():
+    """The Trainer's MLflow callback, except that a tracking failure warns once and training goes on,
+    and it logs synchronously (see ``_SynchronousMlflow``)."""
+    from transformers.integrations import MLflowCallback
+
+    class SafeMLflowCallback(MLflowCallback):
+        _broken = False
+
+        def __init__(self):
+            super().__init__()
+            self._ml_flow = _SynchronousMlflow(self._ml_flow)
+
+        def _disable(self, e: Exception) -> None:
+            self._broken = True
+            log.warning(
+                "MLflow logging failed (%s: %s); training continues without tracking, the loss curve of "
+                "this run is incomplete", type(e).__name__, str(e).splitlines()[0][:200],
+            )
+
+        def _guard(self, fn, *a, **kw):
+            if self._broken:
+                return None
+            try:
+                return fn(*a, **kw)
+            except Exception as e:  # noqa: BLE001 - only tracking faults are swallowed
+                if not (is_transient(e) or type(e).__module__.startswith("mlflow")):
+                    raise
+                self._disable(e)
+                return None
+
+        def setup(self, args, state, model):
+            try:
+                super().setup(args, state, model)
+            except Exception as e:  # noqa: BLE001
+                if is_transient(e):
+                    self._disable(e)
+                elif type(e).__module__.startswith("mlflow"):
+                    # e.g. the OOM retry re-logs per_device_train_batch_size with a new value: MLflow
+                    # refuses to change a param, but the metrics of the same run are still wanted.
+                    log.warning("MLflow kept this run's earlier params (%s)", str(e).splitlines()[0][:200])
+                else:
+                    raise
+            finally:
+                self._initialized = True  # do not retry setup at every log
+
+        def on_log(self, args, state, control, logs, model=None, **kwargs):
+            return self._guard(super().on_log, args, state, control, logs, model=model, **kwargs)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            return self._guard(super().on_train_end, args, state, control, **kwargs)
+
+    return SafeMLflowCallback()

@@ -20,8 +20,11 @@ from tasks.train import train_adapter
 from .conftest import DEMO_DATA, REPO
 
 STEPS = 60
-PINNED = {20: None, 40: None, 60: None}  # train loss at these steps (filled from measurements)
-TOLERANCE = None
+# Train loss (mean over the logging interval) at these steps. Measured 2026-11-29 on a Zen 4 (AVX-512),
+# 1 and 2 threads, and under ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2: identical to 4 decimals.
+# The learning rate x0.1 gives 7.54 / 7.17 / 6.14.
+PINNED = {20: 7.0202, 40: 4.9044, 60: 3.6038}
+TOLERANCE = 0.1  # absolute, nats/token: other CPUs' float32 kernels sum in other orders
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +58,14 @@ def early_curve(demo_base, work, *overrides: str) -> dict[int, float]:
     spy.losses = {}
     train_adapter(base, data, cfg.lora, cfg.train, cfg.workdir, callbacks=(spy,))
     return {s: round(v, 4) for s, v in spy.losses.items() if s in PINNED}
+
+
+@pytest.mark.parametrize("overrides, pinned", [((), True), (("train.learning_rate=1e-4",), False)],
+                         ids=["demo-recipe", "learning-rate-x0.1"])
+def test_demo_recipe_early_loss_curve_is_pinned(demo_base, tmp_path, overrides, pinned):
+    """The recipe's curve within TOLERANCE of PINNED at every pinned step; a learning rate x0.1 (the case
+    the issue names) is far outside it, which is what makes this test able to fail."""
+    curve = early_curve(demo_base, tmp_path, *overrides)
+    assert sorted(curve) == sorted(PINNED), curve
+    within = all(abs(curve[s] - PINNED[s]) <= TOLERANCE for s in PINNED)
+    assert within == pinned, f"loss at steps {sorted(PINNED)}: {curve}, pinned {PINNED} +- {TOLERANCE}"

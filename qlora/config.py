@@ -86,6 +86,12 @@ class DataConfig(Section):
         None,
         description="Jinja chat template used when the tokenizer has none; unset uses the built-in '### Instruction/### Response' template.",
     )
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None,
+        description="Extra chat-template variables for every rendering (training, eval prompts, the consumers' prompt "
+        "template), e.g. {enable_thinking: true}. Unset: {enable_thinking: false} when the template reads it (Qwen3: "
+        "no empty <think></think> block is trained or prompted), else none.",
+    )
     max_length: int = Field(512, gt=8, description="Maximum tokens per example (prompt + response + EOS).")
     overlength: Literal["truncate", "drop", "error"] = Field(
         "truncate", description="Rows longer than max_length: cut at max_length, drop (counted), or fail the run."

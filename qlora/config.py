@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qlora.errors import ConfigError
+from qlora.trainer_args import check_train_field
 
 DEMO_BASE_DIR = ".qlora/demo-base"
 
@@ -149,6 +150,23 @@ class TrainConfig(Section):
     early_stopping_patience: int | None = Field(
         None, gt=0, description="Stop after N evaluations (one per save_steps) without a lower eval loss; unset = off."
     )
+    report_to: list[str] = Field(
+        default_factory=list,
+        description="Extra Trainer integrations (e.g. [tensorboard]) next to MLflow, which is always on through the "
+        "pipeline's own callback (it survives a tracking outage); 'mlflow' here would log everything twice.",
+    )
+    extra_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Any other transformers.TrainingArguments field, e.g. {adam_beta2: 0.95, neftune_noise_alpha: 5}; "
+        "checked against TrainingArguments when the config loads. Fields this section has are set there instead.",
+    )
+
+    @field_validator("optim", "lr_scheduler_type", "report_to", "extra_args")
+    @classmethod
+    def _known_to_transformers(cls, v, info):
+        """Checked against transformers when the config loads, not when training starts (qlora/trainer_args.py)."""
+        return check_train_field(info.field_name, v, cls.model_fields[info.field_name].get_default(call_default_factory=True),
+                                 set(cls.model_fields))
 
     @field_validator("warmup_steps")
     @classmethod
@@ -245,7 +263,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see configs/demo.yaml for the known keys)"
-        got = "" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"
+        got = "" if e["type"] == "extra_forbidden" or not e["loc"] else f" (got {e.get('input')!r})"  # root: the whole config
         lines.append(f"{source}: {key}: {msg}{got}")
     return "\n".join(lines)
 

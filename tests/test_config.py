@@ -103,3 +103,49 @@ def test_fingerprint_changes_with_values():
     a, b = PipelineConfig(), load_config(None, ["lora.r=8"])
     assert a.fingerprint() == PipelineConfig().fingerprint()
     assert a.fingerprint() != b.fingerprint()
+
+
+# ------------------------------------------------------------------ train: checked against transformers at load
+
+
+def test_extra_args_reach_training_arguments(tmp_path):
+    import torch
+
+    from tasks.training.recipe import training_arguments
+
+    cfg = load_config(None, ["train.extra_args={adam_beta2: 0.95, neftune_noise_alpha: 5, bf16: false}"])
+    args = training_arguments(cfg.train, tmp_path, torch.float32)
+    assert args.adam_beta2 == 0.95 and args.neftune_noise_alpha == 5
+    assert args.report_to == []  # "none": MLflow is attached as our own callback, nothing else asked for
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.extra_args={adam_beta2: 0.95, neftune_noise_alph: 5}",
+     r"train\.extra_args: .*extra_args\.neftune_noise_alph: not a transformers\.TrainingArguments field \(did you mean neftune_noise_alpha\?\)"),
+    ("train.extra_args={learning_rate: 1.0}", r"extra_args\.learning_rate: set train\.learning_rate instead"),
+    ("train.extra_args={output_dir: /tmp/x}", r"extra_args\.output_dir: set by the pipeline"),
+    ("train.optim=adamw_torch_fuse", r"train\.optim: .*unknown optim 'adamw_torch_fuse' \(did you mean adamw_torch_fused\?\)"),
+    ("train.lr_scheduler_type=cosin", r"train\.lr_scheduler_type: .*unknown lr_scheduler_type 'cosin' \(did you mean cosine\?\)"),
+    ("train.report_to=[mlflow]", r"train\.report_to: .*MLflow is always on"),
+    ("train.report_to=[tensorbord]", r"train\.report_to: .*unknown integration"),
+])
+def test_training_names_are_checked_when_the_config_loads(override, message):
+    """Before: unknown extra keys were refused only as 'unknown key', and a misspelt optimizer or schedule
+    surfaced when the train stage built TrainingArguments, after tokenize and quantize had run."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_training_choices_that_transformers_knows_load():
+    cfg = load_config(None, ["train.optim=adamw_torch", "train.lr_scheduler_type=constant_with_warmup",
+                             "train.report_to=[tensorboard]", "train.extra_args={adam_beta2: 0.95}"])
+    assert cfg.train.optim == "adamw_torch" and cfg.train.report_to == ["tensorboard"]
+
+
+def test_defaults_taken_unchecked_are_valid_for_transformers():
+    """qlora/trainer_args.py skips importing transformers (and torch) for default values; this is why that is safe."""
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    t = PipelineConfig().train
+    assert t.optim in {o.value for o in OptimizerNames} and t.lr_scheduler_type in {s.value for s in SchedulerType}

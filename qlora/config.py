@@ -176,7 +176,17 @@ class TrainConfig(Section):
         return v
 
 
+GENERATION_METRICS = ("exact_match", "rouge", "bleu", "chrf")
+
+
 class EvalConfig(Section):
+    metrics: list[Literal["exact_match", "rouge", "bleu", "chrf", "perplexity"]] = Field(
+        ["exact_match", "rouge", "perplexity"], min_length=1,
+        description="Scores of base and tuned, logged as eval/{base,tuned}/<name>, all in [0, 1] but perplexity: "
+        "exact_match (after strip), rouge (ROUGE-L F1), bleu and chrf (sacrebleu, /100) on greedy generations of the "
+        "first max_samples eval rows; perplexity of the references on the whole eval split. Per-example scores are "
+        "kept for the promotion gate (registry.gate_metric).",
+    )
     max_new_tokens: int = Field(64, gt=0, description="Generation budget per eval prompt (greedy decoding).")
     max_samples: int = Field(200, gt=0, description="Eval rows used for generation metrics (first N of the eval split).")
     batch_size: int = Field(16, gt=0, description="Prompts generated per batch.")
@@ -184,8 +194,15 @@ class EvalConfig(Section):
 
 class RegistryConfig(Section):
     model_name: str = Field("qlora-demo", min_length=1, description="Registered model name in the MLflow Model Registry.")
+    gate_metric: Literal["auto", "exact_match", "rouge", "bleu", "chrf"] = Field(
+        "auto",
+        description="Per-example score the promotion gate compares (paired bootstrap), one of eval.metrics. auto: "
+        "exact_match when every scored eval reference is at most 5 words (short answers: right or wrong), else rouge "
+        "(open-ended answers, where exact match is ~0 for base and tuned alike).",
+    )
     min_improvement: float = Field(
-        0.0, ge=-1, le=1, description="Promote only when the CI's lower bound of (challenger - champion) exact match is above this."
+        0.0, ge=-1, le=1,
+        description="Promote only when the CI's lower bound of (challenger - champion) gate_metric is above this (in its [0, 1] units).",
     )
     bootstrap_resamples: int = Field(2000, ge=100, description="Paired bootstrap resamples for the promotion gate's interval.")
     confidence_level: float = Field(0.95, gt=0.5, lt=1.0, description="Two-sided confidence level of the gate's interval.")
@@ -234,6 +251,14 @@ class PipelineConfig(Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="MLflow Model Registry target.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking server or local store.")
     report: ReportConfig = Field(default_factory=ReportConfig, description="Run report, links and notifications.")
+
+    @model_validator(mode="after")
+    def _gate_metric_is_evaluated(self) -> "PipelineConfig":
+        wanted = ["exact_match", "rouge"] if self.registry.gate_metric == "auto" else [self.registry.gate_metric]
+        if missing := [m for m in wanted if m not in self.eval.metrics]:
+            raise ValueError(f"registry.gate_metric={self.registry.gate_metric} compares {' or '.join(wanted)}, but eval.metrics "
+                             f"{self.eval.metrics} lacks {', '.join(missing)}: add it there or set registry.gate_metric")
+        return self
 
     @model_validator(mode="after")
     def _fsdp_needs_float_quant_storage(self) -> "PipelineConfig":

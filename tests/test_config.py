@@ -149,3 +149,35 @@ def test_defaults_taken_unchecked_are_valid_for_transformers():
 
     t = PipelineConfig().train
     assert t.optim in {o.value for o in OptimizerNames} and t.lr_scheduler_type in {s.value for s in SchedulerType}
+
+
+# ------------------------------------------------------------------ eval metrics and the gate metric
+
+
+def test_gate_metric_must_be_evaluated():
+    assert PipelineConfig().registry.gate_metric == "auto"
+    assert load_config(None, ["eval.metrics=[bleu, perplexity]", "registry.gate_metric=bleu"]).registry.gate_metric == "bleu"
+    with pytest.raises(ConfigError, match=r"registry\.gate_metric=chrf compares chrf, but eval\.metrics .* lacks chrf"):
+        load_config(None, ["registry.gate_metric=chrf"])
+    with pytest.raises(ConfigError, match=r"gate_metric=auto compares exact_match or rouge, .* lacks rouge"):
+        load_config(None, ["eval.metrics=[exact_match]"])
+    with pytest.raises(ConfigError, match=r"eval\.metrics\.0"):
+        load_config(None, ["eval.metrics=[rouge_l]"])
+
+
+# ------------------------------------------------------------------ the recipes in configs/
+
+
+def test_every_recipe_opens_with_its_run_command():
+    for path in CONFIGS:
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# ") and f"configs/{path.name}" in first, f"{path.name}: first line {first!r}"
+
+
+def test_a_recipe_per_family():
+    want = {"llama-3.1-8b.yaml": "meta-llama/Llama-3.1-8B-Instruct", "qwen2.5-7b.yaml": "Qwen/Qwen2.5-7B-Instruct",
+            "mistral-7b.yaml": "mistralai/Mistral-7B-Instruct-v0.3", "qwen3-8b.yaml": "Qwen/Qwen3-8B"}
+    for name, hub_id in want.items():
+        cfg = load_config(CONFIGS[0].parent / name)
+        assert cfg.model.name_or_path == hub_id
+        assert cfg.registry.gate_metric in ("auto", "rouge") and "rouge" in cfg.eval.metrics

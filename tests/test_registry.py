@@ -156,6 +156,7 @@ def test_cli_registry_commands(registered, mlflow_server, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert [ln.split()[0] for ln in lines] == ["v3", "v2", "v1"]
     assert "champion" in lines[1] and "challenger" in lines[0] and "kept as challenger" in lines[2]
+    assert "exact_match base " in lines[0]  # the metric its gate compared (the demo's short answers)
 
     assert cli(["promote", NAME, "1", "--why", "looks better on spot checks", "--by", "alice", *uri]) == 0
     t = client.get_model_version(NAME, 1).tags

@@ -113,7 +113,7 @@ def run_bare(cfg, checkpointing: bool) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    from qlora.config import load_config
+    from qlora.config_file import load_config
 
     which, config = argv[0], argv[1]
     rest = argv[2:]

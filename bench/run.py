@@ -158,7 +158,7 @@ def peers(root: Path, env: dict[str, str], py: str) -> dict:
                 runs[name].append({"wall_s": round(wall, 1), "train_loop_s": round(loop, 1), "peak_rss_mb": round(rss / 2**20),
                                    "server_start_s": server_start_seconds(log)[0] if name == "ours" else None})
                 print(f"round {r + 1}/{ROUNDS} {name}: wall {wall:.1f} s, training loop {loop:.1f} s", flush=True)
-    from qlora.config import load_config
+    from qlora.config_file import load_config
 
     n = load_config(REPO / CONFIG).train.max_steps
     out = {"steps": n, "rounds": ROUNDS, "runs": runs}

@@ -66,7 +66,7 @@ def _start_ephemeral_prefect_server() -> threading.Thread | None:
 
 
 def cmd_run(args) -> int:
-    from qlora.config import load_config
+    from qlora.config_file import load_config
 
     cfg = load_config(args.config, args.set)  # bad config: fail before starting anything
     server = _start_ephemeral_prefect_server()
@@ -87,7 +87,7 @@ def cmd_run(args) -> int:
 
 def cmd_validate_data(args) -> int:
     """Validation and tokenization only (tokenizer, no model, writes nothing); prints the data report."""
-    from qlora.config import load_config
+    from qlora.config_file import load_config
     from qlora.loading import load_tokenizer
     from tasks.data.encode import prepare
     from tasks.data.validate import validate
@@ -104,7 +104,8 @@ def cmd_validate_data(args) -> int:
 def cmd_predict(args) -> int:
     from registry.consumer import predict
 
-    for out in predict(args.model_uri, args.prompts, args.max_new_tokens, args.temperature, args.tracking_uri):
+    for out in predict(args.model_uri, args.prompts, args.max_new_tokens, args.temperature, args.tracking_uri,
+                       top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty, stop=args.stop):
         print(out)
     return 0
 
@@ -176,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("prompts", nargs="+", help="user messages; the training prompt template is applied")
     pr.add_argument("--max-new-tokens", type=int, default=64)
     pr.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    pr.add_argument("--top-p", type=float, default=None, help="nucleus sampling (with --temperature > 0)")
+    pr.add_argument("--top-k", type=int, default=None, help="top-k sampling (with --temperature > 0)")
+    pr.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (default 1: none)")
+    pr.add_argument("--stop", default=None, metavar="TEXT", help="stop once this text is generated (it is kept)")
     pr.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI")
     pr.set_defaults(func=cmd_predict)
 

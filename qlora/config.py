@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from qlora.errors import ConfigError
+from qlora.trainer_args import check_train_field
 
 DEMO_BASE_DIR = ".qlora/demo-base"
 
@@ -88,6 +86,12 @@ class DataConfig(Section):
         None,
         description="Jinja chat template used when the tokenizer has none; unset uses the built-in '### Instruction/### Response' template.",
     )
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None,
+        description="Extra chat-template variables for every rendering (training, eval prompts, the consumers' prompt "
+        "template), e.g. {enable_thinking: true}. Unset: {enable_thinking: false} when the template reads it (Qwen3: "
+        "no empty <think></think> block is trained or prompted), else none.",
+    )
     max_length: int = Field(512, gt=8, description="Maximum tokens per example (prompt + response + EOS).")
     overlength: Literal["truncate", "drop", "error"] = Field(
         "truncate", description="Rows longer than max_length: cut at max_length, drop (counted), or fail the run."
@@ -151,6 +155,23 @@ class TrainConfig(Section):
     early_stopping_patience: int | None = Field(
         None, gt=0, description="Stop after N evaluations (one per save_steps) without a lower eval loss; unset = off."
     )
+    report_to: list[str] = Field(
+        default_factory=list,
+        description="Extra Trainer integrations (e.g. [tensorboard]) next to MLflow, which is always on through the "
+        "pipeline's own callback (it survives a tracking outage); 'mlflow' here would log everything twice.",
+    )
+    extra_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Any other transformers.TrainingArguments field, e.g. {adam_beta2: 0.95, neftune_noise_alpha: 5}; "
+        "checked against TrainingArguments when the config loads. Fields this section has are set there instead.",
+    )
+
+    @field_validator("optim", "lr_scheduler_type", "report_to", "extra_args")
+    @classmethod
+    def _known_to_transformers(cls, v, info):
+        """Checked against transformers when the config loads, not when training starts (qlora/trainer_args.py)."""
+        return check_train_field(info.field_name, v, cls.model_fields[info.field_name].get_default(call_default_factory=True),
+                                 set(cls.model_fields))
 
     @field_validator("warmup_steps")
     @classmethod
@@ -160,7 +181,17 @@ class TrainConfig(Section):
         return v
 
 
+GENERATION_METRICS = ("exact_match", "rouge", "bleu", "chrf")
+
+
 class EvalConfig(Section):
+    metrics: list[Literal["exact_match", "rouge", "bleu", "chrf", "perplexity"]] = Field(
+        ["exact_match", "rouge", "perplexity"], min_length=1,
+        description="Scores of base and tuned, logged as eval/{base,tuned}/<name>, all in [0, 1] but perplexity: "
+        "exact_match (after strip), rouge (ROUGE-L F1), bleu and chrf (sacrebleu, /100) on greedy generations of the "
+        "first max_samples eval rows; perplexity of the references on the whole eval split. Per-example scores are "
+        "kept for the promotion gate (registry.gate_metric).",
+    )
     max_new_tokens: int = Field(64, gt=0, description="Generation budget per eval prompt (greedy decoding).")
     max_samples: int = Field(200, gt=0, description="Eval rows used for generation metrics (first N of the eval split).")
     batch_size: int = Field(16, gt=0, description="Prompts generated per batch.")
@@ -168,8 +199,15 @@ class EvalConfig(Section):
 
 class RegistryConfig(Section):
     model_name: str = Field("qlora-demo", min_length=1, description="Registered model name in the MLflow Model Registry.")
+    gate_metric: Literal["auto", "exact_match", "rouge", "bleu", "chrf"] = Field(
+        "auto",
+        description="Per-example score the promotion gate compares (paired bootstrap), one of eval.metrics. auto: "
+        "exact_match when every scored eval reference is at most 5 words (short answers: right or wrong), else rouge "
+        "(open-ended answers, where exact match is ~0 for base and tuned alike).",
+    )
     min_improvement: float = Field(
-        0.0, ge=-1, le=1, description="Promote only when the CI's lower bound of (challenger - champion) exact match is above this."
+        0.0, ge=-1, le=1,
+        description="Promote only when the CI's lower bound of (challenger - champion) gate_metric is above this (in its [0, 1] units).",
     )
     bootstrap_resamples: int = Field(2000, ge=100, description="Paired bootstrap resamples for the promotion gate's interval.")
     confidence_level: float = Field(0.95, gt=0.5, lt=1.0, description="Two-sided confidence level of the gate's interval.")
@@ -220,6 +258,14 @@ class PipelineConfig(Section):
     report: ReportConfig = Field(default_factory=ReportConfig, description="Run report, links and notifications.")
 
     @model_validator(mode="after")
+    def _gate_metric_is_evaluated(self) -> "PipelineConfig":
+        wanted = ["exact_match", "rouge"] if self.registry.gate_metric == "auto" else [self.registry.gate_metric]
+        if missing := [m for m in wanted if m not in self.eval.metrics]:
+            raise ValueError(f"registry.gate_metric={self.registry.gate_metric} compares {' or '.join(wanted)}, but eval.metrics "
+                             f"{self.eval.metrics} lacks {', '.join(missing)}: add it there or set registry.gate_metric")
+        return self
+
+    @model_validator(mode="after")
     def _fsdp_needs_float_quant_storage(self) -> "PipelineConfig":
         q = self.quantization
         if self.train.distributed != "fsdp" or not q.load_in_4bit:
@@ -238,67 +284,3 @@ class PipelineConfig(Section):
 
 def stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see configs/demo.yaml for the known keys)"
-        got = "" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"
-        lines.append(f"{source}: {key}: {msg}{got}")
-    return "\n".join(lines)
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``train.max_steps=5`` -> (["train", "max_steps"], 5); the value is parsed as YAML."""
-    if "=" not in item:
-        raise ConfigError(f"--set {item}: expected dotted.key=value, e.g. --set train.max_steps=5")
-    key, raw = item.split("=", 1)
-    if not key.strip():
-        raise ConfigError(f"--set {item}: empty key")
-    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for item in overrides:
-        keys, value = parse_override(item)
-        node = raw
-        for k in keys[:-1]:
-            nxt = node.setdefault(k, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {item}: {k} is not a section")
-            node = nxt
-        node[keys[-1]] = value
-    return raw
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
-    """Load a YAML config (or the defaults), apply ``--set`` overrides, validate. Raises ConfigError."""
-    raw: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        p = Path(path)
-        source = str(p)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found (run from the repo root; configs live in configs/)")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{p}{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: expected a mapping of sections (model:, data:, train: ...), got {type(loaded).__name__}")
-        raw = loaded
-    if overrides:
-        raw = apply_overrides(raw, overrides)
-        source += " + --set"
-    try:
-        return PipelineConfig.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, source)) from None

@@ -17,6 +17,13 @@ from qlora.secrets import hf_token
 
 log = logging.getLogger("qlora.loading")
 
+# How evaluation generates, and what a registry consumer gets for every parameter it does not send
+# (MLflow fills a params schema's defaults into every predict call): greedy and neutral. Each key
+# overrides the base's generation_config (e.g. Qwen2.5's repetition_penalty 1.05, Llama-3.1's
+# do_sample=true), so evaluation and consumers decode alike whatever the base ships.
+GENERATION_DEFAULTS = {"max_new_tokens": 64, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 50,
+                       "repetition_penalty": 1.0}
+
 
 def fix_pad_token(tok):
     """A tokenizer without a pad token (Llama-3, Mistral) pads with EOS: batches and batched generation need
@@ -24,6 +31,38 @@ def fix_pad_token(tok):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def fix_generation_config(model, tok):
+    """Stop where training taught the model to stop: the generation config's EOS ids plus the tokenizer's
+    EOS (the end-of-turn every trained answer ends with; an instruct tokenizer's EOS is not always in its
+    base config's list), and a pad id. Saved with the quantized base, so evaluation and the MLflow
+    pipeline a registry consumer loads stop at the same tokens."""
+    gen = getattr(model, "generation_config", None)
+    if gen is None:
+        return model
+    eos = gen.eos_token_id
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if tok.eos_token_id is not None and tok.eos_token_id not in ids:
+        ids.append(tok.eos_token_id)
+    gen.eos_token_id = ids[0] if len(ids) == 1 else ids
+    if gen.pad_token_id is None:
+        gen.pad_token_id = tok.pad_token_id
+    return model
+
+
+def hub_commit(model: ModelConfig) -> str | None:
+    """The commit ``model.revision`` (a branch, tag or sha; default main) resolves to on the hub, as
+    transformers resolved it when loading: from the snapshot folder of the cached config.json (offline
+    too, from the local hub cache). None when it cannot be told (e.g. a mirror without snapshots)."""
+    from transformers.utils import cached_file
+    from transformers.utils.hub import extract_commit_hash
+
+    try:
+        path = cached_file(model.name_or_path, "config.json", revision=model.revision, token=hf_token(model))
+    except OSError:
+        return None
+    return extract_commit_hash(path, None) if path else None
 
 
 def load_tokenizer(source: ModelConfig | str | Path, padding_side: str = "right"):
@@ -71,12 +110,33 @@ def load_base(path: str, quant: QuantizationConfig | None = None, model: ModelCo
 
 
 def _ready_for_generation(model, tok):
-    """Eval mode, and a pad id in the generation config (bases without a pad token have none)."""
+    """Eval mode, and pad/EOS ids in the generation config (bases without a pad token have none)."""
     model.eval()
-    gen = getattr(model, "generation_config", None)
-    if gen is not None and gen.pad_token_id is None:
-        gen.pad_token_id = tok.pad_token_id
-    return model, tok
+    return fix_generation_config(model, tok), tok
+
+
+def hub_base(hub_id: str, commit: str, quant: QuantizationConfig, attn: str = "sdpa", cache: str | Path | None = None) -> Path:
+    """The 4-bit base of a registered adapter rebuilt from the hub at the recorded commit, quantized
+    as the quantize stage did (same function, same config: the same NF4 weights), saved once under
+    ``cache`` ($QLORA_BASE_CACHE, else ~/.cache/qlora/bases). For consumers on machines without the
+    training run's ``.qlora/quantized`` folder."""
+    import os
+    import shutil
+
+    from qlora.config import stable_hash
+
+    root = Path(cache or os.environ.get("QLORA_BASE_CACHE") or Path.home() / ".cache" / "qlora" / "bases")
+    out = root / stable_hash({"hub_id": hub_id, "commit": commit, "quant": quant.model_dump(), "attn": attn})
+    if (out / "config.json").is_file():
+        return out
+    cfg = ModelConfig(name_or_path=hub_id, revision=commit, attn_implementation=attn)
+    model = fix_generation_config(load_base(hub_id, quant, cfg), load_tokenizer(cfg))
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tmp.rename(out)  # atomic: a half-written folder is never taken for a cached base
+    log.info("rebuilt the 4-bit base %s@%s from the hub -> %s", hub_id, commit[:12], out)
+    return out
 
 
 def load_tuned(base: QuantizedModel, adapter: Adapter):
@@ -97,7 +157,7 @@ def load_merged(base: QuantizedModel, adapter: Adapter):
     from transformers import AutoModelForCausalLM
 
     full = AutoModelForCausalLM.from_pretrained(
-        base.base, revision=base.revision, dtype=torch.bfloat16, use_safetensors=True,
+        base.base, revision=base.commit or base.revision, dtype=torch.bfloat16, use_safetensors=True,
         attn_implementation=base.attn_implementation,
     )
     merged = PeftModel.from_pretrained(full, adapter.path).merge_and_unload()

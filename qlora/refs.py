@@ -22,6 +22,9 @@ class QuantizedModel(BaseModel):
     path: str  # pre-quantized checkpoint + tokenizer, loadable with from_pretrained alone
     base: str  # what the user asked for: hub id or local path
     revision: str | None = None
+    hub_id: str | None = None  # set when the base came from the hub: consumers rebuild the 4-bit base from it
+    commit: str | None = None  # the hub commit the revision resolved to when the base was loaded
+    quantization: dict | None = None  # QuantizationConfig used (rebuilding from the hub must quantize alike)
     fingerprint: str
     footprint_bytes: int  # model.get_memory_footprint() after 4-bit load
     quantized: bool = True
@@ -59,5 +62,6 @@ class RegisteredVersion(BaseModel):
     version: str
     model_uri: str  # the logged model, models:/m-<id> (MLflow 3 logged-model URI)
     aliases: list[str]
+    consumer_checked: int = 0  # eval prompts re-generated identically through models:/<name>/<version>
     decision: str = ""  # the promotion gate's reason, with its evidence
     awaiting_approval: bool = False  # gate passed, registry.require_approval holds champion back

@@ -7,6 +7,8 @@ the adapter was trained on.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 # A single ``{prompt}`` placeholder is what MLflow's prompt_template accepts.
 PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 
@@ -29,6 +31,8 @@ def format_prompt(message: str) -> str:
 #
 # Precedence: the tokenizer's own chat template, else ``data.chat_template`` (a Jinja string in the
 # Hugging Face chat-template dialect), else the built-in Alpaca-style ``PROMPT_TEMPLATE``.
+# ``kwargs`` are extra template variables (data.chat_template_kwargs, e.g. enable_thinking), passed
+# to every rendering: training, evaluation prompts and the prompt template logged for consumers.
 
 Turn = tuple[str, str]  # (role, content)
 Segment = tuple[str, bool]  # (text, trained?)
@@ -36,7 +40,21 @@ _SENTINEL = "\x00QLORA_PROMPT\x00"
 
 
 class TemplateError(ValueError):
-    """The chat template cannot be split into prompt and response parts (not prefix-stable)."""
+    """A conversation the chat template cannot render into prompt + answer (the row is dropped)."""
+
+
+class NotPrefixStable(TemplateError):
+    """The template renders a conversation differently once it continues (e.g. Qwen3 strips earlier thinking)."""
+
+
+@dataclass
+class Example:
+    """One training example: segments to tokenize, and what its eval prompt answers."""
+
+    segments: list[Segment]
+    answer_turn: int  # index in the turns of the assistant answer the prompt (segments[0]) leads into
+    message: str  # the user message before it, as a consumer sends it (the logged prompt template is applied to it)
+    standalone: bool  # the prompt is exactly what a consumer gets for ``message`` alone (no history, no system turn)
 
 
 def chat_template_of(tok, fallback: str | None) -> str | None:
@@ -44,38 +62,99 @@ def chat_template_of(tok, fallback: str | None) -> str | None:
     return own or fallback
 
 
-def _apply(tok, template: str, turns: list[Turn], generation_prompt: bool) -> str:
+def template_kwargs(tok, fallback: str | None, configured: dict | None) -> dict:
+    """``data.chat_template_kwargs`` when set; otherwise ``enable_thinking=False`` for templates that read it
+    (Qwen3): without it Qwen3's template puts an empty ``<think></think>`` block into every single-turn
+    answer, which training would then teach, while a consumer never sees one."""
+    if configured is not None:
+        return dict(configured)
+    template = chat_template_of(tok, fallback)
+    return {"enable_thinking": False} if template and "enable_thinking" in template else {}
+
+
+def adds_bos(tok) -> bool:
+    """Does the tokenizer prepend BOS by itself (Llama, Mistral)?"""
+    return tok.bos_token_id is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id]
+
+
+def _apply(tok, template: str, turns: list[Turn], generation_prompt: bool, kwargs: dict, strip_bos: bool) -> str:
+    import jinja2
+
     msgs = [{"role": r, "content": c} for r, c in turns]
-    return tok.apply_chat_template(msgs, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt)
+    try:
+        text = tok.apply_chat_template(msgs, chat_template=template, tokenize=False,
+                                       add_generation_prompt=generation_prompt, **kwargs)
+    except jinja2.TemplateError as e:  # raise_exception() in the template (e.g. Mistral's role check)
+        raise TemplateError(f"the chat template refuses this conversation: {e}") from None
+    # Llama-3 and Mistral templates write BOS and their tokenizers add it again: keep the tokenizer's
+    # one, so ``tok(prompt)`` at inference (MLflow's pipeline, evaluation) gives the ids training saw.
+    return text[len(tok.bos_token):] if strip_bos and text.startswith(tok.bos_token) else text
 
 
-def render_turns(turns: list[Turn], tok=None, fallback: str | None = None) -> list[Segment]:
+def render_turns(turns: list[Turn], tok=None, fallback: str | None = None, kwargs: dict | None = None) -> list[Segment]:
     """Turns as (text, trained) segments: each assistant turn (with its end-of-turn marker) is trained.
 
     The untrained segment before an assistant turn is exactly what ``inference_prompt`` produces for
-    the same conversation so far, so what is trained is what a consumer's prompt leads into.
+    the same conversation so far, so what is trained is what a consumer's prompt leads into. Raises
+    ``NotPrefixStable`` when the template renders history differently later in the conversation.
     """
     template = chat_template_of(tok, fallback)
     if template is None:
         return _render_builtin(turns)
+    kwargs, strip = kwargs or {}, adds_bos(tok)
     out: list[Segment] = []
     done = ""  # text rendered so far
     for k, (role, content) in enumerate(turns):
         if role != "assistant":
             continue
-        before = _apply(tok, template, turns[:k], generation_prompt=True)
-        through = _apply(tok, template, turns[: k + 1], generation_prompt=False)
+        before = _apply(tok, template, turns[:k], True, kwargs, strip)
+        through = _apply(tok, template, turns[: k + 1], False, kwargs, strip)
         if not before.startswith(done) or not through.startswith(before):
-            raise TemplateError(
-                "the chat template does not render a conversation as a prefix of its continuation; "
-                "set data.chat_template to a prefix-stable template"
-            )
+            raise NotPrefixStable("the chat template does not render a conversation as a prefix of its continuation")
         answer = through[len(before):]
         trained = answer.rstrip()  # trailing newlines after the end-of-turn marker are layout, not answer
         out.append((before[len(done):], False))
         out.append((trained, True))
         done = before + trained
     return out
+
+
+def _per_turn(turns: list[Turn], tok, template: str, kwargs: dict) -> list[list[Segment]]:
+    """One example per assistant turn: the conversation so far as an untrained prompt (rendered as at
+    inference) and that one answer trained. For templates that are not prefix-stable: Qwen3 renders
+    an earlier answer without its thinking once a later user turn follows."""
+    strip, out = adds_bos(tok), []
+    for k, (role, _) in enumerate(turns):
+        if role != "assistant":
+            continue
+        before = _apply(tok, template, turns[:k], True, kwargs, strip)
+        through = _apply(tok, template, turns[: k + 1], False, kwargs, strip)
+        if not through.startswith(before):
+            raise TemplateError(
+                f"the chat template renders the prompt of assistant turn {k} differently once the answer follows "
+                "(e.g. Mistral moves the system message into the last user turn); the answer cannot be told apart "
+                "from the prompt. Set data.chat_template to a template that renders a prompt as a prefix of its answer"
+            )
+        out.append([(before, False), (through[len(before):].rstrip(), True)])
+    return out
+
+
+def render_examples(turns: list[Turn], tok=None, fallback: str | None = None, kwargs: dict | None = None) -> list[Example]:
+    """The training examples of one conversation: the whole conversation as one example when the
+    template is prefix-stable, else one example per assistant turn (history untrained)."""
+    answers = [k for k, (r, _) in enumerate(turns) if r == "assistant"]
+    builtin = chat_template_of(tok, fallback) is None
+
+    def example(segs: list[Segment], k: int) -> Example:
+        message = turns[k - 1][1]
+        # The built-in template strips the message; so must the consumer's copy to get the same prompt.
+        return Example(segs, k, message.strip() if builtin else message, standalone=k == 1)
+
+    try:
+        return [example(render_turns(turns, tok, fallback, kwargs), answers[0])]
+    except NotPrefixStable:
+        template = chat_template_of(tok, fallback)
+        return [example(segs, k) for segs, k in zip(_per_turn(turns, tok, template, kwargs or {}), answers)]
 
 
 def _render_builtin(turns: list[Turn]) -> list[Segment]:
@@ -92,16 +171,17 @@ def _render_builtin(turns: list[Turn]) -> list[Segment]:
     return out
 
 
-def inference_prompt(message: str, tok=None, fallback: str | None = None, system: str | None = None) -> str:
+def inference_prompt(message: str, tok=None, fallback: str | None = None, system: str | None = None,
+                     kwargs: dict | None = None) -> str:
     """The text a consumer feeds the model for one user message (generation prompt included)."""
     turns: list[Turn] = ([("system", system)] if system else []) + [("user", message)]
     template = chat_template_of(tok, fallback)
     if template is None:
         return _render_builtin(turns)[0][0]
-    return _apply(tok, template, turns, generation_prompt=True)
+    return _apply(tok, template, turns, True, kwargs or {}, adds_bos(tok))
 
 
-def prompt_template_for(tok=None, fallback: str | None = None) -> str:
+def prompt_template_for(tok=None, fallback: str | None = None, kwargs: dict | None = None) -> str:
     """``inference_prompt`` as a one-placeholder string for ``mlflow.transformers.log_model(prompt_template=)``."""
-    text = inference_prompt(_SENTINEL, tok, fallback)
+    text = inference_prompt(_SENTINEL, tok, fallback, kwargs=kwargs)
     return text.replace("{", "{{").replace("}", "}}").replace(_SENTINEL, "{prompt}")

@@ -182,9 +182,13 @@ def list_lines(client, name: str) -> list[str]:
     lines = []
     for mv in sorted(client.search_model_versions(f"name='{name}'"), key=lambda m: -int(m.version)):
         t = mv.tags
+        try:  # the metric the gate compared for this version (exact match before gate metrics were named)
+            metric = json.loads(t.get("promotion.evidence", "{}")).get("metric", "exact_match")
+        except ValueError:
+            metric = "exact_match"
         lines.append(
             f"v{mv.version:<3} {','.join(sorted(by_version.get(str(mv.version), []))) or '-':<21} "
-            f"em base {t.get('eval/base/exact_match', '?')} tuned {t.get('eval/tuned/exact_match', '?')}  "
+            f"{metric} base {t.get(f'eval/base/{metric}', '?')} tuned {t.get(f'eval/tuned/{metric}', '?')}  "
             f"loss {t.get('eval/tuned/loss', '?')}  run {mv.run_id[:8]}  {t.get('promotion', '')}"
         )
     return lines

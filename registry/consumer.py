@@ -1,52 +1,98 @@
 """Load a registered model the way a registry consumer does, and generate.
 
 ``models:/<name>@champion`` resolves through the MLflow Model Registry to the logged adapter; the
-transformers flavor loads the referenced pre-quantized base, applies the adapter, and formats each
-input with the training prompt template before generating.
+transformers flavor loads the base, applies the adapter, and formats each input with the training
+prompt template before generating.
+
+Where the base comes from: MLflow's transformers flavor can only reference a PEFT adapter's base as
+a local folder (``local_base_model_path``), here the training run's pre-quantized
+``.qlora/quantized/<key>``. When the base came from the hub, the logged model also records hub id,
+resolved commit and quantization config (metadata ``qlora_base``), and ``load`` rebuilds the 4-bit
+base from the hub at that commit (cached), so a consumer on another machine needs no shared
+storage; the local folder is only the fallback when the hub cannot be reached.
 """
 
 from __future__ import annotations
 
+import logging
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger("qlora.consumer")
+BASE_KEY = "qlora_base"  # logged model metadata written by registry/register.py
+
+
+def _with_base(model_uri: str, base_dir: Path):
+    """The model loaded with ``base_dir`` as its base: a local copy of the artifact whose MLmodel points
+    there (``mlflow.pyfunc.load_model`` has no base override; ``mlflow.transformers.load_model`` has one
+    but returns a bare pipeline, without the prompt template and params handling consumers rely on)."""
+    import mlflow
+    from mlflow.models import Model
+
+    local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=tempfile.mkdtemp(prefix="qlora-model-")))
+    spec = Model.load(str(local))
+    spec.flavors["transformers"]["local_base_model_path"] = str(base_dir)
+    spec.save(str(local / "MLmodel"))
+    return mlflow.pyfunc.load_model(str(local))
+
 
 def load(model_uri: str, tracking_uri: str | None = None):
+    """The pyfunc model; for a hub base, with the base rebuilt from the hub at the recorded commit."""
     import mlflow
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
+    base = (mlflow.models.Model.load(model_uri).metadata or {}).get(BASE_KEY) or {}
+    if base.get("hub_id") and base.get("commit"):
+        from qlora.config import QuantizationConfig
+        from qlora.loading import hub_base
+
+        try:
+            built = hub_base(base["hub_id"], base["commit"], QuantizationConfig(**base.get("quantization") or {}),
+                             base.get("attn_implementation", "sdpa"))
+        except OSError as e:  # offline, hub down, revoked token: the training machine's copy may still be there
+            log.warning("cannot load the base %s@%s from the hub (%s); falling back to the local copy %s",
+                        base["hub_id"], base["commit"][:12], str(e).splitlines()[0][:200], base.get("local_path"))
+        else:
+            return _with_base(model_uri, built)
     return mlflow.pyfunc.load_model(model_uri)
 
 
-def predict(model_uri: str, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
-            tracking_uri: str | None = None) -> list[str]:
-    """Generated text only (no prompt) for each raw user message in ``prompts``."""
-    params = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
+def generation_params(max_new_tokens: int = 64, temperature: float = 0.0, top_p: float | None = None,
+                      top_k: int | None = None, repetition_penalty: float | None = None,
+                      stop: str | None = None) -> dict:
+    """predict() params: greedy at temperature 0, sampling above. The ``stop`` string travels as
+    ``stop_sequence``, the name MLflow's text-generation pipeline turns into generate's stop strings
+    (MLflow passes params through unchanged: a ``stop`` key would reach generate() and be refused)."""
+    params: dict = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
     if temperature > 0:
         params["temperature"] = temperature
-    out = load(model_uri, tracking_uri).predict(prompts, params=params)
+    extra = {"top_p": top_p, "top_k": top_k, "repetition_penalty": repetition_penalty, "stop_sequence": stop}
+    return params | {k: v for k, v in extra.items() if v is not None}
+
+
+def predict(model_uri: str, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
+            tracking_uri: str | None = None, **params) -> list[str]:
+    """Generated text only (no prompt) for each raw user message in ``prompts``; ``params``: top_p, top_k,
+    repetition_penalty, stop (see ``generation_params``)."""
+    out = load(model_uri, tracking_uri).predict(prompts, params=generation_params(max_new_tokens, temperature, **params))
     return [str(o).strip() for o in out]
 
 
-def user_message_of(prompt: str) -> str | None:
-    """Invert the template: the raw message a consumer would send, or None for a prompt not made by it alone."""
-    from qlora.template import PROMPT_TEMPLATE
-
-    head, tail = PROMPT_TEMPLATE.split("{prompt}")
-    if prompt.startswith(head) and prompt.endswith(tail):
-        return prompt[len(head) : len(prompt) - len(tail)]
-    return None  # e.g. a ShareGPT system turn prepended to the template
-
-
 def consumer_check(name: str, version: str, samples: list[dict], max_new_tokens: int, k: int,
-                   tracking_uri: str) -> list[str]:
-    """Generate greedily through ``models:/<name>/<version>`` on ``k`` eval prompts; mismatches with eval, if any.
+                   tracking_uri: str) -> tuple[int, list[str]]:
+    """Generate greedily through ``models:/<name>/<version>`` on ``k`` eval prompts: (how many were compared,
+    mismatches with eval).
 
-    Same model, same prompts, greedy: any difference means the registered artifact is not what was
-    evaluated (wrong base path, lost template, tokenizer drift), so consumers would get another model.
+    Each eval sample keeps the user message it was made from; a sample is sent when its prompt is what a
+    consumer gets for that message alone (no earlier turns, no system turn), whatever the template. Same
+    model, same prompts, greedy: any difference means the registered artifact is not what was evaluated
+    (wrong base, lost template, tokenizer drift), so consumers would get another model.
     """
-    rows = [(m, s["tuned"]) for s in samples if (m := user_message_of(s["prompt"])) is not None][:k]
+    rows = [(s["message"], s["tuned"]) for s in samples if s.get("standalone") and s.get("message")][:k]
     if not rows:
-        return []
+        return 0, []
     got = predict(f"models:/{name}/{version}", [m for m, _ in rows], max_new_tokens=max_new_tokens,
                   tracking_uri=tracking_uri)
-    return [f"prompt {m!r}: evaluation generated {want!r}, the registered model {g!r}"
-            for (m, want), g in zip(rows, got) if g != want]
+    return len(rows), [f"prompt {m!r}: evaluation generated {want!r}, the registered model {g!r}"
+                       for (m, want), g in zip(rows, got) if g != want]

@@ -1,13 +1,16 @@
 """The promotion gate: does the challenger beat the incumbent by more than noise?
 
-Both models are scored per example (0/1 exact match) on the same fixed eval set; the gate takes a
+Both models are scored per example on the same fixed eval set with ``registry.gate_metric`` (exact
+match 0/1 for short answers, ROUGE-L F1 for open-ended ones, or BLEU / chrF); the gate takes a
 paired bootstrap confidence interval of the mean difference (challenger - incumbent) and promotes
 only when its lower bound is above ``registry.min_improvement``. The incumbent is the current
 champion or, with no champion, the base model.
 
-Champion scores are not recomputed: every registered version logs its per-example scores to its
-MLflow run as ``registry/scores/<eval-set fingerprint>.json``, and the gate reads the champion's file
-for the challenger's eval set. Evaluation is greedy and deterministic, so the stored scores are
+Champion scores are not recomputed: every registered version logs its per-example scores of every
+generation metric it was evaluated with to its MLflow run as
+``registry/scores/<eval-set fingerprint>.<metric>.json``, and the gate reads the champion's file for
+the challenger's eval set and metric (versions registered before metrics were named stored exact
+match as ``<eval-set fingerprint>.json``, which is still read). Evaluation is greedy and deterministic, so the stored scores are
 exactly what a re-score would give, at no cost (re-scoring means loading the champion's base and
 adapter again: minutes for a real model, and its base may no longer be on disk). A champion with no
 scores on this eval set (the eval set changed) is not comparable: the challenger is not promoted and
@@ -26,12 +29,16 @@ from qlora.config import RegistryConfig
 SCORES_DIR = "registry/scores"
 
 
+SHORT_ANSWER_WORDS = 5  # registry.gate_metric=auto: references all this short -> exact_match
+
+
 class Decision(BaseModel):
     promote: bool
     reason: str
     against: str  # "base" or "champion v<N>"
+    metric: str = "exact_match"  # the per-example score compared (registry.gate_metric, resolved)
     n: int = 0  # paired examples
-    mean_diff: float | None = None  # challenger - incumbent, in exact-match points (0..1)
+    mean_diff: float | None = None  # challenger - incumbent, in the metric's units (0..1)
     ci_low: float | None = None
     ci_high: float | None = None
     level: float | None = None
@@ -67,32 +74,46 @@ def paired_bootstrap(challenger: list[float], incumbent: list[float], resamples:
     return float(d.mean()), float(lo), float(hi)
 
 
+def gate_metric(choice: str, samples: list[dict]) -> str:
+    """``registry.gate_metric`` resolved: auto is exact_match when every scored reference is at most
+    SHORT_ANSWER_WORDS words (right-or-wrong answers), else rouge (open-ended answers: exact match is ~0
+    for base and tuned alike there, so it could never tell them apart)."""
+    if choice != "auto":
+        return choice
+    return "exact_match" if all(len(s["reference"].split()) <= SHORT_ANSWER_WORDS for s in samples) else "rouge"
+
+
 def decide(challenger: list[float], incumbent: list[float] | None, against: str, cfg: RegistryConfig,
-           eval_set: str) -> Decision:
+           eval_set: str, metric: str = "exact_match") -> Decision:
     if incumbent is None:
-        return Decision(promote=False, against=against, eval_set=eval_set,
-                        reason=f"{against} has no per-example scores on eval set {eval_set} (eval set changed?); "
-                               "not comparable, kept as challenger; promote by hand with `qlora promote` if it is better")
+        return Decision(promote=False, against=against, eval_set=eval_set, metric=metric,
+                        reason=f"{against} has no per-example {metric} scores on eval set {eval_set} (eval set or "
+                               "registry.gate_metric changed?); not comparable, kept as challenger; promote by hand "
+                               "with `qlora promote` if it is better")
     mean, lo, hi = paired_bootstrap(challenger, incumbent, cfg.bootstrap_resamples, cfg.confidence_level)
     promote = lo > cfg.min_improvement
     verdict = "above" if promote else "not above"
-    reason = (f"exact match vs {against}: {mean:+.3f} on n={len(challenger)}, {cfg.confidence_level:.0%} CI "
+    reason = (f"{metric} vs {against}: {mean:+.3f} on n={len(challenger)}, {cfg.confidence_level:.0%} CI "
               f"[{lo:+.3f}, {hi:+.3f}], lower bound {verdict} registry.min_improvement={cfg.min_improvement}")
-    return Decision(promote=promote, reason=reason, against=against, n=len(challenger), mean_diff=mean, ci_low=lo,
-                    ci_high=hi, level=cfg.confidence_level, resamples=cfg.bootstrap_resamples, eval_set=eval_set)
+    return Decision(promote=promote, reason=reason, against=against, metric=metric, n=len(challenger), mean_diff=mean,
+                    ci_low=lo, ci_high=hi, level=cfg.confidence_level, resamples=cfg.bootstrap_resamples, eval_set=eval_set)
 
 
-def log_scores(client, run_id: str, eval_set: str, scores: list[float]) -> None:
-    """Store this version's per-example scores in its run, keyed by eval set (read back by ``stored_scores``)."""
-    client.log_dict(run_id, {"eval_set": eval_set, "scores": scores}, f"{SCORES_DIR}/{eval_set}.json")
+def log_scores(client, run_id: str, eval_set: str, scores: dict[str, list[float]]) -> None:
+    """Store this version's per-example scores, one file per metric, keyed by eval set (read by ``stored_scores``)."""
+    for metric, values in scores.items():
+        client.log_dict(run_id, {"eval_set": eval_set, "metric": metric, "scores": values},
+                        f"{SCORES_DIR}/{eval_set}.{metric}.json")
 
 
-def stored_scores(run_id: str, eval_set: str, tracking_uri: str) -> list[float] | None:
+def stored_scores(run_id: str, eval_set: str, tracking_uri: str, metric: str = "exact_match") -> list[float] | None:
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
-    try:
-        got = mlflow.artifacts.load_dict(f"runs:/{run_id}/{SCORES_DIR}/{eval_set}.json")
-    except Exception:  # a missing artifact is an MlflowException or an OSError depending on the store
-        return None
-    return list(got["scores"])
+    names = [f"{eval_set}.{metric}.json"] + ([f"{eval_set}.json"] if metric == "exact_match" else [])  # + the old name
+    for name in names:
+        try:
+            return list(mlflow.artifacts.load_dict(f"runs:/{run_id}/{SCORES_DIR}/{name}")["scores"])
+        except Exception:  # a missing artifact is an MlflowException or an OSError depending on the store
+            continue
+    return None

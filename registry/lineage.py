@@ -93,6 +93,8 @@ def lineage_tags(base: QuantizedModel, adapter: Adapter, report: EvalReport, run
     tags = {
         "base.name_or_path": base.base,
         "base.revision": base.revision or "",
+        "base.hub_id": base.hub_id or "",
+        "base.commit": base.commit or "",  # what the revision resolved to: consumers load the base at this commit
         "base.fingerprint": base.fingerprint,  # content key: local weights hash or hub id+revision, + quant config
         "base.quantized_path": base.path,
         "quantization": json.dumps(quant, sort_keys=True, default=str),
@@ -125,6 +127,18 @@ def eval_table(metrics: dict[str, float]) -> str:
     return "\n".join(rows)
 
 
+def base_source(tags: dict[str, str]) -> str:
+    """Where consumers get the base, in words: the hub at the recorded commit, the local copy only as a fallback."""
+    local = tags.get("base.quantized_path")
+    if tags.get("base.hub_id") and tags.get("base.commit"):
+        return (f"- base: `{tags['base.hub_id']}` at commit `{tags['base.commit']}` (revision `{tags.get('base.revision', 'main')}`): "
+                "`qlora predict` and `registry.consumer.load` load it from the hub at that commit and quantize it as recorded; "
+                f"the pre-quantized copy `{local}` is only the fallback when the hub is unreachable (and what a bare "
+                "`mlflow.pyfunc.load_model` reads: MLflow references a PEFT base as a local folder)\n")
+    return (f"- base: local `{tags.get('base.name_or_path')}` (no hub id): consumers load the pre-quantized copy `{local}`, "
+            "so they need it on the same machine or shared storage\n")
+
+
 def description(name: str, version: str, tags: dict[str, str], report: EvalReport, decision) -> str:
     """Markdown shown on the version's page in the MLflow UI."""
     evidence = ""
@@ -139,13 +153,12 @@ def description(name: str, version: str, tags: dict[str, str], report: EvalRepor
     link = f" ([Prefect UI]({tags['prefect.flow_run_url']}))" if "prefect.flow_run_url" in tags else ""
     return (
         f"## {name} v{version}: QLoRA adapter\n\n"
-        f"- base: `{tags.get('base.name_or_path')}` revision `{tags.get('base.revision', '-')}` "
-        f"(fingerprint `{tags.get('base.fingerprint')}`)\n"
+        f"{base_source(tags)}- base fingerprint `{tags.get('base.fingerprint')}`\n"
         f"- quantization: `{tags.get('quantization')}`\n- LoRA: `{tags.get('lora')}`\n{data}"
         f"- config hash `{tags.get('config_hash', '-')}`, git `{tags.get('git_commit')}`\n"
         f"- Prefect flow run `{tags.get('prefect.flow_run_id', '-')}`{link}, MLflow run `{tags['mlflow_run_id']}`\n"
         f"- libraries: `{tags.get('libraries')}`\n\n"
         f"### Evaluation (greedy, same held-out eval set for base and tuned)\n\n{eval_table(report.metrics)}\n\n"
-        f"### Promotion\n\n**{'promoted to champion' if decision.promote else 'kept as challenger'}**: "
+        f"### Promotion (gate metric: {decision.metric})\n\n**{'promoted to champion' if decision.promote else 'kept as challenger'}**: "
         f"{decision.reason}{evidence}\n"
     )

@@ -12,31 +12,35 @@ from __future__ import annotations
 import logging
 from importlib.metadata import version as pkg_version
 
-from qlora.config import RegistryConfig
+from qlora.config import GENERATION_METRICS, RegistryConfig
 from qlora.errors import ModelError
-from qlora.loading import ModelCache, tuned
+from qlora.loading import GENERATION_DEFAULTS, ModelCache, tuned
 from qlora.refs import Adapter, EvalReport, MlflowRun, QuantizedModel, RegisteredVersion, TokenizedData
 from qlora.template import PROMPT_TEMPLATE
 from qlora.tracking import active_run
 from registry import aliases
 from registry.aliases import CHALLENGER, CHAMPION
-from registry.consumer import consumer_check
-from registry.gate import Decision, decide, eval_set_fingerprint, log_scores, stored_scores
+from registry.consumer import BASE_KEY, consumer_check
+from registry.gate import Decision, decide, eval_set_fingerprint, gate_metric, log_scores, stored_scores
 from registry.idempotent import version_of_run
 from registry.lineage import description, lineage_tags
 from registry.merged import merged_name, register_merged
 
 log = logging.getLogger("qlora.register")
-# What a consumer needs to load the model. Passed explicitly: MLflow's inference otherwise imports
-# torchvision, which is not installed (and not needed) here.
-# Consumers may override these per call: predict([...], params={"max_new_tokens": 32}).
-GENERATION_DEFAULTS = {"max_new_tokens": 64, "do_sample": False, "temperature": 1.0}
-EXAMPLE_PROMPT = "Reverse the order of these words: apple river stone"
+# The params a consumer may send (predict(..., params={...})). MLflow fills every param a call leaves out
+# with its default here, so the defaults are evaluation's greedy decoding (qlora.loading.GENERATION_DEFAULTS).
+# One stop string goes as ``stop_sequence``: the text-generation pipeline's name, which it hands to generate()
+# as stop_strings. MLflow forwards params unchanged, so a ``stop`` key would reach generate() and be refused;
+# and it is a single string because a list param needs a list default, and an empty stop list makes
+# generate() fail on every call.
+STOP_PARAM = "stop_sequence"
+# Passed explicitly: MLflow's inference otherwise imports torchvision, which is not installed (and not needed) here.
 CONSUMER_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "tokenizers", "safetensors")
 
 
 class ConsumerCheckError(ModelError):
-    """The registered version, loaded as a consumer loads it, does not reproduce the evaluation.
+    """The registered version, loaded as a consumer loads it, does not reproduce the evaluation (or no eval
+    prompt could be compared).
 
     Not retried: registering again would produce the same artifact (and another version).
     """
@@ -46,25 +50,43 @@ def pip_requirements() -> list[str]:
     return [f"{p}=={pkg_version(p)}" for p in CONSUMER_PACKAGES]
 
 
-def consumer_log_kwargs(prompt_template: str = PROMPT_TEMPLATE) -> dict:
+def example_of(samples: list[dict]) -> tuple[str, str]:
+    """(user message, tuned output) of the first eval row a consumer could send as is: this run's own data
+    is the logged input example and the signature's source."""
+    usable = [s for s in samples if s.get("message")]
+    s = next((s for s in usable if s.get("standalone")), usable[0] if usable else samples[0])
+    return s.get("message") or s["prompt"], s["tuned"]
+
+
+def consumer_log_kwargs(prompt_template: str = PROMPT_TEMPLATE, example: tuple[str, str] = ("", "")) -> dict:
     """What every logged model shares so consumers call it alike: template, signature, example, requirements."""
     import mlflow
 
-    signature = mlflow.models.infer_signature(
-        model_input=[EXAMPLE_PROMPT], model_output=["stone river apple"], params=GENERATION_DEFAULTS,
-    )
+    message, output = example
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ParamSchema, ParamSpec
+
+    inferred = mlflow.models.infer_signature(model_input=[message], model_output=[output], params=GENERATION_DEFAULTS)
+    params = ParamSchema(inferred.params.params + [ParamSpec(STOP_PARAM, "string", None)])  # None: no stop string
+    signature = ModelSignature(inputs=inferred.inputs, outputs=inferred.outputs, params=params)
     return dict(
         prompt_template=prompt_template,  # the tokenize stage's, so consumers prompt as training did
         pip_requirements=pip_requirements(),
         signature=signature,
         # Raw user message + params: what a consumer sends (MLflow also checks it round-trips for serving).
-        input_example=([EXAMPLE_PROMPT], {"max_new_tokens": 8}),
+        input_example=([message], {"max_new_tokens": 8}),
         model_config=dict(GENERATION_DEFAULTS),
     )
 
 
+def base_metadata(base: QuantizedModel) -> dict:
+    """Where consumers get the base (registry/consumer.py): the hub at the resolved commit, else the local copy."""
+    return {BASE_KEY: {"hub_id": base.hub_id, "commit": base.commit, "revision": base.revision, "local_path": base.path,
+                       "quantization": base.quantization, "attn_implementation": base.attn_implementation}}
+
+
 def log_adapter(base: QuantizedModel, adapter: Adapter, run: MlflowRun, prompt_template: str = PROMPT_TEMPLATE,
-                models: ModelCache | None = None):
+                models: ModelCache | None = None, example: tuple[str, str] = ("", "")):
     """Log base-referenced PEFT adapter + tokenizer with the training prompt template; returns ModelInfo.
     ``models`` holds the pair the evaluate stage loaded (same process); it is released afterwards."""
     import mlflow
@@ -76,9 +98,11 @@ def log_adapter(base: QuantizedModel, adapter: Adapter, run: MlflowRun, prompt_t
                 transformers_model={"model": model, "tokenizer": tok},
                 name="model",
                 task="text-generation",
-                # The pre-quantized base stays where stage 2 wrote it; only the adapter is stored.
+                # MLflow references a PEFT base only as a local folder: the pre-quantized one stage 2 wrote.
+                # A hub base is recorded in the metadata too, and consumers load it from there first.
                 base_model_path=base.path,
-                **consumer_log_kwargs(prompt_template),
+                metadata=base_metadata(base),
+                **consumer_log_kwargs(prompt_template, example),
             )
     finally:
         del model
@@ -87,20 +111,24 @@ def log_adapter(base: QuantizedModel, adapter: Adapter, run: MlflowRun, prompt_t
 
 
 def gate(client, report: EvalReport, cfg: RegistryConfig, run: MlflowRun) -> Decision:
-    """Store this version's per-example scores, then compare them with the champion's (or the base's)."""
-    tuned = [float(s["tuned_correct"]) for s in report.samples]
+    """Store this version's per-example scores, then compare them with the champion's (or the base's) on
+    ``registry.gate_metric``."""
+    metric = gate_metric(cfg.gate_metric, report.samples)
     eval_set = eval_set_fingerprint(report.samples)
-    log_scores(client, run.run_id, eval_set, tuned)
+    scored = [m for m in GENERATION_METRICS if f"tuned_{m}" in report.samples[0]]
+    log_scores(client, run.run_id, eval_set, {m: [float(s[f"tuned_{m}"]) for s in report.samples] for m in scored})
+    tuned_scores = [float(s[f"tuned_{metric}"]) for s in report.samples]
     champ = aliases.current(client, cfg.model_name, CHAMPION)
     if champ is None:
-        incumbent, against = [float(s["base_correct"]) for s in report.samples], "base"
+        incumbent, against = [float(s[f"base_{metric}"]) for s in report.samples], "base"
     else:
-        incumbent, against = stored_scores(champ.run_id, eval_set, run.tracking_uri), f"champion v{champ.version}"
-    return decide(tuned, incumbent, against, cfg, eval_set)
+        incumbent = stored_scores(champ.run_id, eval_set, run.tracking_uri, metric)
+        against = f"champion v{champ.version}"
+    return decide(tuned_scores, incumbent, against, cfg, eval_set, metric)
 
 
 def record(client, name: str, version: str, base: QuantizedModel, adapter: Adapter, report: EvalReport,
-           run: MlflowRun, decision: Decision) -> str:
+           run: MlflowRun, decision: Decision, checked: int = 0) -> str:
     """Lineage tags + Markdown description on the version, the decision in the run; returns the description."""
     import mlflow
 
@@ -112,7 +140,7 @@ def record(client, name: str, version: str, base: QuantizedModel, adapter: Adapt
     text = description(name, version, tags, report, decision)
     client.update_model_version(name, version, description=text)
     with active_run(run):
-        mlflow.log_metrics(decision.metrics())
+        mlflow.log_metrics(decision.metrics() | {"gate/consumer_checked": float(checked)})
     return text
 
 
@@ -132,16 +160,20 @@ def register_adapter(
     client = mlflow.MlflowClient(run.tracking_uri)
     mv = version_of_run(client, cfg.model_name, run.run_id)  # a retry or re-run reuses its version (issue 4)
     if mv is None:
-        info = log_adapter(base, adapter, run, data.prompt_template if data else PROMPT_TEMPLATE, models)
+        info = log_adapter(base, adapter, run, data.prompt_template if data else PROMPT_TEMPLATE, models,
+                           example_of(report.samples))
         mv = mlflow.register_model(info.model_uri, cfg.model_name, tags={"mlflow_run_id": run.run_id})
     name, version = cfg.model_name, str(mv.version)
     aliases.set_challenger(client, name, version)
     decision = gate(client, report, cfg, run)
-    mismatches = consumer_check(name, version, report.samples, report.max_new_tokens or GENERATION_DEFAULTS["max_new_tokens"],
-                                cfg.consumer_check_prompts, run.tracking_uri)
+    checked, mismatches = consumer_check(name, version, report.samples, report.max_new_tokens or GENERATION_DEFAULTS["max_new_tokens"],
+                                         cfg.consumer_check_prompts, run.tracking_uri)
+    if cfg.consumer_check_prompts > 0 and checked == 0:  # a check that compared nothing must not pass
+        mismatches = ["no eval sample is a single user message a consumer could send (every prompt has earlier turns "
+                      "or a system turn), so nothing was compared; set registry.consumer_check_prompts=0 to skip the check"]
     if mismatches:
         decision = decision.model_copy(update={"promote": False, "reason": "consumer check failed: " + "; ".join(mismatches)})
-    text = record(client, name, version, base, adapter, report, run, decision)
+    text = record(client, name, version, base, adapter, report, run, decision, checked)
     if publish is not None:
         publish(f"registry-{name}", text)
     if mismatches:
@@ -154,6 +186,6 @@ def register_adapter(
     log.info("registered %s version %s (%s): %s", name, version, mv.source, decision.reason)
     if cfg.register_merged and version_of_run(client, merged_name(name), run.run_id) is None:
         template = data.prompt_template if data else PROMPT_TEMPLATE
-        register_merged(base, adapter, name, version, out, run, consumer_log_kwargs(template))
+        register_merged(base, adapter, name, version, out, run, consumer_log_kwargs(template, example_of(report.samples)))
     return RegisteredVersion(name=name, version=version, model_uri=mv.source, aliases=out, decision=decision.reason,
-                             awaiting_approval=decision.promote and cfg.require_approval)
+                             awaiting_approval=decision.promote and cfg.require_approval, consumer_checked=checked)

@@ -1,19 +1,20 @@
 """Stage 4: score the base model and the fine-tuned adapter on the same held-out split.
 
-Generation metrics (exact match, via the ``evaluate`` module shipped in ``tasks/metrics``) with
-greedy decoding, plus token-level eval loss and perplexity. The base is loaded once; the base
-scores come from the same model with the adapter disabled.
+``eval.metrics``: generation metrics (exact_match, rouge, bleu, chrf) on greedy generations of the
+first ``eval.max_samples`` eval rows, and perplexity of the references over the whole eval split,
+each an ``evaluate`` module shipped in ``tasks/metrics`` (loaded by path: no hub). Eval loss is
+always logged. The base is loaded once; the base scores come from the same model with the adapter
+disabled. Per-example scores go into the samples, for the registry's promotion gate.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
-from qlora.config import EvalConfig
-from qlora.loading import ModelCache, tuned
+from qlora.config import GENERATION_METRICS, EvalConfig
+from qlora.loading import GENERATION_DEFAULTS, ModelCache, tuned
 from qlora.refs import Adapter, EvalReport, MlflowRun, QuantizedModel, TokenizedData
 from qlora.tracking import active_run
 
@@ -28,7 +29,9 @@ def load_metric(name: str):
 
 
 def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy completions of already-templated prompts, without the prompt."""
+    """Greedy completions of already-templated prompts, without the prompt, decoded as a registry consumer's
+    pipeline decodes by default (GENERATION_DEFAULTS) and stopping where it stops: at the generation config's
+    EOS ids, which qlora.loading made include the tokenizer's end-of-turn."""
     import torch
 
     from tqdm.auto import tqdm
@@ -38,42 +41,52 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: in
     for i in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch", leave=False):
         enc = tok(prompts[i : i + batch_size], return_tensors="pt", padding=True).to(model.device)
         with torch.no_grad():
-            gen = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-            )
+            gen = model.generate(**enc, **(GENERATION_DEFAULTS | {"max_new_tokens": max_new_tokens}), pad_token_id=tok.pad_token_id)
         out += tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return [o.strip() for o in out]
 
 
-def eval_loss(model, tok, ds, batch_size: int) -> float:
-    """Mean cross-entropy over trained (non -100) tokens of the eval split."""
+def token_nll(model, tok, ds, batch_size: int) -> tuple[list[float], list[int]]:
+    """Per example: summed cross-entropy (nats) over its trained (non -100) tokens, and their count.
+    Rows are upcast to fp32 one at a time: a real vocabulary's logits in fp32 for a whole batch would
+    need several GB."""
     import torch
+    import torch.nn.functional as F
     from transformers import DataCollatorForSeq2Seq
 
     collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
     rows = ds.select_columns(["input_ids", "attention_mask", "labels"])
-    total, count = 0.0, 0
+    nll, counts = [], []
     tok.padding_side = "right"
     try:
         for i in range(0, len(rows), batch_size):
             batch = collate([rows[j] for j in range(i, min(i + batch_size, len(rows)))]).to(model.device)
-            n = int((batch["labels"][:, 1:] != -100).sum())  # tokens the shifted loss averages over
+            labels = batch.pop("labels")[:, 1:]  # position t predicts token t+1
             with torch.no_grad():
-                total += float(model(**batch).loss) * n
-            count += n
+                logits = model(**batch).logits[:, :-1]
+                for row_logits, row_labels in zip(logits, labels):
+                    nll.append(float(F.cross_entropy(row_logits.float(), row_labels, ignore_index=-100, reduction="sum")))
+                    counts.append(int((row_labels != -100).sum()))
     finally:
         tok.padding_side = "left"
-    return total / max(count, 1)
+    return nll, counts
 
 
-def score(model, tok, ds, cfg: EvalConfig, metric) -> tuple[dict[str, float], list[str], list[float]]:
+def score(model, tok, ds, cfg: EvalConfig, metrics: dict) -> tuple[dict[str, float], list[str], dict[str, list[float]]]:
+    """(corpus metrics, generations of the first max_samples rows, per-example scores of those rows)."""
     sub = ds.select(range(min(cfg.max_samples, len(ds))))
-    preds = generate(model, tok, sub["prompt"], cfg.max_new_tokens, cfg.batch_size)
-    em = metric.compute(predictions=preds, references=sub["reference"], per_example=True)
-    loss = eval_loss(model, tok, ds, cfg.batch_size)
-    metrics = {"exact_match": em["exact_match"], "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-    return metrics, preds, em["scores"]
+    generative = [m for m in cfg.metrics if m in GENERATION_METRICS]
+    preds = generate(model, tok, sub["prompt"], cfg.max_new_tokens, cfg.batch_size) if generative else []
+    out, per_example = {}, {}
+    for name in generative:
+        got = metrics[name].compute(predictions=preds, references=sub["reference"], per_example=True)
+        out[name], per_example[name] = got[name], [float(x) for x in got["scores"]]
+    nll, counts = token_nll(model, tok, ds, cfg.batch_size)
+    out["loss"] = sum(nll) / max(sum(counts), 1)
+    if "perplexity" in cfg.metrics:
+        got = metrics["perplexity"].compute(nll=nll, n_tokens=counts, per_example=True)
+        out["perplexity"], per_example["perplexity"] = got["perplexity"], got["scores"][: len(sub)]
+    return out, preds, per_example
 
 
 def evaluate_adapter(
@@ -87,25 +100,25 @@ def evaluate_adapter(
     t0 = time.perf_counter()
     ds = load_from_disk(data.path)["eval"]
     model, tok = tuned(base, adapter, models)
-    metric = load_metric("exact_match")
+    metrics = {name: load_metric(name) for name in cfg.metrics}
     with model.disable_adapter():
-        base_m, base_preds, base_scores = score(model, tok, ds, cfg, metric)
-    tuned_m, tuned_preds, tuned_scores = score(model, tok, ds, cfg, metric)
-    metrics = {f"eval/base/{k}": v for k, v in base_m.items()} | {f"eval/tuned/{k}": v for k, v in tuned_m.items()}
-    n = len(base_preds)
+        base_m, base_preds, base_scores = score(model, tok, ds, cfg, metrics)
+    tuned_m, tuned_preds, tuned_scores = score(model, tok, ds, cfg, metrics)
+    report_metrics = {f"eval/base/{k}": v for k, v in base_m.items()} | {f"eval/tuned/{k}": v for k, v in tuned_m.items()}
+    n = min(cfg.max_samples, len(ds))
+    keep = ("prompt", "message", "standalone", "reference")
     samples = [
-        {"prompt": ds[i]["prompt"], "reference": ds[i]["reference"], "base": base_preds[i], "tuned": tuned_preds[i],
-         "base_correct": base_scores[i], "tuned_correct": tuned_scores[i]}
+        {k: ds[i][k] for k in keep if k in ds.column_names}
+        | {"base": base_preds[i] if base_preds else "", "tuned": tuned_preds[i] if tuned_preds else ""}
+        | {f"base_{m}": s[i] for m, s in base_scores.items()} | {f"tuned_{m}": s[i] for m, s in tuned_scores.items()}
         for i in range(n)
     ]
     with active_run(run):
         if run is not None:
             import mlflow
 
-            mlflow.log_metrics(metrics)
-            mlflow.log_table({k: [s[k] for s in samples] for k in samples[0]}, artifact_file="eval/samples.json")
-    log.info(
-        "evaluated %d prompts in %.1f s: exact match base %.3f -> tuned %.3f, eval loss %.3f -> %.3f",
-        n, time.perf_counter() - t0, base_m["exact_match"], tuned_m["exact_match"], base_m["loss"], tuned_m["loss"],
-    )
-    return EvalReport(metrics=metrics, samples=samples, data=data, max_new_tokens=cfg.max_new_tokens)
+            mlflow.log_metrics(report_metrics)
+            mlflow.log_table({k: [s.get(k) for s in samples] for k in samples[0]}, artifact_file="eval/samples.json")
+    log.info("evaluated %d prompts in %.1f s: %s", n, time.perf_counter() - t0,
+             ", ".join(f"{k} base {base_m[k]:.3f} -> tuned {tuned_m[k]:.3f}" for k in base_m))
+    return EvalReport(metrics=report_metrics, samples=samples, data=data, max_new_tokens=cfg.max_new_tokens)

@@ -14,11 +14,23 @@ from pathlib import Path
 
 from qlora.config import ModelConfig, QuantizationConfig, stable_hash
 from qlora.errors import ModelError
-from qlora.loading import load_base, load_tokenizer
+from qlora.loading import fix_generation_config, hub_commit, load_base, load_tokenizer
 from qlora.quant import count_4bit_layers, dtype_choice
 from qlora.refs import QuantizedModel
 
 log = logging.getLogger("qlora.quantize")
+
+
+def is_hub_id(name: str) -> bool:
+    """huggingface_hub's own repo-id rule, and not a file name. (Not ``Path(name).suffix``: that is '.1-8B-Instruct'
+    for meta-llama/Llama-3.1-8B-Instruct, which refused nearly every real hub id with a version in its name.)"""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return not name.startswith(".") and not name.endswith((".safetensors", ".bin", ".json", ".yaml", ".yml", ".gguf", ".pt"))
 
 
 def base_identity(model: ModelConfig) -> dict:
@@ -33,7 +45,7 @@ def base_identity(model: ModelConfig) -> dict:
             h.update(f.name.encode())
             h.update(f.read_bytes())
         return {"local_weights_sha256": h.hexdigest()}
-    if p.suffix or model.name_or_path.startswith((".", "/")) or model.name_or_path.count("/") > 1:
+    if not is_hub_id(model.name_or_path):
         raise ModelError(
             f"model.name_or_path: '{model.name_or_path}' is neither an existing local directory nor a hub id "
             "like 'org/name' (for the demo base run `make demo` or `qlora build-demo` first)"
@@ -45,8 +57,9 @@ def prepare_quantized_model(model: ModelConfig, quant: QuantizationConfig, workd
     """Quantize ``model`` per ``quant`` and save it under a content key; reuse it if already there."""
     if model.trust_remote_code:
         log.warning("model.trust_remote_code is on: code from %s will run on this machine", model.name_or_path)
+    identity = base_identity(model)
     dtype, why = dtype_choice(quant)  # auto resolves per machine: a bf16 checkpoint is no hit on an AVX2-only CPU
-    key = stable_hash({"base": base_identity(model), "quant": quant.model_dump(), "attn": model.attn_implementation,
+    key = stable_hash({"base": identity, "quant": quant.model_dump(), "attn": model.attn_implementation,
                        "compute_dtype": str(dtype)})
     out = Path(workdir) / "quantized" / key
     manifest = out / "manifest.json"
@@ -58,6 +71,7 @@ def prepare_quantized_model(model: ModelConfig, quant: QuantizationConfig, workd
     try:
         m = load_base(model.name_or_path, quant, model)
         tok = load_tokenizer(model)  # saved with its pad token fixed: every later stage loads it from here
+        fix_generation_config(m, tok)  # stop ids saved with the base: eval and MLflow consumers stop alike
     except OSError as e:
         raise ModelError(f"model.name_or_path: cannot load '{model.name_or_path}': {e}") from None
     n4 = count_4bit_layers(m) if quant.load_in_4bit else 0
@@ -72,6 +86,8 @@ def prepare_quantized_model(model: ModelConfig, quant: QuantizationConfig, workd
         footprint_bytes=int(m.get_memory_footprint()), quantized=quant.load_in_4bit,
         compute_dtype=str(dtype).removeprefix("torch."), dtype_choice=why,
         attn_implementation=model.attn_implementation,
+        # A hub base: id and resolved commit, so consumers can load it from the hub (registry/consumer.py)
+        hub_id=identity.get("hub_id"), commit=hub_commit(model) if "hub_id" in identity else None, quantization=quant.model_dump(),
     )
     (tmp / "manifest.json").write_text(ref.model_dump_json())
     shutil.rmtree(out, ignore_errors=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 from qlora.config import DataConfig, ModelConfig, stable_hash
 from qlora.loading import load_tokenizer
 from qlora.refs import MlflowRun, TokenizedData
-from qlora.template import PROMPT_TEMPLATE, chat_template_of
+from qlora.template import PROMPT_TEMPLATE, chat_template_of, template_kwargs
 from tasks.data.encode import prepare
 from tasks.data.report import DataReport
 from tasks.data.sources import local_content
@@ -40,7 +40,10 @@ def cache_key(data: DataConfig, tok, fmt_hint: str, digests: tuple[str, str]) ->
             "data": digests[0],
             "eval_data": digests[1],
             "tokenizer": tokenizer_fingerprint(tok),
-            "template": [PROMPT_TEMPLATE, chat_template_of(tok, data.chat_template)],
+            "template": [PROMPT_TEMPLATE, chat_template_of(tok, data.chat_template),
+                         template_kwargs(tok, data.chat_template, data.chat_template_kwargs)],
+            # 2: eval split carries message/standalone; rows a template is not prefix-stable for are split per turn
+            "layout": 2,
             "max_length": data.max_length,
             "overlength": data.overlength,
             "format": fmt_hint,

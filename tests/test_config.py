@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from qlora.config import PipelineConfig, load_config
+from qlora.config import PipelineConfig
+from qlora.config_file import load_config
 from qlora.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -103,3 +104,81 @@ def test_fingerprint_changes_with_values():
     a, b = PipelineConfig(), load_config(None, ["lora.r=8"])
     assert a.fingerprint() == PipelineConfig().fingerprint()
     assert a.fingerprint() != b.fingerprint()
+
+
+# ------------------------------------------------------------------ train: checked against transformers at load
+
+
+def test_extra_args_reach_training_arguments(tmp_path):
+    import torch
+
+    from tasks.training.recipe import training_arguments
+
+    cfg = load_config(None, ["train.extra_args={adam_beta2: 0.95, neftune_noise_alpha: 5, bf16: false}"])
+    args = training_arguments(cfg.train, tmp_path, torch.float32, checkpointing=False)
+    assert args.adam_beta2 == 0.95 and args.neftune_noise_alpha == 5
+    assert args.report_to == []  # "none": MLflow is attached as our own callback, nothing else asked for
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.extra_args={adam_beta2: 0.95, neftune_noise_alph: 5}",
+     r"train\.extra_args: .*extra_args\.neftune_noise_alph: not a transformers\.TrainingArguments field \(did you mean neftune_noise_alpha\?\)"),
+    ("train.extra_args={learning_rate: 1.0}", r"extra_args\.learning_rate: set train\.learning_rate instead"),
+    ("train.extra_args={output_dir: /tmp/x}", r"extra_args\.output_dir: set by the pipeline"),
+    ("train.optim=adamw_torch_fuse", r"train\.optim: .*unknown optim 'adamw_torch_fuse' \(did you mean adamw_torch_fused\?\)"),
+    ("train.lr_scheduler_type=cosin", r"train\.lr_scheduler_type: .*unknown lr_scheduler_type 'cosin' \(did you mean cosine\?\)"),
+    ("train.report_to=[mlflow]", r"train\.report_to: .*MLflow is always on"),
+    ("train.report_to=[tensorbord]", r"train\.report_to: .*unknown integration"),
+])
+def test_training_names_are_checked_when_the_config_loads(override, message):
+    """Before: unknown extra keys were refused only as 'unknown key', and a misspelt optimizer or schedule
+    surfaced when the train stage built TrainingArguments, after tokenize and quantize had run."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_training_choices_that_transformers_knows_load():
+    cfg = load_config(None, ["train.optim=adamw_torch", "train.lr_scheduler_type=constant_with_warmup",
+                             "train.report_to=[tensorboard]", "train.extra_args={adam_beta2: 0.95}"])
+    assert cfg.train.optim == "adamw_torch" and cfg.train.report_to == ["tensorboard"]
+
+
+def test_defaults_taken_unchecked_are_valid_for_transformers():
+    """qlora/trainer_args.py skips importing transformers (and torch) for default values; this is why that is safe."""
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    t = PipelineConfig().train
+    assert t.optim in {o.value for o in OptimizerNames} and t.lr_scheduler_type in {s.value for s in SchedulerType}
+
+
+# ------------------------------------------------------------------ eval metrics and the gate metric
+
+
+def test_gate_metric_must_be_evaluated():
+    assert PipelineConfig().registry.gate_metric == "auto"
+    assert load_config(None, ["eval.metrics=[bleu, perplexity]", "registry.gate_metric=bleu"]).registry.gate_metric == "bleu"
+    with pytest.raises(ConfigError, match=r"registry\.gate_metric=chrf compares chrf, but eval\.metrics .* lacks chrf"):
+        load_config(None, ["registry.gate_metric=chrf"])
+    with pytest.raises(ConfigError, match=r"gate_metric=auto compares exact_match or rouge, .* lacks rouge"):
+        load_config(None, ["eval.metrics=[exact_match]"])
+    with pytest.raises(ConfigError, match=r"eval\.metrics\.0"):
+        load_config(None, ["eval.metrics=[rouge_l]"])
+
+
+# ------------------------------------------------------------------ the recipes in configs/
+
+
+def test_every_recipe_opens_with_its_run_command():
+    for path in CONFIGS:
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# ") and f"configs/{path.name}" in first, f"{path.name}: first line {first!r}"
+
+
+def test_a_recipe_per_family():
+    want = {"llama-3.1-8b.yaml": "meta-llama/Llama-3.1-8B-Instruct", "qwen2.5-7b.yaml": "Qwen/Qwen2.5-7B-Instruct",
+            "mistral-7b.yaml": "mistralai/Mistral-7B-Instruct-v0.3", "qwen3-8b.yaml": "Qwen/Qwen3-8B"}
+    for name, hub_id in want.items():
+        cfg = load_config(CONFIGS[0].parent / name)
+        assert cfg.model.name_or_path == hub_id
+        assert cfg.registry.gate_metric in ("auto", "rouge") and "rouge" in cfg.eval.metrics

@@ -32,19 +32,21 @@ def test_train_config_sets_the_trainer_sampler(tmp_path, group, strategy):
 
 
 def test_tokenize_task_publishes_the_data_report_artifact(tmp_path, tiny_base, prefect_server):
-    from prefect import flow
+    from prefect import flow, runtime
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     from flows import stages
 
     @flow
     def just_tokenize(work: str):
-        return stages.tokenize(DataConfig(path=str(DEMO_DATA), max_length=64), ModelConfig(name_or_path=str(tiny_base)), work)
+        ref = stages.tokenize(DataConfig(path=str(DEMO_DATA), max_length=64), ModelConfig(name_or_path=str(tiny_base)), work)
+        return ref, runtime.flow_run.id
 
-    ref = just_tokenize(str(tmp_path / "work"))
-    with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["data-report"])))
+    ref, run_id = just_tokenize(str(tmp_path / "work"))
+    with get_client(sync_client=True) as client:  # this flow run's report, not an earlier test's
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["data-report"]),
+                                                                    flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
     assert arts and arts[0].type == "markdown"
     assert arts[0].data == Path(ref.report_path).read_text()
     assert "6000 rows read, 0 dropped, 5400 train / 600 eval" in arts[0].data

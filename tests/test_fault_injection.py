@@ -18,7 +18,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from qlora.config import load_config
+from qlora.config_file import load_config
 
 from .conftest import DEMO_DATA, REPO
 

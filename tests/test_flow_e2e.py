@@ -10,7 +10,7 @@ import sys
 import mlflow
 import pytest
 
-from qlora.config import load_config
+from qlora.config_file import load_config
 from qlora.template import PROMPT_TEMPLATE
 
 from .conftest import DEMO_DATA, REPO

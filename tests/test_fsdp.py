@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora.config import ModelConfig, PipelineConfig, QuantizationConfig, load_config
+from qlora.config import ModelConfig, PipelineConfig, QuantizationConfig
+from qlora.config_file import load_config
 from qlora.errors import ConfigError
 from tasks.training.launch import launcher_command
 from tasks.training.checkpoints import checkpoint_problem

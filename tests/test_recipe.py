@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from qlora.config import load_config
+from qlora.config_file import load_config
 from tasks.quantize import prepare_quantized_model
 from tasks.tokenize import tokenize_dataset
 from tasks.train import train_adapter

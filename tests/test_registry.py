@@ -34,7 +34,8 @@ def _run(url):
 
 
 def _with_scores(report, base: float, tuned: float):
-    return report.model_copy(update={"samples": [s | {"base_correct": base, "tuned_correct": tuned} for s in report.samples]})
+    """Exact match is the gate metric here (registry.gate_metric=auto: the demo's answers are 3 words)."""
+    return report.model_copy(update={"samples": [s | {"base_exact_match": base, "tuned_exact_match": tuned} for s in report.samples]})
 
 
 # ------------------------------------------------------------------ the gate, as a function
@@ -77,7 +78,7 @@ def registered(trained, mlflow_server):
 def test_gate_moves_champion_only_on_evidence(registered):
     (v1, v2, v3), _, client = registered
     assert [int(v.version) for v in (v1, v2, v3)] == [1, 2, 3]
-    assert v1.aliases == ["challenger"] and "vs base: +0.000 on n=6" in v1.decision
+    assert v1.aliases == ["challenger"] and "exact_match vs base: +0.000 on n=6" in v1.decision
     assert v2.aliases == ["challenger", "champion"] and "vs base: +1.000" in v2.decision
     assert v3.aliases == ["challenger"] and "vs champion v2: +0.000" in v3.decision
     assert int(client.get_model_version_by_alias(NAME, "champion").version) == 2
@@ -106,11 +107,13 @@ def test_every_version_carries_lineage(registered, trained):
     m = client.get_run(runs[1].run_id).data.metrics
     assert m["gate/promote"] == 1.0 and m["gate/n"] == 6 and m["gate/ci_low"] == 1.0
     arts = [a.path for a in client.list_artifacts(runs[1].run_id, "registry/scores")]
-    assert arts == [f"registry/scores/{ev['eval_set']}.json"]
+    assert sorted(arts) == [f"registry/scores/{ev['eval_set']}.{m}.json" for m in ("exact_match", "rouge")]
+    assert ev["metric"] == "exact_match" and "gate metric: exact_match" in mv.description
     assert client.get_model_version(NAME, v1.version).tags["promotion"] == "kept as challenger"
     # the logged model: signature with params, an input example, pinned requirements
     logged = mlflow.models.Model.load(f"models:/{NAME}/{v2.version}")
-    assert {p.name for p in logged.signature.params.params} == {"max_new_tokens", "do_sample", "temperature"}
+    assert {p.name for p in logged.signature.params.params} == {
+        "max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "stop_sequence"}
     assert logged.saved_input_example_info is not None
     reqs = mlflow.pyfunc.get_model_dependencies(f"models:/{NAME}/{v2.version}")
     pins = [line for line in open(reqs).read().splitlines() if line and not line.startswith("#")]
@@ -153,6 +156,7 @@ def test_cli_registry_commands(registered, mlflow_server, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert [ln.split()[0] for ln in lines] == ["v3", "v2", "v1"]
     assert "champion" in lines[1] and "challenger" in lines[0] and "kept as challenger" in lines[2]
+    assert "exact_match base " in lines[0]  # the metric its gate compared (the demo's short answers)
 
     assert cli(["promote", NAME, "1", "--why", "looks better on spot checks", "--by", "alice", *uri]) == 0
     t = client.get_model_version(NAME, 1).tags

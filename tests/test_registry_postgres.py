@@ -62,7 +62,7 @@ def test_concurrent_registrations_on_postgres(trained, pg_mlflow_server):
     base, adapter, report = trained
     # Scores say tuned beats base on every prompt: whichever writer finds no champion promotes itself,
     # the others compare with it (a tie) and stay challenger.
-    report = report.model_copy(update={"samples": [s | {"base_correct": 0.0, "tuned_correct": 1.0} for s in report.samples]})
+    report = report.model_copy(update={"samples": [s | {"base_exact_match": 0.0, "tuned_exact_match": 1.0} for s in report.samples]})
     # spawn, not fork: forking a process that already runs torch and HTTP-client threads deadlocks the children.
     with multiprocessing.get_context("spawn").Pool(WRITERS) as pool:
         results = pool.map(_register, [(base, adapter, report, pg_mlflow_server, i) for i in range(WRITERS)])
@@ -120,7 +120,7 @@ def _flow(args) -> tuple[str, str]:
     cfg_overrides, i = args
     try:
         from flows.finetune import qlora_finetune
-        from qlora.config import load_config
+        from qlora.config_file import load_config
 
         return qlora_finetune(config=load_config(None, cfg_overrides)).version, ""
     except Exception:

@@ -14,7 +14,7 @@ from tasks.reporting import artifact_key, example_rows, log_loss_plot, mlflow_li
 REPORT = EvalReport(
     metrics={"eval/base/exact_match": 0.0, "eval/tuned/exact_match": 0.75, "eval/base/loss": 5.1, "eval/tuned/loss": 0.4,
              "eval/base/perplexity": 164.0, "eval/tuned/perplexity": 1.49},
-    samples=[{"prompt": f"p{i}", "reference": f"r{i}", "base": "x", "tuned": f"r{i}", "base_correct": 0.0, "tuned_correct": 1.0}
+    samples=[{"prompt": f"p{i}", "reference": f"r{i}", "base": "x", "tuned": f"r{i}", "base_exact_match": 0.0, "tuned_exact_match": 1.0}
              for i in range(8)],
 )
 ADAPTER = Adapter(path="/a", run_dir="/r", global_step=12, train_loss=1.0, first_loss=5.0, last_loss=0.5)
@@ -80,7 +80,7 @@ class _Hook:
 
 def test_failed_flow_run_notifies_the_webhook(prefect_server, tiny_base, tmp_path, mlflow_uri):
     from flows.finetune import qlora_finetune
-    from qlora.config import load_config
+    from qlora.config_file import load_config
 
     hook = _Hook()
     try:

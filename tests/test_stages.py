@@ -64,7 +64,7 @@ def test_train_resume_and_evaluate(prepared):
     assert [h["step"] for h in state["log_history"] if "loss" in h] == list(range(1, 9))  # one curve
 
     report = evaluate_adapter(base, a, data, EvalConfig(max_samples=4, max_new_tokens=4, batch_size=4))
-    assert set(report.metrics) == {f"eval/{w}/{m}" for w in ("base", "tuned") for m in ("exact_match", "loss", "perplexity")}
+    assert set(report.metrics) == {f"eval/{w}/{m}" for w in ("base", "tuned") for m in ("exact_match", "rouge", "loss", "perplexity")}
     assert report.metrics["eval/tuned/loss"] < report.metrics["eval/base/loss"]
     assert len(report.samples) == 4
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from qlora.config import DataConfig
 from qlora.errors import DataError
-from qlora.template import Segment, TemplateError, prompt_template_for, render_turns
+from qlora.template import Segment, TemplateError, prompt_template_for, render_examples, template_kwargs
 from tasks.data.formats import first_exchange
 from tasks.data.report import DataReport
 from tasks.data.validate import Parsed, Problem, check_drops, shown_lines, validate
@@ -46,8 +46,11 @@ def token_ids(tok, texts: list[str]) -> list[list[int]]:
 class Item:
     where: str
     segments: list[Segment]
-    prompt: str  # rendered prompt up to the first answer (generation eval)
-    reference: str  # the first answer
+    prompt: str  # rendered prompt up to the answer scored by generation eval
+    reference: str  # that answer
+    message: str = ""  # the user message a consumer sends for it (the logged prompt template makes the prompt)
+    standalone: bool = True  # ``prompt`` is what a consumer gets for ``message`` alone (no history, no system turn)
+    group: int = -1  # index of the row's first item: a row split into several examples stays in one split
 
 
 @dataclass
@@ -56,22 +59,30 @@ class Rendered:
     items: list[Item] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     rows_read: int = 0
+    rows_expanded: int = 0  # conversations split into one example per assistant turn
 
 
 def render_source(parsed: Parsed, data: DataConfig, tok) -> Rendered:
-    """Render every parsed row with the template; problems so far are carried over."""
+    """Render every parsed row with the template; problems so far are carried over. A row the template
+    cannot render is dropped with its reason (``template_error``), like any other broken row."""
     out = Rendered(fmt=parsed.fmt, problems=list(parsed.problems), rows_read=parsed.rows_read)
+    kwargs = template_kwargs(tok, data.chat_template, data.chat_template_kwargs)
     for where, turns in parsed.rows:
+        group = len(out.items)
         if isinstance(turns, str):
             prompt_turns, reference = first_exchange(turns)
-            out.items.append(Item(where, [(turns, True)], prompt_turns[0][1], reference))
+            prompt = prompt_turns[0][1]
+            out.items.append(Item(where, [(turns, True)], prompt, reference, prompt, True, group))
             continue
         try:
-            segs = render_turns(turns, tok, data.chat_template)
+            examples = render_examples(turns, tok, data.chat_template, kwargs)
         except TemplateError as e:
-            raise DataError(f"{where}: {e}") from None
-        _, reference = first_exchange(turns)
-        out.items.append(Item(where, segs, segs[0][0], reference))
+            out.problems.append((where, "template_error", f"{where}: {e}"))
+            continue
+        out.rows_expanded += len(examples) > 1
+        for ex in examples:
+            out.items.append(Item(where, ex.segments, ex.segments[0][0], turns[ex.answer_turn][1].strip(), ex.message,
+                                  ex.standalone, group))
     return out
 
 
@@ -238,22 +249,25 @@ def _encoded(parsed: Parsed, data: DataConfig, tok) -> tuple[Rendered, object, l
     return rendered, ds, keep
 
 
-def _split(keep: list[int], data: DataConfig, name: str) -> tuple[list[int], list[int]]:
-    """Seeded hold-out of ``data.eval_fraction`` of the usable rows: (train indices, eval indices)."""
-    order = list(keep)
-    random.Random(data.seed).shuffle(order)
-    n_eval = max(1, round(len(order) * data.eval_fraction))
-    if n_eval >= len(order):
-        raise DataError(f"{name}: {len(order)} usable rows leave nothing to train on with data.eval_fraction={data.eval_fraction}")
-    held = set(order[:n_eval])
-    return [i for i in keep if i not in held], sorted(held)
+def _split(keep: list[int], items: list[Item], data: DataConfig, name: str) -> tuple[list[int], list[int]]:
+    """Seeded hold-out of ``data.eval_fraction`` of the usable rows: (train indices, eval indices). A row
+    split into one example per assistant turn is held out whole: its later examples contain the earlier
+    answers as history, which must not be trained on while the eval scores them."""
+    groups = list(dict.fromkeys(items[i].group for i in keep))  # rows, in order (a row's first item index)
+    random.Random(data.seed).shuffle(groups)
+    n_eval = max(1, round(len(groups) * data.eval_fraction))
+    if n_eval >= len(groups):
+        raise DataError(f"{name}: {len(groups)} usable rows leave nothing to train on with data.eval_fraction={data.eval_fraction}")
+    held = set(groups[:n_eval])
+    return [i for i in keep if items[i].group not in held], [i for i in keep if items[i].group in held]
 
 
 def _finish(items: list[Item], ds, keep: list[int], with_text: bool):
     ds = ds.select(keep).remove_columns(["problem"])
     ds = ds.rename_column("n_tokens", "n_tokens_full")
-    if with_text:
-        ds = ds.add_column("prompt", [items[i].prompt for i in keep]).add_column("reference", [items[i].reference for i in keep])
+    if with_text:  # what generation eval scores, and what the consumer check sends (message) for the same prompt
+        for col in ("prompt", "reference", "message", "standalone"):
+            ds = ds.add_column(col, [getattr(items[i], col) for i in keep])
     return ds
 
 
@@ -262,15 +276,17 @@ def prepare(data: DataConfig, tok, parsed: tuple[Parsed, Parsed | None] | None =
     tparsed, eparsed = parsed or validate(data)
     train_r, train_ds, train_idx = _encoded(tparsed, data, tok)
     if eparsed is None:  # hold out part of the training source
-        train_idx, eval_idx = _split(train_idx, data, tparsed.src.name)
+        train_idx, eval_idx = _split(train_idx, train_r.items, data, tparsed.src.name)
         eval_r, eval_ds, problems, rows_read = train_r, train_ds, train_r.problems, train_r.rows_read
     else:
         eval_r, eval_ds, eval_idx = _encoded(eparsed, data, tok)
         problems, rows_read = train_r.problems + eval_r.problems, train_r.rows_read + eval_r.rows_read
     train = _finish(train_r.items, train_ds, train_idx, with_text=False)
     evals = _finish(eval_r.items, eval_ds, eval_idx, with_text=True)
+    expanded = train_r.rows_expanded + (eval_r.rows_expanded if eparsed is not None else 0)
     report = DataReport.build(tparsed.src.name, tparsed.fmt, data, rows_read, problems, train, evals,
-                              [train_r.items[i] for i in train_idx], [eval_r.items[i] for i in eval_idx], tok)
+                              [train_r.items[i] for i in train_idx], [eval_r.items[i] for i in eval_idx], tok, expanded)
     train, evals = train.remove_columns(["n_tokens_full"]), evals.remove_columns(["n_tokens_full"])
-    template = prompt_template_for(tok, data.chat_template) if tparsed.fmt != "text" else "{prompt}"
+    kwargs = template_kwargs(tok, data.chat_template, data.chat_template_kwargs)
+    template = prompt_template_for(tok, data.chat_template, kwargs) if tparsed.fmt != "text" else "{prompt}"
     return Prepared(train, evals, report, template)

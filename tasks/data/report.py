@@ -34,8 +34,9 @@ class DataReport(BaseModel):
     rows_dropped: int
     dropped_by_reason: dict[str, int]
     problem_lines: list[str]  # first N_PROBLEM_LINES, one per dropped row
-    train_rows: int
+    train_rows: int  # examples: a conversation split per assistant turn counts once per turn
     eval_rows: int
+    rows_expanded: int = 0  # conversations split into one example per assistant turn (template not prefix-stable)
     truncated_rows: int
     max_length: int
     duplicate_rows: int  # rows identical to an earlier row (kept; reported)
@@ -45,7 +46,8 @@ class DataReport(BaseModel):
     examples: list[str]
 
     @classmethod
-    def build(cls, source, fmt, data, rows_read, problems, train, evals, train_items, eval_items, tok) -> "DataReport":
+    def build(cls, source, fmt, data, rows_read, problems, train, evals, train_items, eval_items, tok,
+              rows_expanded: int = 0) -> "DataReport":
         lengths = sorted([len(x) for x in train["input_ids"]] + [len(x) for x in evals["input_ids"]])
         trained = total = 0
         for split in (train, evals):
@@ -64,7 +66,7 @@ class DataReport(BaseModel):
             source=source, format=fmt, rows_read=rows_read, rows_dropped=len(problems),
             dropped_by_reason=dict(Counter(reason for _, reason, _ in problems)),
             problem_lines=[line for _, _, line in problems[:N_PROBLEM_LINES]],
-            train_rows=len(train), eval_rows=len(evals),
+            train_rows=len(train), eval_rows=len(evals), rows_expanded=rows_expanded,
             truncated_rows=sum(1 for n in full if n > data.max_length), max_length=data.max_length,
             duplicate_rows=duplicates, train_eval_overlap=sum(1 for k in eval_keys if k in seen),
             token_length={"p50": _pct(lengths, 0.5), "p90": _pct(lengths, 0.9), "p99": _pct(lengths, 0.99), "max": lengths[-1] if lengths else 0},
@@ -74,7 +76,7 @@ class DataReport(BaseModel):
     def metrics(self) -> dict[str, float]:
         m = {
             "data/rows_read": self.rows_read, "data/rows_dropped": self.rows_dropped, "data/train_rows": self.train_rows,
-            "data/eval_rows": self.eval_rows, "data/truncated_rows": self.truncated_rows,
+            "data/eval_rows": self.eval_rows, "data/rows_expanded": self.rows_expanded, "data/truncated_rows": self.truncated_rows,
             "data/duplicate_rows": self.duplicate_rows, "data/train_eval_overlap": self.train_eval_overlap,
             "data/trainable_token_share": self.trainable_token_share,
         }
@@ -87,10 +89,11 @@ class DataReport(BaseModel):
             f"# Data report: {self.source}",
             "",
             f"Format **{self.format}**; {self.rows_read} rows read, {self.rows_dropped} dropped, "
-            f"{self.train_rows} train / {self.eval_rows} eval.",
+            f"{self.train_rows} train / {self.eval_rows} eval examples.",
             "",
             "| measure | value |",
             "|---|---|",
+            f"| conversations split into one example per assistant turn | {self.rows_expanded} |",
             f"| truncated to max_length={self.max_length} | {self.truncated_rows} |",
             f"| exact duplicate rows | {self.duplicate_rows} |",
             f"| eval rows also in train | {self.train_eval_overlap} |",

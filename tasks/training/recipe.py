@@ -80,7 +80,7 @@ def training_arguments(train: TrainConfig, output_dir: Path, compute_dtype, chec
     if train.early_stopping_patience is not None:
         early = dict(eval_strategy="steps", eval_steps=train.save_steps, load_best_model_at_end=True,
                      metric_for_best_model="eval_loss", greater_is_better=False)
-    return TrainingArguments(
+    args = dict(
         output_dir=str(output_dir),
         num_train_epochs=train.num_train_epochs,
         max_steps=train.max_steps,
@@ -108,8 +108,8 @@ def training_arguments(train: TrainConfig, output_dir: Path, compute_dtype, chec
         bf16=amp and compute_dtype == torch.bfloat16,
         fp16=amp and compute_dtype == torch.float16,
         use_cpu=not on_gpu,
-        # MLflow is attached by fit() as a callback that survives a tracking outage.
-        report_to="none",
+        # MLflow is attached by fit() as a callback that survives a tracking outage; others as configured.
+        report_to=train.report_to or "none",
         # A NaN/inf loss must reach DivergenceGuard, not be averaged away by the Trainer.
         logging_nan_inf_filter=False,
         remove_unused_columns=False,
@@ -117,6 +117,7 @@ def training_arguments(train: TrainConfig, output_dir: Path, compute_dtype, chec
         disable_tqdm=False,
         **early,
     )
+    return TrainingArguments(**(args | train.extra_args))  # any other field; names checked at config load
 
 
 def _trainer_class():

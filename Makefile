@@ -44,7 +44,7 @@ $(STAMP): pyproject.toml $(LOCK)
 # uv: neither sees the local CPU torch wheel (uv ignores pip's find-links; both resolve PyPI's torch and
 # lock its CUDA dependencies), while a freeze records exactly the set CI installs.
 lock:
-	rm -rf .lock-venv
+	rm -rf .lock-venv build
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install -q $(PIP)
 	.lock-venv/bin/python -m pip install -q $(TORCH)
@@ -52,7 +52,7 @@ lock:
 	{ echo "# make lock: every package \`make install\` installs, from pyproject.toml's ranges on $$(date -u +%F)."; \
 	  echo "# $(TORCH) is installed first by its own pin (the CPU build here); not constrained here."; \
 	  .lock-venv/bin/python -m pip freeze --exclude qlora-pipeline --exclude torch; } > $(LOCK)
-	rm -rf .lock-venv
+	rm -rf .lock-venv build
 
 $(DEMO_BASE)/config.json: qlora/demo.py data/demo/reverse_words.jsonl | $(STAMP)
 	$(BIN)/qlora build-demo --out $(DEMO_BASE)

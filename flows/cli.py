@@ -89,15 +89,14 @@ def cmd_validate_data(args) -> int:
     """Validation and tokenization only (tokenizer, no model, writes nothing); prints the data report."""
     from qlora.config import load_config
     from qlora.loading import load_tokenizer
-    from tasks.data.encode import prepare
-    from tasks.data.validate import validate
+    from tasks.data.mixture import prepare_data, validate_data
 
     cfg = load_config(args.config, args.set)
     import datasets
 
     datasets.disable_progress_bars()  # the report is the output; bars would interleave with it
-    parsed = validate(cfg.data)  # file and row structure first: needs no tokenizer
-    print(prepare(cfg.data, load_tokenizer(cfg.model), parsed).report.markdown())
+    parsed = validate_data(cfg.data)  # file and row structure first: needs no tokenizer
+    print(prepare_data(cfg.data, load_tokenizer(cfg.model), parsed).report.markdown())
     return 0
 
 

@@ -22,6 +22,21 @@ from qlora.refs import MlflowRun, RegisteredVersion, Trained
 FIXED = ("registry", "tracking", "report", "workdir", "eval")  # same for every trial (see the module docstring)
 
 
+def sweepable_keys(model: Any = PipelineConfig, prefix: str = "") -> list[str]:
+    """Every leaf key a grid may name (sections recursed into; FIXED ones left out)."""
+    out = []
+    for name, field in model.model_fields.items():
+        key = prefix + name
+        if key.split(".")[0] in FIXED:
+            continue
+        sub = field.annotation
+        out += sweepable_keys(sub, key + ".") if isinstance(sub, type) and issubclass(sub, BaseModel) else [key]
+    return out
+
+
+SWEEPABLE = sweepable_keys()
+
+
 class SweepConfig(BaseModel):
     """How to sweep: the flow parameter ``sweep`` of ``qlora-sweep`` (the UI form shows it next to ``config``)."""
 
@@ -31,6 +46,8 @@ class SweepConfig(BaseModel):
         default_factory=dict,
         description="Config keys (dotted, as for --set) and the values to try, e.g. {train.learning_rate: [1e-4, 2e-4], "
         "lora.r: [16, 64]}; the grid sampler runs every combination (2 x 2 = 4 trials).",
+        # In the parameter schema too: the Prefect API then refuses an unknown key before a flow run exists.
+        json_schema_extra={"propertyNames": {"enum": SWEEPABLE}},
     )
     max_parallel: int = Field(
         1, ge=1, le=64,
@@ -69,19 +86,13 @@ class SweepConfig(BaseModel):
 
 def key_problem(key: str) -> str | None:
     """Why ``key`` cannot be swept, or None: an unknown key, a section, or one every trial must share."""
-    parts = key.split(".")
-    if parts[0] in FIXED:
+    if key in SWEEPABLE:
+        return None
+    if key.split(".")[0] in FIXED:
         return f"cannot be swept: {', '.join(FIXED)} are the same for every trial (where and how trials are scored and kept)"
-    model: Any = PipelineConfig
-    for i, part in enumerate(parts):
-        fields = getattr(model, "model_fields", None)
-        if fields is None:  # inside a dict field (data.columns.x): any key goes
-            return None if model is dict else f"{'.'.join(parts[:i])} has no keys"
-        if part not in fields:
-            return "unknown key (check the spelling; see configs/demo.yaml for the known keys)"
-        model = fields[part].annotation
-        model = dict if getattr(model, "__origin__", None) is dict else model
-    return "is a section; sweep its keys, e.g. train.learning_rate" if hasattr(model, "model_fields") else None
+    if any(k.startswith(key + ".") for k in SWEEPABLE):
+        return f"is a section; sweep its keys, e.g. {next(k for k in SWEEPABLE if k.startswith(key + '.'))}"
+    return "unknown key (check the spelling; see configs/demo.yaml for the known keys)"
 
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:

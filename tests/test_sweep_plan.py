@@ -50,10 +50,11 @@ def test_a_key_given_twice_is_refused():
 
 @pytest.mark.parametrize("key, problem", [
     ("train.learnig_rate", "unknown key"),
-    ("lora", "is a section"),
+    ("lora", "is a section; sweep its keys, e.g. lora.r"),
     ("registry.model_name", "cannot be swept"),
     ("eval.max_samples", "cannot be swept"),
-    ("lora.r.x", "lora.r has no keys"),
+    ("lora.r.x", "unknown key"),
+    ("data.columns.instruction", "unknown key"),  # a dict field is swept whole: data.columns={...},{...}
 ])
 def test_keys_that_cannot_be_swept(key, problem):
     assert problem in key_problem(key)
@@ -63,7 +64,7 @@ def test_keys_that_cannot_be_swept(key, problem):
 
 
 def test_sweepable_keys():
-    for key in ("train.learning_rate", "lora.r", "data.sources", "data.columns.instruction", "quantization.quant_type"):
+    for key in ("train.learning_rate", "lora.r", "data.sources", "data.columns", "quantization.quant_type"):
         assert key_problem(key) is None, key
 
 

@@ -132,7 +132,7 @@ class Trial(BaseModel):
     config: PipelineConfig
 
 
-def trial_config(config: PipelineConfig, overrides: dict[str, Any], index: int) -> Trial:
+def trial_config(config: PipelineConfig, overrides: dict[str, Any], index: int, where: str | None = None) -> Trial:
     """The base config with one grid point applied and validated; a bad value names the trial and the key."""
     raw = config.model_dump(mode="json")
     for key, value in overrides.items():
@@ -144,7 +144,7 @@ def trial_config(config: PipelineConfig, overrides: dict[str, Any], index: int) 
     try:
         cfg = PipelineConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, f"sweep trial {index} ({_show(overrides)})")) from None
+        raise ConfigError(_format_validation_error(e, where or f"sweep trial {index} ({_show(overrides)})")) from None
     return Trial(index=index, values={k: value_at(cfg, k) for k in overrides}, config=cfg)
 
 

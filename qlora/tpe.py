@@ -30,7 +30,7 @@ class TpeSearch:
         self._pending: dict[int, object] = {}
         for key, values in sweep.grid.items():  # every value checked now, not when TPE first picks it
             for v in values:
-                trial_config(config, {key: v}, -1)
+                trial_config(config, {key: v}, -1, where=f"--grid {key}={v}")
 
     @property
     def done(self) -> bool:

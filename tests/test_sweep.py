@@ -165,3 +165,23 @@ def test_reproduce_refuses_when_data_or_base_changed(swept):
     proc = _cli(swept.env, swept.tmp, "reproduce", "models:/tiny-sweep/9")
     assert proc.returncode == 1 and "error: models:/tiny-sweep/9: no such model version" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_tpe_sweep_runs_the_asked_trials_in_process(prefect_server, tiny_base, tmp_path, mlflow_uri):
+    """--sampler tpe: Optuna (the optional `sweep` extra) picks 3 of the 4 grid points, in batches."""
+    pytest.importorskip("optuna")
+    from flows.sweep import qlora_sweep
+    from qlora.config import load_config
+    from qlora.sweep import SweepConfig
+
+    cfg = load_config(None, _sets(tmp_path, DEMO_DATA, tiny_base)[1::2] + ["registry.model_name=tiny-tpe"])
+    sweep = SweepConfig(grid={"train.learning_rate": [1e-4, 2e-3], "lora.r": [4, 8]}, sampler="tpe", trials=3, max_parallel=2)
+    result = qlora_sweep(config=cfg, sweep=sweep)
+    assert [r["trial"] for r in result.rows] == [0, 1, 2] and all(r["status"] == "COMPLETED" for r in result.rows)
+    client = mlflow.MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("qlora-finetune").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
+    assert sum(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in runs) == 3
+    assert parent.data.tags["sweep.sampler"] == "tpe"
+    (mv,) = client.search_model_versions("name='tiny-tpe'")
+    assert mv.run_id == parent.data.tags["sweep.best_run_id"] and result.version.version == str(mv.version)

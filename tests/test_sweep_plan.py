@@ -136,3 +136,26 @@ def test_tpe_without_optuna_says_which_extra(tmp_path):
 def test_demo_config_loads_with_a_grid():
     cfg = load_config(REPO / "configs" / "demo.yaml")
     assert [t.config.lora.r for t in grid_trials(cfg, SweepConfig(grid={"lora.r": [32, 64]}))] == [32, 64]
+
+
+def test_tpe_asks_in_batches_within_the_grid_and_learns_from_told_scores():
+    pytest.importorskip("optuna")
+    from qlora.tpe import TpeSearch
+
+    sweep = SweepConfig(grid={"lora.r": [4, 8, 16], "lora.target_modules": [["q_proj"], "all-linear"]}, sampler="tpe",
+                        trials=5, max_parallel=2)
+    search = TpeSearch(PipelineConfig(), sweep)
+    seen = []
+    while not search.done:
+        batch = search.ask(sweep.max_parallel)
+        assert 1 <= len(batch) <= 2
+        for t in batch:
+            assert t.config.lora.r in (4, 8, 16) and t.config.lora.target_modules in (["q_proj"], "all-linear")
+            score = None if t.index == 1 else t.config.lora.r / 16  # trial 1 "failed"
+            search.tell(_outcome(t.index, score), "eval/tuned/exact_match")
+        seen += [t.index for t in batch]
+    assert seen == [0, 1, 2, 3, 4]
+    states = [t.state.name for t in search.study.trials]
+    assert states.count("COMPLETE") == 4 and states.count("FAIL") == 1
+    with pytest.raises(ConfigError, match="--grid lora.r=0: lora.r: Input should be greater than 0"):  # every value checked up front
+        TpeSearch(PipelineConfig(), sweep.model_copy(update={"grid": {"lora.r": [8, 0]}}))

@@ -185,3 +185,27 @@ def test_tpe_sweep_runs_the_asked_trials_in_process(prefect_server, tiny_base, t
     assert parent.data.tags["sweep.sampler"] == "tpe"
     (mv,) = client.search_model_versions("name='tiny-tpe'")
     assert mv.run_id == parent.data.tags["sweep.best_run_id"] and result.version.version == str(mv.version)
+
+
+def test_a_failed_trial_is_a_row_and_the_best_of_the_rest_is_registered(prefect_server, tiny_base, tmp_path, mlflow_uri):
+    """data.max_length=9 leaves no trainable token in any demo row: that trial fails in tokenize (a DataError),
+    its child run is FAILED, and the sweep still registers the trial that worked. All failed: nothing registered."""
+    from flows.sweep import qlora_sweep
+    from qlora.config import load_config
+    from qlora.errors import UserError
+    from qlora.sweep import SweepConfig
+
+    cfg = load_config(None, _sets(tmp_path, DEMO_DATA, tiny_base)[1::2] + ["registry.model_name=tiny-fail"])
+    result = qlora_sweep(config=cfg, sweep=SweepConfig(grid={"data.max_length": [9, 64]}))
+    failed, ok = result.rows
+    assert (failed["status"], ok["status"], ok["best"]) == ("FAILED", "COMPLETED", "yes")
+    client = mlflow.MlflowClient(mlflow_uri)
+    assert client.get_run(failed["mlflow_run"]).info.status == "FAILED"
+    (mv,) = client.search_model_versions("name='tiny-fail'")
+    assert mv.run_id == ok["mlflow_run"]
+
+    state = qlora_sweep(config=cfg, sweep=SweepConfig(grid={"data.max_length": [9, 10]}), return_state=True)
+    assert state.is_failed() and "all 2 trials failed, nothing to register: trial 0:" in state.message
+    with pytest.raises(UserError):
+        state.result()
+    assert len(client.search_model_versions("name='tiny-fail'")) == 1

@@ -78,11 +78,11 @@ def device_slot():
         if limit is None:  # checked first: Prefect itself would warn about the missing limit on every run
             yield
             return
-        t0 = time.perf_counter()
-        if limit.active_slots >= limit.limit:
+        t0, busy = time.perf_counter(), limit.active_slots >= limit.limit
+        if busy:
             log.info("waiting for the device slot %s (%d/%d taken by other flow runs on this machine)",
                      name, limit.active_slots, limit.limit)
         with concurrency(name, occupy=1, strict=False):
-            if (waited := time.perf_counter() - t0) > 1:
-                log.info("device slot %s acquired after %.1f s", name, waited)
+            if busy:
+                log.info("device slot %s acquired after %.1f s", name, time.perf_counter() - t0)
             yield

@@ -24,8 +24,9 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows import stages
 from flows.device_slot import device_slot
+from qlora.config import TrackingConfig
 from qlora.errors import UserError, retry_transient
-from qlora.tracking import TrackingConfig, resolve_uri
+from qlora.tracking import resolve_uri
 from registry.reproduce import (Lineage, Verdict, check_base, check_data, compare_adapter, environment_differences,
                                 read_lineage, rebased)
 from tasks.reporting import artifact_key

@@ -51,6 +51,7 @@ def read_lineage(model_uri: str, tracking_uri: str) -> Lineage:
     m = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([\w-]+))", model_uri)
     if m is None:
         raise UserError(f"{model_uri}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+    mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
     try:
         mv = client.get_model_version(m[1], m[2]) if m[2] else client.get_model_version_by_alias(m[1], m[3])
@@ -155,6 +156,9 @@ def compare_adapter(lineage: Lineage, new_adapter_dir: str, download_to: str) ->
     mlflow.set_tracking_uri(lineage.run.tracking_uri)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{lineage.name}/{lineage.version}", dst_path=download_to))
     old_file, new_file = local / "peft" / ADAPTER, Path(new_adapter_dir) / ADAPTER
+    if not old_file.is_file():
+        raise UserError(f"models:/{lineage.name}/{lineage.version} holds no PEFT adapter (peft/{ADAPTER}) to compare "
+                        "with; reproduce the adapter version, not a merged one")
     old_sha, new_sha = sha256_hex(old_file), sha256_hex(new_file)
     old, new = load_file(str(old_file)), load_file(str(new_file))
     diff, worst = None, None

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from qlora.config import PipelineConfig, _format_validation_error
+from qlora.config import PipelineConfig
 from qlora.errors import ConfigError
 from qlora.refs import MlflowRun, RegisteredVersion, Trained
 
@@ -144,7 +144,8 @@ def trial_config(config: PipelineConfig, overrides: dict[str, Any], index: int, 
     try:
         cfg = PipelineConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, where or f"sweep trial {index} ({_show(overrides)})")) from None
+        where = where or f"sweep trial {index} ({_show(overrides)})"
+        raise ConfigError("\n".join(f"{where}: {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
     return Trial(index=index, values={k: value_at(cfg, k) for k in overrides}, config=cfg)
 
 

@@ -37,7 +37,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(PIP)
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -c $(LOCK) -e ".[dev,bench]"
+	$(BIN)/python -m pip install -q -c $(LOCK) -e ".[dev,bench,sweep]"
 	touch $(STAMP)
 
 # pip's own resolver, in a throwaway venv, then `pip freeze` of what it installed. Not pip-compile or
@@ -48,7 +48,7 @@ lock:
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install -q $(PIP)
 	.lock-venv/bin/python -m pip install -q $(TORCH)
-	.lock-venv/bin/python -m pip install -q ".[dev,bench]"
+	.lock-venv/bin/python -m pip install -q ".[dev,bench,sweep]"
 	{ echo "# make lock: every package \`make install\` installs, from pyproject.toml's ranges on $$(date -u +%F)."; \
 	  echo "# $(TORCH) is installed first by its own pin (the CPU build here); not constrained here."; \
 	  .lock-venv/bin/python -m pip freeze --exclude qlora-pipeline --exclude torch; } > $(LOCK)

@@ -65,13 +65,12 @@ def _start_ephemeral_prefect_server() -> threading.Thread | None:
     return thread
 
 
-def cmd_run(args) -> int:
-    from qlora.config_file import load_config
+def _flows(module: str):
+    """Import a flow module while Prefect's temporary server (if one is needed) starts, then wait for it."""
+    import importlib
 
-    cfg = load_config(args.config, args.set)  # bad config: fail before starting anything
     server = _start_ephemeral_prefect_server()
-    from flows.finetune import qlora_finetune
-
+    flows = importlib.import_module(module)
     if server is not None:
         import datasets, mlflow, peft, torch, transformers  # noqa: E401,F401  (what the tasks import first)
 
@@ -80,24 +79,58 @@ def cmd_run(args) -> int:
         if server.up_s is not None:
             logging.getLogger("qlora.cli").info(
                 "Prefect temporary server up in %.1f s, %.1f s of it not hidden by imports", server.up_s, time.perf_counter() - t)
-    version = qlora_finetune(config=cfg)
+    return flows
+
+
+def cmd_run(args) -> int:
+    from qlora.config_file import load_config
+
+    cfg = load_config(args.config, args.set)  # bad config: fail before starting anything
+    version = _flows("flows.finetune").qlora_finetune(config=cfg)
     print(f"registered {version.name} version {version.version} aliases={','.join(version.aliases)}")
     return 0
+
+
+def cmd_sweep(args) -> int:
+    from qlora.config_file import load_config
+    from qlora.sweep import grid_trials, markdown, parse_grid, sweep_config
+
+    cfg = load_config(args.config, args.set)
+    sweep = sweep_config(grid=parse_grid(args.grid), max_parallel=args.max_parallel, sampler=args.sampler,
+                         trials=args.trials, trial_deployment=args.trial_deployment)
+    if sweep.sampler == "grid":
+        grid_trials(cfg, sweep)  # every trial's config checked before any server starts
+    else:
+        from qlora.tpe import TpeSearch
+
+        TpeSearch(cfg, sweep)  # Optuna installed, every value valid
+    result = _flows("flows.sweep").qlora_sweep(config=cfg, sweep=sweep)
+    v = result.version
+    print(markdown(result.rows))
+    print(f"best trial {result.best_trial} by {result.metric}: registered {v.name} version {v.version} aliases={','.join(v.aliases)}")
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    """Exit 0 when the rebuilt adapter is identical to the registered one, 1 when it differs (or cannot be rebuilt)."""
+    verdict = _flows("flows.reproduce").qlora_reproduce(model_uri=args.model_uri, workdir=args.workdir,
+                                                         tracking_uri=args.tracking_uri)
+    print(verdict.line)
+    return 0 if verdict.identical else 1
 
 
 def cmd_validate_data(args) -> int:
     """Validation and tokenization only (tokenizer, no model, writes nothing); prints the data report."""
     from qlora.config_file import load_config
     from qlora.loading import load_tokenizer
-    from tasks.data.encode import prepare
-    from tasks.data.validate import validate
+    from tasks.data.mixture import prepare_data, validate_data
 
     cfg = load_config(args.config, args.set)
     import datasets
 
     datasets.disable_progress_bars()  # the report is the output; bars would interleave with it
-    parsed = validate(cfg.data)  # file and row structure first: needs no tokenizer
-    print(prepare(cfg.data, load_tokenizer(cfg.model), parsed).report.markdown())
+    parsed = validate_data(cfg.data)  # file and row structure first: needs no tokenizer
+    print(prepare_data(cfg.data, load_tokenizer(cfg.model), parsed).report.markdown())
     return 0
 
 
@@ -166,6 +199,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.max_steps=5 (repeatable)")
     r.set_defaults(func=cmd_run)
+
+    sw = sub.add_parser("sweep", help="one trial per grid point (each its own flow run), register only the best")
+    sw.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="values to try for a config key, e.g. --grid lora.r=16,64 (repeatable: every combination runs)")
+    sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    sw.add_argument("--max-parallel", type=int, default=1, help="trials in flight at once (default 1)")
+    sw.add_argument("--sampler", choices=["grid", "tpe"], default="grid", help="tpe: Optuna picks --trials combinations")
+    sw.add_argument("--trials", type=int, default=None, help="trials for --sampler tpe")
+    sw.add_argument("--trial-deployment", default=None, metavar="FLOW/DEPLOYMENT",
+                    help="run trials on a work pool via this deployment (e.g. qlora-trial/trial; needs PREFECT_API_URL)")
+    sw.set_defaults(func=cmd_sweep)
+
+    rp = sub.add_parser("reproduce", help="rebuild a registered version from its lineage, compare the adapters")
+    rp.add_argument("model_uri", help="models:/NAME/VERSION (or models:/NAME@ALIAS)")
+    rp.add_argument("--workdir", default=None, help="a new folder to train in (default: <workdir>/reproduce/NAME-vN-<time>)")
+    rp.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    rp.set_defaults(func=cmd_reproduce)
 
     v = sub.add_parser("validate-data", help="validate and tokenize the config's data, print the data report")
     v.add_argument("config", help="YAML config, e.g. configs/demo.yaml")

@@ -23,9 +23,10 @@ from prefect import flow, runtime
 
 from flows import stages
 from flows.approval import await_approval
+from flows.device_slot import device_slot
 from qlora.config import PipelineConfig
 from qlora.loading import ModelCache
-from qlora.refs import RegisteredVersion
+from qlora.refs import MlflowRun, RegisteredVersion, Trained
 from qlora.tracking import end_run, fail_runs_of_flow_run
 from tasks.reporting import notify
 
@@ -57,25 +58,39 @@ def qlora_finetune(config: PipelineConfig = PipelineConfig()) -> RegisteredVersi
     """Fine-tune ``config.model`` with QLoRA on ``config.data``, evaluate it and register the adapter."""
     opening = dict(
         cfg=config.tracking, workdir=config.workdir, key=config.fingerprint(), run_name=runtime.flow_run.name,
-        tags={"prefect.flow_run_id": str(runtime.flow_run.id), "config_hash": config.fingerprint()},
+        tags={"prefect.flow_run_id": str(runtime.flow_run.id), "config_hash": config.fingerprint()}, config=config,
     )
     opened = stages.open_run(**opening, return_state=True)
     run = opened.result() if opened.is_completed() else None  # tracking down: train anyway, untracked
     status = "FAILED"
     models = ModelCache()  # the tuned model evaluate loads, reused by register in this process
     try:
-        data = stages.tokenize(config.data, config.model, config.workdir, run)
-        base = stages.quantize(config.model, config.quantization, config.workdir)
-        adapter = stages.train(base, data, config.lora, config.train, config.workdir, run)
-        report = stages.evaluate(base, adapter, data, config.eval, run, models)
+        trained = train_and_evaluate(config, run, models)
         run = run or stages.open_run(**opening)  # registering needs the server: retried, then a clear error
-        version = stages.register(base, adapter, report, config.registry, run, data, models)
-        if version.awaiting_approval:  # registry.require_approval: pause for a human (must run in the flow)
-            version = await_approval(version, config.registry, run)
-        stages.publish_report(report, adapter, version, run, config.report)
+        version = register_and_report(config, trained, run, models)
         status = "FINISHED"
         return version
     finally:
         models.release()
         if run is not None:
             end_run(run, status)  # never leave the MLflow run RUNNING, whatever happened
+
+
+def train_and_evaluate(config: PipelineConfig, run: MlflowRun | None, models: ModelCache | None = None) -> Trained:
+    """Stages 1-4, what one sweep trial runs too (``flows/sweep.py``). Training and evaluation hold this
+    machine's device slot (``flows/device_slot.py``): concurrent flow runs queue there instead of sharing a GPU."""
+    data = stages.tokenize(config.data, config.model, config.workdir, run)
+    base = stages.quantize(config.model, config.quantization, config.workdir)
+    with device_slot():
+        adapter = stages.train(base, data, config.lora, config.train, config.workdir, run)
+        report = stages.evaluate(base, adapter, data, config.eval, run, models)
+    return Trained(data=data, base=base, adapter=adapter, report=report)
+
+
+def register_and_report(config: PipelineConfig, trained: Trained, run: MlflowRun, models: ModelCache | None = None) -> RegisteredVersion:
+    """Stages 5-6: the registry (gate, consumer check, approval) and the run report; a sweep's best trial too."""
+    version = stages.register(trained.base, trained.adapter, trained.report, config.registry, run, trained.data, models)
+    if version.awaiting_approval:  # registry.require_approval: pause for a human (must run in the flow)
+        version = await_approval(version, config.registry, run)
+    stages.publish_report(trained.report, trained.adapter, version, run, config.report)
+    return version

@@ -67,12 +67,35 @@ class LoraSection(Section):
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train alongside the adapters.")
 
 
+FORMATS = Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"]
+
+
+class DataSource(Section):
+    """One source of a dataset mixture (``data.sources``); read like data.path with its own format and columns."""
+
+    path: str = Field(..., description="A .jsonl/.json/.csv/.parquet file, a datasets.save_to_disk folder, or a hub dataset id.")
+    format: FORMATS = Field("auto", description="Row format of this source; auto detects it from its first row.")
+    weight: float = Field(..., gt=0, le=1, description=(
+        "This source's share of the mixed training rows (all weights add up to 1). The mixture has as many training "
+        "rows as the sources' usable training rows together (after each holds out data.eval_fraction); a source is "
+        "subsampled without replacement, or, only when its share asks for more rows than it has, gives each row once "
+        "plus seeded draws with replacement. Counts and repeats are in the data report."))
+    columns: dict[str, str] = Field(default_factory=dict, description="Map this source's field names to the format's, as data.columns.")
+    split: str = Field("train", description="Split to read from a hub dataset or a save_to_disk DatasetDict.")
+    subset: str | None = Field(None, description="Hub dataset configuration (subset) name.")
+    revision: str | None = Field(None, description="Hub dataset revision to pin; the cache key uses it.")
+
+
 class DataConfig(Section):
-    path: str = Field(
+    path: str | None = Field(
         "data/demo/reverse_words.jsonl",
-        description="Training data: a .jsonl/.json/.csv/.parquet file, a datasets.save_to_disk folder, or a hub dataset id (owner/name).",
+        description="Training data: a .jsonl/.json/.csv/.parquet file, a datasets.save_to_disk folder, or a hub dataset "
+        "id (owner/name). Unset when data.sources is given.",
     )
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"] = Field(
+    sources: list[DataSource] = Field(default_factory=list, description=(
+        "A mixture instead of data.path: [{path, format, weight, columns}, ...], rows mixed by weight with data.seed. "
+        "Each source holds out its own data.eval_fraction; the data report counts each one's rows read, dropped, used."))
+    format: FORMATS = Field(
         "auto", description="Row format; auto detects it from the first row's keys (after data.columns mapping)."
     )
     columns: dict[str, str] = Field(
@@ -103,6 +126,25 @@ class DataConfig(Section):
         0.05, ge=0.0, le=1.0, description="Unusable rows are dropped and counted by reason; above this share the run fails."
     )
     num_proc: int = Field(1, ge=1, description="Tokenizer worker processes; pays off only above ~10k rows per worker.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_or_sources(cls, raw: Any) -> Any:
+        # Decided on the raw input: data.path has a default, so only the input tells whether it was also given.
+        if isinstance(raw, dict) and raw.get("sources"):
+            if raw.get("path") is not None:
+                raise ValueError("set either data.path or data.sources, not both")
+            raw = {**raw, "path": None}
+        return raw
+
+    @model_validator(mode="after")
+    def _weights_are_shares(self) -> "DataConfig":
+        if self.path is None and not self.sources:
+            raise ValueError("set data.path (one dataset) or data.sources (a mixture)")
+        if self.sources and abs((total := sum(s.weight for s in self.sources)) - 1.0) > 1e-6:
+            raise ValueError(f"data.sources weights add up to {total:g} ({' + '.join(f'{s.weight:g}' for s in self.sources)}); "
+                             "each is a share of the mixed training rows, so they must add up to 1")
+        return self
 
 
 class TrainConfig(Section):

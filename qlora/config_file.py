@@ -20,7 +20,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see configs/demo.yaml for the known keys)"
-        got = "" if e["type"] == "extra_forbidden" or not e["loc"] else f" (got {e.get('input')!r})"  # root: the whole config
+        # The root, or a rule over a whole section, names its keys in the message: echoing that input adds nothing.
+        whole = not e["loc"] or (e["type"] == "value_error" and isinstance(e.get("input"), (dict, list)))
+        got = "" if e["type"] == "extra_forbidden" or whole else f" (got {e.get('input')!r})"
         lines.append(f"{source}: {key}: {msg}{got}")
     return "\n".join(lines)
 

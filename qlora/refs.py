@@ -65,3 +65,12 @@ class RegisteredVersion(BaseModel):
     consumer_checked: int = 0  # eval prompts re-generated identically through models:/<name>/<version>
     decision: str = ""  # the promotion gate's reason, with its evidence
     awaiting_approval: bool = False  # gate passed, registry.require_approval holds champion back
+
+
+class Trained(BaseModel):
+    """What tokenize -> quantize -> train -> evaluate leave (one sweep trial): everything registering it needs."""
+
+    data: TokenizedData
+    base: QuantizedModel
+    adapter: Adapter
+    report: EvalReport

@@ -18,10 +18,9 @@ from qlora.config import DataConfig, ModelConfig, stable_hash
 from qlora.loading import load_tokenizer
 from qlora.refs import MlflowRun, TokenizedData
 from qlora.template import PROMPT_TEMPLATE, chat_template_of, template_kwargs
-from tasks.data.encode import prepare
+from tasks.data.mixture import mixture_digest, parsed_digests, prepare_data, validate_data
 from tasks.data.report import DataReport
 from tasks.data.sources import local_content
-from tasks.data.validate import validate
 
 log = logging.getLogger("qlora.tokenize")
 
@@ -70,14 +69,16 @@ def _probe_cache(data: DataConfig, model: ModelConfig, workdir, run):
     Returns (hit or None, the tokenizer if it loaded, the local contents read): a miss reuses both, so
     neither the tokenizer nor the data file is loaded twice.
     """
-    local = (local_content(data.path, data.split), local_content(data.eval_path, data.split) if data.eval_path else None)
-    if local[0] is None or (data.eval_path and local[1] is None):
+    sources = [(s.path, s.split) for s in data.sources] or [(data.path, data.split)]
+    local = ([local_content(p, split) for p, split in sources], local_content(data.eval_path, data.split) if data.eval_path else None)
+    if None in local[0] or (data.eval_path and local[1] is None):
         return None, None, local
     try:
         tok = load_tokenizer(model)
     except (OSError, ValueError):
         return None, None, local
-    digests = (local[0].digest, local[1].digest if local[1] else "")
+    train = mixture_digest(data, [c.digest for c in local[0]]) if data.sources else local[0][0].digest
+    digests = (train, local[1].digest if local[1] else "")
     return _cache_hit(Path(workdir) / "tokenized" / cache_key(data, tok, data.format, digests), run), tok, local
 
 
@@ -88,15 +89,15 @@ def tokenize_dataset(data: DataConfig, model: ModelConfig, workdir: str | Path, 
     hit, tok, local = _probe_cache(data, model, workdir, run)
     if hit is not None:
         return hit
-    parsed = validate(data, local)  # structure first: a broken file fails here, before any tokenizer or model
+    parsed = validate_data(data, local)  # structure first: a broken file fails here, before any tokenizer or model
     tok = tok if tok is not None else load_tokenizer(model)
-    key = cache_key(data, tok, data.format, (parsed[0].src.digest, parsed[1].src.digest if parsed[1] else ""))
+    key = cache_key(data, tok, data.format, parsed_digests(data, parsed))
     out = Path(workdir) / "tokenized" / key
     hit = _cache_hit(out, run)
     if hit is not None:
         return hit
 
-    prep = prepare(data, tok, parsed)
+    prep = prepare_data(data, tok, parsed)
     tmp = out.with_name(key + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     DatasetDict({"train": prep.train, "eval": prep.eval}).save_to_disk(str(tmp))
@@ -113,7 +114,7 @@ def tokenize_dataset(data: DataConfig, model: ModelConfig, workdir: str | Path, 
     tmp.rename(out)  # atomic: a half-written folder is never taken for a cache hit
     log.info(
         "tokenized %s (%s): %d train / %d eval rows, %d dropped, %d truncated to %d tokens -> %s",
-        data.path, r.format, ref.train_rows, ref.eval_rows, r.rows_dropped, r.truncated_rows, data.max_length, out,
+        r.source, r.format, ref.train_rows, ref.eval_rows, r.rows_dropped, r.truncated_rows, data.max_length, out,
     )
     log_report(r, run, cache_hit=False)
     return ref

@@ -240,7 +240,7 @@ class Prepared:
     prompt_template: str
 
 
-def _encoded(parsed: Parsed, data: DataConfig, tok) -> tuple[Rendered, object, list[int]]:
+def encode_source(parsed: Parsed, data: DataConfig, tok) -> tuple[Rendered, object, list[int]]:
     """One source rendered and tokenized: (rendered rows with their problems, Dataset, usable row indices)."""
     rendered = render_source(parsed, data, tok)
     ds = tokenize_items(rendered.items, tok, data) if rendered.items else None
@@ -249,7 +249,7 @@ def _encoded(parsed: Parsed, data: DataConfig, tok) -> tuple[Rendered, object, l
     return rendered, ds, keep
 
 
-def _split(keep: list[int], items: list[Item], data: DataConfig, name: str) -> tuple[list[int], list[int]]:
+def hold_out(keep: list[int], items: list[Item], data: DataConfig, name: str) -> tuple[list[int], list[int]]:
     """Seeded hold-out of ``data.eval_fraction`` of the usable rows: (train indices, eval indices). A row
     split into one example per assistant turn is held out whole: its later examples contain the earlier
     answers as history, which must not be trained on while the eval scores them."""
@@ -262,7 +262,7 @@ def _split(keep: list[int], items: list[Item], data: DataConfig, name: str) -> t
     return [i for i in keep if items[i].group not in held], [i for i in keep if items[i].group in held]
 
 
-def _finish(items: list[Item], ds, keep: list[int], with_text: bool):
+def select_rows(items: list[Item], ds, keep: list[int], with_text: bool):
     ds = ds.select(keep).remove_columns(["problem"])
     ds = ds.rename_column("n_tokens", "n_tokens_full")
     if with_text:  # what generation eval scores, and what the consumer check sends (message) for the same prompt
@@ -274,15 +274,15 @@ def _finish(items: list[Item], ds, keep: list[int], with_text: bool):
 def prepare(data: DataConfig, tok, parsed: tuple[Parsed, Parsed | None] | None = None) -> Prepared:
     """Read, validate, render and tokenize ``data`` (train and eval splits) plus the report; writes nothing."""
     tparsed, eparsed = parsed or validate(data)
-    train_r, train_ds, train_idx = _encoded(tparsed, data, tok)
+    train_r, train_ds, train_idx = encode_source(tparsed, data, tok)
     if eparsed is None:  # hold out part of the training source
-        train_idx, eval_idx = _split(train_idx, train_r.items, data, tparsed.src.name)
+        train_idx, eval_idx = hold_out(train_idx, train_r.items, data, tparsed.src.name)
         eval_r, eval_ds, problems, rows_read = train_r, train_ds, train_r.problems, train_r.rows_read
     else:
-        eval_r, eval_ds, eval_idx = _encoded(eparsed, data, tok)
+        eval_r, eval_ds, eval_idx = encode_source(eparsed, data, tok)
         problems, rows_read = train_r.problems + eval_r.problems, train_r.rows_read + eval_r.rows_read
-    train = _finish(train_r.items, train_ds, train_idx, with_text=False)
-    evals = _finish(eval_r.items, eval_ds, eval_idx, with_text=True)
+    train = select_rows(train_r.items, train_ds, train_idx, with_text=False)
+    evals = select_rows(eval_r.items, eval_ds, eval_idx, with_text=True)
     expanded = train_r.rows_expanded + (eval_r.rows_expanded if eparsed is not None else 0)
     report = DataReport.build(tparsed.src.name, tparsed.fmt, data, rows_read, problems, train, evals,
                               [train_r.items[i] for i in train_idx], [eval_r.items[i] for i in eval_idx], tok, expanded)

@@ -27,6 +27,21 @@ def _key(segments) -> str:
     return hashlib.sha256(json.dumps(segments).encode()).hexdigest()
 
 
+class SourceStats(BaseModel):
+    """One source of a mixture (data.sources): what was read, dropped, held out, and used for training."""
+
+    path: str
+    format: str
+    weight: float  # configured share of the mixed training rows
+    digest: str  # content hash the cache key covers
+    rows_read: int
+    rows_dropped: int
+    train_rows_available: int  # usable rows left for training after the eval hold-out
+    rows_used: int  # rows of this source in the mixed training split (repeats included)
+    repeated_rows: int  # draws with replacement beyond each row once (weight asked for more than it has)
+    eval_rows: int
+
+
 class DataReport(BaseModel):
     source: str
     format: str
@@ -44,6 +59,7 @@ class DataReport(BaseModel):
     token_length: dict[str, int]  # p50/p90/p99/max of tokens per example, after truncation
     trainable_token_share: float  # trained (label != -100) tokens / all tokens
     examples: list[str]
+    sources: list[SourceStats] = []  # a mixture's sources, in data.sources order; empty for data.path
 
     @classmethod
     def build(cls, source, fmt, data, rows_read, problems, train, evals, train_items, eval_items, tok,
@@ -82,6 +98,9 @@ class DataReport(BaseModel):
         }
         m.update({f"data/tokens_{k}": v for k, v in self.token_length.items()})
         m.update({f"data/dropped/{k}": v for k, v in self.dropped_by_reason.items()})
+        for i, src in enumerate(self.sources):
+            m.update({f"data/source/{i}/{k}": getattr(src, k) for k in (
+                "weight", "rows_read", "rows_dropped", "train_rows_available", "rows_used", "repeated_rows", "eval_rows")})
         return {k: float(v) for k, v in m.items()}
 
     def markdown(self) -> str:
@@ -101,6 +120,14 @@ class DataReport(BaseModel):
             f"{self.token_length['p99']} / {self.token_length['max']} |",
             f"| trainable-token share | {self.trainable_token_share:.3f} |",
         ]
+        if self.sources:
+            used = sum(src.rows_used for src in self.sources) or 1
+            lines += ["", "## Sources (mixed by weight)", "",
+                      "| # | source | format | weight | share used | rows read | dropped | train available | used | repeated | eval |",
+                      "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            lines += [f"| {i} | {src.path} | {src.format} | {src.weight:g} | {src.rows_used / used:.3f} | {src.rows_read} | "
+                      f"{src.rows_dropped} | {src.train_rows_available} | {src.rows_used} | {src.repeated_rows} | {src.eval_rows} |"
+                      for i, src in enumerate(self.sources)]
         if self.dropped_by_reason:
             lines += ["", "## Dropped rows by reason", "", "| reason | rows |", "|---|---|"]
             lines += [f"| {k} | {v} |" for k, v in sorted(self.dropped_by_reason.items())]

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qlora.errors import ConfigError
+from qlora.names import model_name_problem
 
 DEMO_BASE_DIR = ".qlora/demo-base"
 
@@ -159,7 +160,10 @@ class EvalConfig(Section):
 
 
 class RegistryConfig(Section):
-    model_name: str = Field("qlora-demo", min_length=1, description="Registered model name in the MLflow Model Registry.")
+    model_name: str = Field(
+        "qlora-demo", min_length=1,
+        description="Registered model name in the MLflow Model Registry (no '/' or ':', as MLflow requires).",
+    )
     min_improvement: float = Field(
         0.0, ge=-1, le=1, description="Promote only when the CI's lower bound of (challenger - champion) exact match is above this."
     )
@@ -175,6 +179,15 @@ class RegistryConfig(Section):
     register_merged: bool = Field(
         False, description="Also register <model_name>-merged: the adapter merged into the bf16 base, for consumers without PEFT."
     )
+
+    @field_validator("model_name")
+    @classmethod
+    def _name_mlflow_accepts(cls, v: str) -> str:
+        # Checked now, not when registering after training (qlora/names.py has MLflow's rules).
+        problem = model_name_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
 
 class TrackingConfig(Section):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from qlora.config import TrackingConfig
 from qlora.errors import TrackingUnavailable, is_transient
+from qlora.names import filter_literal
 from qlora.refs import MlflowRun
 
 log = logging.getLogger("qlora.tracking")
@@ -111,7 +112,7 @@ def fail_runs_of_flow_run(cfg: TrackingConfig, flow_run_id: str) -> list[str]:
     if exp is None:
         return []
     runs = client.search_runs(
-        [exp.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}' and attributes.status = 'RUNNING'"
+        [exp.experiment_id], f"tags.`prefect.flow_run_id` = {filter_literal(flow_run_id)} and attributes.status = 'RUNNING'"
     )
     for r in runs:
         client.set_terminated(r.info.run_id, status="FAILED")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from qlora.errors import ModelError
 from qlora.loading import load_base, load_tokenizer
 from qlora.quant import count_4bit_layers
 from qlora.refs import QuantizedModel
+from qlora.storage import staged_dir
 
 log = logging.getLogger("qlora.quantize")
 
@@ -61,18 +61,15 @@ def prepare_quantized_model(model: ModelConfig, quant: QuantizationConfig, workd
     n4 = count_4bit_layers(m) if quant.load_in_4bit else 0
     if quant.load_in_4bit and n4 == 0:
         raise ModelError(f"model.name_or_path: '{model.name_or_path}' loaded, but no layer was quantized to 4-bit")
-    tmp = out.with_name(key + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    m.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
     ref = QuantizedModel(
         path=str(out.resolve()), base=model.name_or_path, revision=model.revision, fingerprint=key,
         footprint_bytes=int(m.get_memory_footprint()), quantized=quant.load_in_4bit,
         attn_implementation=model.attn_implementation,
     )
-    (tmp / "manifest.json").write_text(ref.model_dump_json())
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with staged_dir(out, "the pre-quantized base") as tmp:  # a failed write (a full disk) leaves no .tmp behind
+        m.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "manifest.json").write_text(ref.model_dump_json())
     log.info(
         "quantized %s: %d Linear4bit layers, %.1f MB in memory, %.1f s -> %s",
         model.name_or_path, n4, ref.footprint_bytes / 2**20, time.perf_counter() - t0, out,

@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from pathlib import Path
 
 from qlora.config import DataConfig, ModelConfig, stable_hash
 from qlora.loading import load_tokenizer
 from qlora.refs import MlflowRun, TokenizedData
+from qlora.storage import staged_dir
 from qlora.template import PROMPT_TEMPLATE, chat_template_of
 from tasks.data.encode import prepare
 from tasks.data.report import DataReport
@@ -94,20 +94,17 @@ def tokenize_dataset(data: DataConfig, model: ModelConfig, workdir: str | Path, 
         return hit
 
     prep = prepare(data, tok, parsed)
-    tmp = out.with_name(key + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    DatasetDict({"train": prep.train, "eval": prep.eval}).save_to_disk(str(tmp))
     r = prep.report
     ref = TokenizedData(
         path=str(out.resolve()), fingerprint=key, train_rows=len(prep.train), eval_rows=len(prep.eval),
         truncated_rows=r.truncated_rows, format=r.format, prompt_template=prep.prompt_template,
         report_path=str((out / "report.md").resolve()),
     )
-    (tmp / "report.json").write_text(r.model_dump_json(indent=1))
-    (tmp / "report.md").write_text(r.markdown())
-    (tmp / "manifest.json").write_text(ref.model_dump_json())
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)  # atomic: a half-written folder is never taken for a cache hit
+    with staged_dir(out, "the tokenized dataset") as tmp:  # renamed into place only when complete
+        DatasetDict({"train": prep.train, "eval": prep.eval}).save_to_disk(str(tmp))
+        (tmp / "report.json").write_text(r.model_dump_json(indent=1))
+        (tmp / "report.md").write_text(r.markdown())
+        (tmp / "manifest.json").write_text(ref.model_dump_json())
     log.info(
         "tokenized %s (%s): %d train / %d eval rows, %d dropped, %d truncated to %d tokens -> %s",
         data.path, r.format, ref.train_rows, ref.eval_rows, r.rows_dropped, r.truncated_rows, data.max_length, out,

@@ -64,6 +64,10 @@ _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "StorageFull")
 
 
+_BUSY_OR_GONE = ("database is locked", "database table is locked", "database is busy", "could not connect",
+                 "connection refused", "server closed the connection", "connection reset", "timeout expired")
+
+
 def is_disk_full(exc: BaseException | None) -> bool:
     """A full disk or exhausted quota anywhere in ``exc``'s cause chain."""
     seen = set()
@@ -85,6 +89,10 @@ def is_transient(exc: BaseException | None) -> bool:
         # OSError covers IOError, a vanished NFS handle, a reset connection (not a full disk: above).
         return True
     mod = type(exc).__module__
+    if type(exc).__name__ == "OperationalError" and mod.startswith(("sqlite3", "sqlalchemy", "psycopg")):
+        # A store busy with another writer ("database is locked": sqlite's 20 s busy wait, as MLflow sets
+        # it, ran out) or a database connection that dropped. Not "no such table" or a bad path.
+        return any(s in str(exc).lower() for s in _BUSY_OR_GONE)
     if mod.startswith(("requests", "urllib3", "httpx", "huggingface_hub")):
         # Connection resets, read timeouts, hub 5xx: all network-shaped.
         code = _http_status(exc)

@@ -26,7 +26,7 @@ from flows.approval import await_approval
 from qlora.config import PipelineConfig
 from qlora.loading import ModelCache
 from qlora.refs import RegisteredVersion
-from qlora.tracking import end_run, fail_runs_of_flow_run
+from qlora.tracking import end_run, fail_runs_of_flow_run, release_run_record
 from tasks.reporting import notify
 
 log = logging.getLogger("qlora.flow")
@@ -79,3 +79,4 @@ def qlora_finetune(config: PipelineConfig = PipelineConfig()) -> RegisteredVersi
         models.release()
         if run is not None:
             end_run(run, status)  # never leave the MLflow run RUNNING, whatever happened
+        release_run_record(config.workdir, opening["key"])  # a later run of this config may now continue it

@@ -8,6 +8,7 @@ traceback; anything else is a bug or a fault and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -101,10 +102,30 @@ def cmd_validate_data(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _registry_errors(what: str):
+    """MLflow's answer to a name, version or URI that does not exist is the user's to fix: one line, exit 1.
+    A tracking server that does not answer is a fault: exit 2."""
+    import mlflow
+
+    from qlora.errors import TrackingUnavailable, UserError, is_transient
+
+    try:
+        yield
+    except mlflow.exceptions.MlflowException as e:
+        first = str(e).strip().splitlines()[0][:300]
+        if is_transient(e):
+            raise TrackingUnavailable(f"{what}: the tracking server did not answer ({first}); try again") from None
+        raise UserError(f"{what}: {first} (see `qlora registry list NAME`; model URIs look like "
+                        "models:/NAME@champion or models:/NAME/VERSION)") from None
+
+
 def cmd_predict(args) -> int:
     from registry.consumer import predict
 
-    for out in predict(args.model_uri, args.prompts, args.max_new_tokens, args.temperature, args.tracking_uri):
+    with _registry_errors(args.model_uri):
+        outs = predict(args.model_uri, args.prompts, args.max_new_tokens, args.temperature, args.tracking_uri)
+    for out in outs:
         print(out)
     return 0
 
@@ -113,22 +134,28 @@ def _registry_client(args):
     import mlflow
 
     from qlora.config import TrackingConfig
+    from qlora.errors import UserError
+    from qlora.names import model_name_problem
     from qlora.tracking import resolve_uri
 
+    if (problem := model_name_problem(args.name)) is not None:
+        raise UserError(f"{args.name!r}: not a registered model name: {problem}")
     return mlflow.MlflowClient(resolve_uri(TrackingConfig(uri=args.tracking_uri)))
 
 
 def cmd_registry_list(args) -> int:
     from registry.aliases import list_lines
 
-    print("\n".join(list_lines(_registry_client(args), args.name)))
+    with _registry_errors(args.name):
+        print("\n".join(list_lines(_registry_client(args), args.name)))
     return 0
 
 
 def cmd_promote(args) -> int:
     from registry.aliases import promote
 
-    v = promote(_registry_client(args), args.name, args.version, args.why, args.by)
+    with _registry_errors(args.name):
+        v = promote(_registry_client(args), args.name, args.version, args.why, args.by)
     if v != str(args.version):
         print(f"{args.name}: v{args.version} recorded as promoted, but a promotion of v{v} landed after it and "
               f"holds champion (see `qlora registry list {args.name}`)", file=sys.stderr)
@@ -140,7 +167,8 @@ def cmd_promote(args) -> int:
 def cmd_rollback(args) -> int:
     from registry.aliases import rollback
 
-    frm, to = rollback(_registry_client(args), args.name, args.why, args.by)
+    with _registry_errors(args.name):
+        frm, to = rollback(_registry_client(args), args.name, args.why, args.by)
     print(f"{args.name}: champion v{frm} -> v{to}")
     return 0
 

@@ -35,6 +35,14 @@ class ModelConfig(Section):
         description="Base model: a Hugging Face hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct) or a local model directory.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin; ignored for local directories.")
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError(f"must name a local model directory or a hub id (the default, {DEMO_BASE_DIR}, is built by `make demo`)")
+        return v.strip()
+
     trust_remote_code: bool = Field(False, description="Run model code shipped in the hub repo. Off unless you trust the repo.")
     hf_token_secret: str | None = Field(
         None, description="Name of a Prefect Secret block holding a hub token for gated repos; else $HF_TOKEN is used. Never logged."
@@ -264,7 +272,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, raw = item.split("=", 1)
     if not key.strip():
         raise ConfigError(f"--set {item}: empty key")
-    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+    try:
+        return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); quote it") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -291,6 +302,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: config file not found (run from the repo root; configs live in configs/)")
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: cannot read the config file ({getattr(e, 'strerror', None) or e}); expected a UTF-8 YAML file") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f":{mark.line + 1}" if mark is not None else ""

@@ -7,10 +7,12 @@ the device map, the pad token, left padding for generation) is written once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
 from qlora.config import ModelConfig, QuantizationConfig
+from qlora.model_source import loading
 from qlora.quant import bnb_config, compute_dtype, device_map
 from qlora.refs import Adapter, QuantizedModel
 from qlora.secrets import hf_token
@@ -32,10 +34,11 @@ def load_tokenizer(source: ModelConfig | str | Path, padding_side: str = "right"
     from transformers import AutoTokenizer
 
     if isinstance(source, ModelConfig):
-        tok = AutoTokenizer.from_pretrained(
-            source.name_or_path, revision=source.revision, trust_remote_code=source.trust_remote_code,
-            token=hf_token(source),
-        )
+        with loading(source):  # a typo, an empty folder, an offline hub id: one ModelError, never retried
+            tok = AutoTokenizer.from_pretrained(
+                source.name_or_path, revision=source.revision, trust_remote_code=source.trust_remote_code,
+                token=hf_token(source),
+            )
     else:
         tok = AutoTokenizer.from_pretrained(str(source))
     tok = fix_pad_token(tok)
@@ -61,13 +64,14 @@ def load_base(path: str, quant: QuantizationConfig | None = None, model: ModelCo
     if quant is not None and quant.load_in_4bit:
         # Only when quantizing: an explicit None would shadow a pre-quantized checkpoint's own config.
         kwargs["quantization_config"] = bnb_config(quant)
-    return AutoModelForCausalLM.from_pretrained(
-        path,
-        device_map=None if fsdp else device_map(),
-        dtype=compute_dtype(quant) if quant is not None else "auto",
-        use_safetensors=True,  # never unpickle .bin weights
-        **kwargs,
-    )
+    with loading(model) if model is not None else contextlib.nullcontext():
+        return AutoModelForCausalLM.from_pretrained(
+            path,
+            device_map=None if fsdp else device_map(),
+            dtype=compute_dtype(quant) if quant is not None else "auto",
+            use_safetensors=True,  # never unpickle .bin weights
+            **kwargs,
+        )
 
 
 def _ready_for_generation(model, tok):

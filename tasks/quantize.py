@@ -14,6 +14,7 @@ from pathlib import Path
 from qlora.config import ModelConfig, QuantizationConfig, stable_hash
 from qlora.errors import ModelError
 from qlora.loading import load_base, load_tokenizer
+from qlora.model_source import check_reference
 from qlora.quant import count_4bit_layers
 from qlora.refs import QuantizedModel
 from qlora.storage import staged_dir
@@ -43,6 +44,7 @@ def base_identity(model: ModelConfig) -> dict:
 
 def prepare_quantized_model(model: ModelConfig, quant: QuantizationConfig, workdir: str | Path) -> QuantizedModel:
     """Quantize ``model`` per ``quant`` and save it under a content key; reuse it if already there."""
+    check_reference(model)  # a path that cannot be a model: one message before anything is hashed or loaded
     if model.trust_remote_code:
         log.warning("model.trust_remote_code is on: code from %s will run on this machine", model.name_or_path)
     key = stable_hash({"base": base_identity(model), "quant": quant.model_dump(), "attn": model.attn_implementation})
@@ -53,11 +55,8 @@ def prepare_quantized_model(model: ModelConfig, quant: QuantizationConfig, workd
         return QuantizedModel.model_validate_json(manifest.read_text())
 
     t0 = time.perf_counter()
-    try:
-        m = load_base(model.name_or_path, quant, model)
-        tok = load_tokenizer(model)  # saved with its pad token fixed: every later stage loads it from here
-    except OSError as e:
-        raise ModelError(f"model.name_or_path: cannot load '{model.name_or_path}': {e}") from None
+    m = load_base(model.name_or_path, quant, model)  # a bad model.name_or_path raises one ModelError (qlora/model_source.py)
+    tok = load_tokenizer(model)  # saved with its pad token fixed: every later stage loads it from here
     n4 = count_4bit_layers(m) if quant.load_in_4bit else 0
     if quant.load_in_4bit and n4 == 0:
         raise ModelError(f"model.name_or_path: '{model.name_or_path}' loaded, but no layer was quantized to 4-bit")

@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 from qlora.config import DataConfig, ModelConfig, stable_hash
+from qlora.errors import UserError
 from qlora.loading import load_tokenizer
 from qlora.refs import MlflowRun, TokenizedData
 from qlora.storage import staged_dir
@@ -72,7 +73,7 @@ def _probe_cache(data: DataConfig, model: ModelConfig, workdir, run):
         return None, None, local
     try:
         tok = load_tokenizer(model)
-    except (OSError, ValueError):
+    except (OSError, ValueError, UserError):
         return None, None, local
     digests = (local[0].digest, local[1].digest if local[1] else "")
     return _cache_hit(Path(workdir) / "tokenized" / cache_key(data, tok, data.format, digests), run), tok, local

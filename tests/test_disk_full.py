@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 
+import prefect.main  # noqa: F401  Prefect configures logging on import: bind its console handler now, not to a test's capture
 import pytest
 
 from qlora.config import DataConfig, ModelConfig, QuantizationConfig
@@ -73,7 +74,7 @@ def test_tokenize_disk_full_cleans_up_and_names_the_path(tiny_base, tmp_path, mo
     assert list((tmp_path / "tokenized").iterdir()) == []
 
 
-def test_flow_with_a_full_disk_fails_once_with_one_line(prefect_server, tiny_base, tmp_path, mlflow_uri, monkeypatch, capfd):
+def test_flow_with_a_full_disk_fails_once_with_one_line(prefect_server, tiny_base, tmp_path, mlflow_uri, monkeypatch, capsys, caplog):
     """Through the CLI entry and the real Prefect tasks: exit 1, the message, no traceback, no retry."""
     from transformers import PreTrainedModel
 
@@ -84,9 +85,9 @@ def test_flow_with_a_full_disk_fails_once_with_one_line(prefect_server, tiny_bas
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", _fills_up(PreTrainedModel.save_pretrained, _os_enospc))
     rc = main(["run", str(REPO / "configs" / "demo.yaml"), "--set", f"model.name_or_path={tiny_base}", "--set", f"data.path={rows}",
                "--set", f"workdir={tmp_path / 'work'}", "--set", f"tracking.artifact_location={tmp_path / 'art'}"])
-    out = capfd.readouterr()
+    out, logs = capsys.readouterr(), caplog.text
     assert rc == 1, out.err[-3000:]
-    assert "the disk is full" in out.err and "Traceback" not in out.err + out.out
-    assert "Retrying" not in out.err + out.out
+    assert "the disk is full" in out.err and "Traceback" not in out.err + out.out + logs
+    assert "will start" not in logs and "Retrying" not in logs  # not retried
     assert not list((tmp_path / "work" / "quantized").glob("*.tmp"))
     assert json.loads(next((tmp_path / "work" / "tokenized").glob("*/manifest.json")).read_text())["train_rows"] > 0

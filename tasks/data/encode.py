@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass, field
 
 from qlora.config import DataConfig
-from qlora.errors import DataError
+from qlora.errors import ConfigError, DataError
 from qlora.template import Segment, TemplateError, prompt_template_for, render_turns
 from tasks.data.formats import first_exchange
 from tasks.data.report import DataReport
@@ -70,6 +70,10 @@ def render_source(parsed: Parsed, data: DataConfig, tok) -> Rendered:
             segs = render_turns(turns, tok, data.chat_template)
         except TemplateError as e:
             raise DataError(f"{where}: {e}") from None
+        except Exception as e:  # the Jinja chat template itself fails (a syntax error, an undefined name)
+            if not type(e).__module__.startswith("jinja2"):
+                raise
+            raise ConfigError(f"{where}: the chat template (data.chat_template, or the tokenizer's own) fails: {e}") from None
         _, reference = first_exchange(turns)
         out.items.append(Item(where, segs, segs[0][0], reference))
     return out

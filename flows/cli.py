@@ -92,13 +92,16 @@ def cmd_validate_data(args) -> int:
     from qlora.loading import load_tokenizer
     from tasks.data.encode import prepare
     from tasks.data.validate import validate
+    from tasks.tokenize import check_context
 
     cfg = load_config(args.config, args.set)
     import datasets
 
     datasets.disable_progress_bars()  # the report is the output; bars would interleave with it
     parsed = validate(cfg.data)  # file and row structure first: needs no tokenizer
-    print(prepare(cfg.data, load_tokenizer(cfg.model), parsed).report.markdown())
+    tok = load_tokenizer(cfg.model)
+    check_context(cfg.data, cfg.model)
+    print(prepare(cfg.data, tok, parsed).report.markdown())
     return 0
 
 

@@ -110,7 +110,7 @@ class DataConfig(Section):
 
 class TrainConfig(Section):
     num_train_epochs: float = Field(1.0, gt=0, description="Passes over the training split; ignored when max_steps > 0.")
-    max_steps: int = Field(-1, description="Optimizer steps to run; -1 means use num_train_epochs.")
+    max_steps: int = Field(-1, ge=-1, description="Optimizer steps to run; -1 means use num_train_epochs.")
     per_device_train_batch_size: int = Field(4, gt=0, description="Examples per device per forward pass.")
     per_device_eval_batch_size: int = Field(8, gt=0, description="Examples per device when computing eval loss.")
     gradient_accumulation_steps: int = Field(4, gt=0, description="Micro-batches per optimizer step (effective batch = batch * this * devices).")
@@ -152,6 +152,18 @@ class TrainConfig(Section):
     early_stopping_patience: int | None = Field(
         None, gt=0, description="Stop after N evaluations (one per save_steps) without a lower eval loss; unset = off."
     )
+    divergence_loss_factor: float = Field(
+        4.0, gt=1.0,
+        description="After warmup, a logged loss above this many times the first logged loss (at least 1 nat) stops "
+        "the run as diverged; an exploding adapter weight norm or a NaN/inf loss always does.",
+    )
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_or_epochs(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("0 steps trains nothing: a positive step count, or -1 to use num_train_epochs")
+        return v
 
     @field_validator("warmup_steps")
     @classmethod
@@ -162,7 +174,9 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    max_new_tokens: int = Field(64, gt=0, description="Generation budget per eval prompt (greedy decoding).")
+    max_new_tokens: int = Field(
+        64, gt=0, le=32768, description="Generation budget per eval prompt (greedy decoding); at most 32768 and the base's context length."
+    )
     max_samples: int = Field(200, gt=0, description="Eval rows used for generation metrics (first N of the eval split).")
     batch_size: int = Field(16, gt=0, description="Prompts generated per batch.")
 

@@ -46,6 +46,21 @@ def load_tokenizer(source: ModelConfig | str | Path, padding_side: str = "right"
     return tok
 
 
+def context_length(model: ModelConfig) -> int | None:
+    """Tokens the base attends over (its config's max_position_embeddings or equivalent); None when unstated."""
+    from transformers import AutoConfig
+
+    with loading(model):
+        cfg = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision,
+                                         trust_remote_code=model.trust_remote_code, token=hf_token(model))
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        v = getattr(text, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
 def load_base(path: str, quant: QuantizationConfig | None = None, model: ModelConfig | None = None,
               attn: str | None = None, fsdp: bool = False):
     """``from_pretrained`` with this project's device map and dtype; quantizes when ``quant`` asks for it.

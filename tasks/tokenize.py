@@ -14,8 +14,8 @@ import logging
 from pathlib import Path
 
 from qlora.config import DataConfig, ModelConfig, stable_hash
-from qlora.errors import UserError
-from qlora.loading import load_tokenizer
+from qlora.errors import ConfigError, UserError
+from qlora.loading import context_length, load_tokenizer
 from qlora.refs import MlflowRun, TokenizedData
 from qlora.storage import staged_dir
 from qlora.template import PROMPT_TEMPLATE, chat_template_of
@@ -51,6 +51,16 @@ def cache_key(data: DataConfig, tok, fmt_hint: str, digests: tuple[str, str]) ->
     )
 
 
+def check_context(data: DataConfig, model: ModelConfig) -> None:
+    """``data.max_length`` must fit the base's context: found here, with the tokenizer, not after training."""
+    ctx = context_length(model)
+    if ctx is not None and data.max_length > ctx:
+        raise ConfigError(
+            f"data.max_length={data.max_length} is more than the context of model.name_or_path={model.name_or_path} "
+            f"({ctx} tokens, max_position_embeddings in its config.json): set data.max_length to at most {ctx}"
+        )
+
+
 def _cache_hit(out: Path, run: MlflowRun | None) -> TokenizedData | None:
     manifest = out / "manifest.json"
     if not manifest.is_file():
@@ -75,6 +85,7 @@ def _probe_cache(data: DataConfig, model: ModelConfig, workdir, run):
         tok = load_tokenizer(model)
     except (OSError, ValueError, UserError):
         return None, None, local
+    check_context(data, model)
     digests = (local[0].digest, local[1].digest if local[1] else "")
     return _cache_hit(Path(workdir) / "tokenized" / cache_key(data, tok, data.format, digests), run), tok, local
 
@@ -87,7 +98,9 @@ def tokenize_dataset(data: DataConfig, model: ModelConfig, workdir: str | Path, 
     if hit is not None:
         return hit
     parsed = validate(data, local)  # structure first: a broken file fails here, before any tokenizer or model
-    tok = tok if tok is not None else load_tokenizer(model)
+    if tok is None:
+        tok = load_tokenizer(model)
+        check_context(data, model)
     key = cache_key(data, tok, data.format, (parsed[0].src.digest, parsed[1].src.digest if parsed[1] else ""))
     out = Path(workdir) / "tokenized" / key
     hit = _cache_hit(out, run)

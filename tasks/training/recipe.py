@@ -164,7 +164,7 @@ def fit(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: Tra
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA r=%d on %s: %d trainable of %d parameters (%.2f%%)", lora.r, lora.target_modules, trainable, total, 100 * trainable / total)
 
-    all_callbacks = [DivergenceGuard(train.learning_rate, train.max_grad_norm), *callbacks]
+    all_callbacks = [DivergenceGuard(train.learning_rate, train.max_grad_norm, train.divergence_loss_factor), *callbacks]
     if train.early_stopping_patience is not None:
         all_callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
     trainer = _trainer_class()(

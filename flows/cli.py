@@ -124,9 +124,15 @@ def _registry_errors(what: str):
 
 
 def cmd_predict(args) -> int:
+    import mlflow
+
     from registry.consumer import predict
+    from registry.trust import check_loadable
 
     with _registry_errors(args.model_uri):
+        if args.tracking_uri:
+            mlflow.set_tracking_uri(args.tracking_uri)
+        check_loadable(args.model_uri)  # no remote code, no pickles: refused before anything is loaded
         outs = predict(args.model_uri, args.prompts, args.max_new_tokens, args.temperature, args.tracking_uri)
     for out in outs:
         print(out)

@@ -225,7 +225,12 @@ class ReportConfig(Section):
     )
     examples: int = Field(5, ge=0, le=50, description="Eval examples (prompt, reference, base, tuned) shown in the report table.")
     webhook_url: str | None = Field(
-        None, description="Optional URL that receives a JSON POST {event, text, ...} on flow failure and on promotion.",
+        None, description="Optional URL that receives a JSON POST {event, text, ...} on flow failure and on promotion. "
+        "It is stored in the flow run's parameters (visible in the Prefect UI): prefer webhook_secret.",
+    )
+    webhook_secret: str | None = Field(
+        None, description="Name of a Prefect Secret block holding the webhook URL (webhook URLs carry their token); "
+        "preferred over webhook_url. Logs show only the URL's scheme and host.",
     )
     notification_block: str | None = Field(
         None, description="Optional Prefect notification block, as 'block-type/name' (e.g. slack-webhook/ml-team), notified on the same events.",

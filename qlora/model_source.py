@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 from pathlib import Path
 
 from qlora.config import DEMO_BASE_DIR, ModelConfig
 from qlora.errors import ModelError
 
+log = logging.getLogger("qlora.loading")
 KEY = "model.name_or_path"
 DEMO_HINT = "for the demo base run `make demo` or `qlora build-demo` first"
 
@@ -90,10 +92,24 @@ def user_error_of(model: ModelConfig, exc: BaseException) -> ModelError | None:
     return None
 
 
+_WARNED_REMOTE_CODE: set[tuple[str, str | None]] = set()
+
+
+def warn_remote_code(model: ModelConfig) -> None:
+    """Before the first load that may run the repo's code (the tokenizer, in tokenize), once per process."""
+    key = (model.name_or_path, model.revision)
+    if model.trust_remote_code and key not in _WARNED_REMOTE_CODE:
+        _WARNED_REMOTE_CODE.add(key)
+        log.warning("model.trust_remote_code is on: Python code shipped in %s (revision %s) will run in this process, "
+                    "with its permissions and secrets; pin model.revision to a commit you have reviewed",
+                    model.name_or_path, model.revision or "unpinned")
+
+
 @contextlib.contextmanager
 def loading(model: ModelConfig):
     """Around a ``from_pretrained`` of the user's base: its user errors become one ``ModelError``."""
     check_reference(model)
+    warn_remote_code(model)
     try:
         yield
     except (OSError, ValueError, KeyError) as e:

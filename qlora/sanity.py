@@ -23,4 +23,7 @@ def config_warnings(cfg: PipelineConfig) -> list[str]:
     if cfg.eval.max_new_tokens > LONG_GENERATION:
         out.append(f"eval.max_new_tokens={cfg.eval.max_new_tokens} generates that many tokens per eval prompt, "
                    f"twice (base and tuned) for eval.max_samples={cfg.eval.max_samples} prompts")
+    if cfg.report.webhook_url and not cfg.report.webhook_secret:
+        out.append("report.webhook_url is stored in this flow run's parameters (readable in the Prefect UI and API); "
+                   "put the URL in a Prefect Secret block and set report.webhook_secret instead")
     return out

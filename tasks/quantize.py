@@ -45,8 +45,6 @@ def base_identity(model: ModelConfig) -> dict:
 def prepare_quantized_model(model: ModelConfig, quant: QuantizationConfig, workdir: str | Path) -> QuantizedModel:
     """Quantize ``model`` per ``quant`` and save it under a content key; reuse it if already there."""
     check_reference(model)  # a path that cannot be a model: one message before anything is hashed or loaded
-    if model.trust_remote_code:
-        log.warning("model.trust_remote_code is on: code from %s will run on this machine", model.name_or_path)
     key = stable_hash({"base": base_identity(model), "quant": quant.model_dump(), "attn": model.attn_implementation})
     out = Path(workdir) / "quantized" / key
     manifest = out / "manifest.json"

@@ -12,8 +12,9 @@ import contextlib
 import logging
 import os
 import sys
-import threading
 import time
+
+from flows.ephemeral import start_ephemeral_prefect_server as _start_ephemeral_prefect_server
 
 
 class _UserErrorsWithoutTraceback(logging.Filter):
@@ -37,33 +38,6 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for engine in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(engine).addFilter(_UserErrorsWithoutTraceback())
-
-
-def _start_ephemeral_prefect_server() -> threading.Thread | None:
-    """A bare ``qlora run`` (no PREFECT_API_URL) has Prefect start its temporary server when the flow
-    begins: 3.5 s, about 10 s the first time (it creates its database). Starting Prefect's own
-    ``SubprocessASGIServer`` in a thread now lets it come up while this process imports the libraries
-    the tasks need anyway (5.5 s here); the flow's ``get_client()`` then finds it running. If the start
-    fails, the server is marked not running and the flow's own start raises the error as before."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
-
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        return None
-    from prefect.server.api.server import SubprocessASGIServer
-
-    t0 = time.perf_counter()
-
-    def start() -> None:
-        try:
-            SubprocessASGIServer().start()
-            thread.up_s = time.perf_counter() - t0
-        except Exception:  # reported by the flow's own start, in the main thread
-            pass
-
-    thread = threading.Thread(target=start, name="prefect-ephemeral-server", daemon=True)
-    thread.up_s = None
-    thread.start()
-    return thread
 
 
 def cmd_run(args) -> int:

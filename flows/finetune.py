@@ -26,6 +26,7 @@ from flows.approval import await_approval
 from qlora.config import PipelineConfig
 from qlora.loading import ModelCache
 from qlora.refs import RegisteredVersion
+from qlora.resources import set_threads
 from qlora.sanity import config_warnings
 from qlora.tracking import end_run, fail_runs_of_flow_run, release_run_record
 from tasks.reporting import notify
@@ -58,6 +59,7 @@ def qlora_finetune(config: PipelineConfig = PipelineConfig()) -> RegisteredVersi
     """Fine-tune ``config.model`` with QLoRA on ``config.data``, evaluate it and register the adapter."""
     for warning in config_warnings(config):  # legal but suspicious values (qlora/sanity.py)
         log.warning(warning)
+    set_threads(config.train.slots_per_worker)  # cores available / training slots of this worker (qlora/resources.py)
     opening = dict(
         cfg=config.tracking, workdir=config.workdir, key=config.fingerprint(), run_name=runtime.flow_run.name,
         tags={"prefect.flow_run_id": str(runtime.flow_run.id), "config_hash": config.fingerprint()},

@@ -15,6 +15,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import DEFAULT
 
+from flows.concurrency import training_slot
 from qlora.config import DataConfig, EvalConfig, LoraSection, ModelConfig, QuantizationConfig, RegistryConfig, ReportConfig, TrackingConfig, TrainConfig
 from qlora.errors import retry_transient
 from qlora.loading import ModelCache
@@ -60,7 +61,9 @@ def quantize(model: ModelConfig, quant: QuantizationConfig, workdir: str) -> Qua
 @task(name="train", retries=1, retry_delay_seconds=30, **_common)
 def train(base: QuantizedModel, data: TokenizedData, lora: LoraSection, cfg: TrainConfig, workdir: str,
           run: MlflowRun | None = None) -> Adapter:
-    return train_adapter(base, data, lora, cfg, workdir, run)
+    """Holds a training slot of the worker (and of the Prefect limit) while it trains: flows/concurrency.py."""
+    with training_slot(cfg):
+        return train_adapter(base, data, lora, cfg, workdir, run)
 
 
 @task(name="evaluate", retries=2, retry_delay_seconds=10, cache_policy=_WITHOUT_MODELS, **_common)

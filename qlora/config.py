@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from qlora.errors import ConfigError
 from qlora.names import model_name_problem
+from qlora.overrides import apply_overrides, format_validation_error
 
 DEMO_BASE_DIR = ".qlora/demo-base"
 
@@ -152,6 +153,17 @@ class TrainConfig(Section):
     early_stopping_patience: int | None = Field(
         None, gt=0, description="Stop after N evaluations (one per save_steps) without a lower eval loss; unset = off."
     )
+    slots_per_worker: int = Field(
+        1, ge=1, le=64,
+        description="Trainings that may run at once on one worker machine; more wait for a slot. Each run uses "
+        "(cores available) / slots compute threads, so runs sharing a CPU worker queue or share it fairly.",
+    )
+    concurrency_limit: str | None = Field(
+        "qlora-train-{host}",
+        description="Prefect global concurrency limit the train stage holds a slot of, '{host}' being the worker's "
+        "hostname; created with slots_per_worker slots when missing. Used with a Prefect server only (a bare "
+        "`qlora run`'s temporary server loses its leases); null turns it off.",
+    )
     divergence_loss_factor: float = Field(
         4.0, gt=1.0,
         description="After warmup, a logged loss above this many times the first logged loss (at least 1 nat) stops "
@@ -272,44 +284,6 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see configs/demo.yaml for the known keys)"
-        got = "" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"
-        lines.append(f"{source}: {key}: {msg}{got}")
-    return "\n".join(lines)
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``train.max_steps=5`` -> (["train", "max_steps"], 5); the value is parsed as YAML."""
-    if "=" not in item:
-        raise ConfigError(f"--set {item}: expected dotted.key=value, e.g. --set train.max_steps=5")
-    key, raw = item.split("=", 1)
-    if not key.strip():
-        raise ConfigError(f"--set {item}: empty key")
-    try:
-        return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--set {item}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); quote it") from None
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for item in overrides:
-        keys, value = parse_override(item)
-        node = raw
-        for k in keys[:-1]:
-            nxt = node.setdefault(k, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {item}: {k} is not a section")
-            node = nxt
-        node[keys[-1]] = value
-    return raw
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
     """Load a YAML config (or the defaults), apply ``--set`` overrides, validate. Raises ConfigError."""
     raw: dict[str, Any] = {}
@@ -338,4 +312,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, source)) from None
+        raise ConfigError(format_validation_error(e, source)) from None

@@ -19,6 +19,7 @@ from flows.concurrency import training_slot
 from qlora.config import DataConfig, EvalConfig, LoraSection, ModelConfig, QuantizationConfig, RegistryConfig, ReportConfig, TrackingConfig, TrainConfig
 from qlora.errors import retry_transient
 from qlora.loading import ModelCache
+from qlora.outage import required
 from qlora.refs import Adapter, EvalReport, MlflowRun, QuantizedModel, RegisteredVersion, TokenizedData
 from qlora.tracking import start_or_resume_run
 from registry.register import register_adapter
@@ -75,7 +76,9 @@ def evaluate(base: QuantizedModel, adapter: Adapter, data: TokenizedData, cfg: E
 @task(name="register", retries=3, retry_delay_seconds=[5, 20, 60], cache_policy=_WITHOUT_MODELS, **_common)
 def register(base: QuantizedModel, adapter: Adapter, report: EvalReport, cfg: RegistryConfig, run: MlflowRun,
              data: TokenizedData | None = None, models: ModelCache | None = None) -> RegisteredVersion:
-    return register_adapter(base, adapter, report, cfg, run, data, models, publish=_markdown)
+    """A tracking server that stays down through the retries ends as one TrackingUnavailable (exit 2)."""
+    with required(run.tracking_uri, "registering", f"Nothing new is lost: the adapter ({adapter.path}) and its checkpoints are kept"):
+        return register_adapter(base, adapter, report, cfg, run, data, models, publish=_markdown)
 
 
 @task(name="report", retries=2, retry_delay_seconds=5, log_prints=True)

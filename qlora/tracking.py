@@ -10,6 +10,7 @@ from pathlib import Path
 from qlora.config import TrackingConfig
 from qlora.errors import TrackingUnavailable, is_transient
 from qlora.names import filter_literal
+from qlora.outage import is_down, is_tracking_fault, mark_down, mark_up
 from qlora.refs import MlflowRun
 
 log = logging.getLogger("qlora.tracking")
@@ -99,7 +100,9 @@ def start_or_resume_run(
     gone is continued: the flow holds ``<key>.lock`` until ``release_run_record``.
     """
     try:
-        return _start_or_resume_run(cfg, workdir, key, run_name, tags)
+        run = _start_or_resume_run(cfg, workdir, key, run_name, tags)
+        mark_up(run)  # answering again: stages log into it again
+        return run
     except Exception as e:  # noqa: BLE001 - re-raised, transient ones with a message a user can act on
         if not is_transient(e):
             raise
@@ -159,8 +162,9 @@ def fail_runs_of_flow_run(cfg: TrackingConfig, flow_run_id: str) -> list[str]:
 
 @contextlib.contextmanager
 def best_effort_run(run: MlflowRun | None):
-    """Like ``active_run``, but a tracking server that is down yields None instead of failing the caller."""
-    if run is None:
+    """Like ``active_run``, but a tracking server that is down (now, or earlier in this run) yields None instead
+    of failing the caller. Faults inside the block are the caller's (training's MLflow callback handles its own)."""
+    if run is None or is_down(run):
         yield None
         return
     import mlflow
@@ -169,9 +173,9 @@ def best_effort_run(run: MlflowRun | None):
         mlflow.set_tracking_uri(run.tracking_uri)
         r = mlflow.start_run(run_id=run.run_id)
     except Exception as e:  # noqa: BLE001 - only tracking faults are tolerated
-        if not (is_transient(e) or isinstance(e, mlflow.exceptions.MlflowException)):
+        if not is_tracking_fault(e):
             raise
-        log.warning("MLflow at %s unreachable (%s); continuing without tracking", run.tracking_uri, str(e).splitlines()[0][:200])
+        mark_down(run, e)  # the outage's one warning
         yield None
         return
     try:
@@ -180,7 +184,8 @@ def best_effort_run(run: MlflowRun | None):
         try:
             mlflow.end_run(status="RUNNING")  # detach; flushes MLflow's async logging queue
         except Exception as e:  # noqa: BLE001
-            log.warning("MLflow flush failed at the end of training (%s); metrics may be incomplete", e)
+            if not is_down(run):  # else the outage's one warning has said it
+                log.warning("MLflow flush failed at the end of training (%s); metrics may be incomplete", e)
 
 
 def end_run(run: MlflowRun, status: str = "FINISHED") -> None:

@@ -129,13 +129,13 @@ def tokenize_dataset(data: DataConfig, model: ModelConfig, workdir: str | Path, 
 
 def log_report(report: DataReport, run: MlflowRun | None, cache_hit: bool) -> None:
     """The data report into the flow's MLflow run: metrics ``data/*`` plus report.md and report.json."""
-    if run is None:
-        return
-    import mlflow
+    from qlora.outage import logging_to
 
-    from qlora.tracking import active_run
+    with logging_to(run) as tracked:  # a tracking outage costs the report in MLflow, not the stage
+        if tracked is None:
+            return
+        import mlflow
 
-    with active_run(run):
         mlflow.log_metrics({**report.metrics(), "data/cache_hit": float(cache_hit)})
         mlflow.log_text(report.markdown(), "data/report.md")
         mlflow.log_dict(report.model_dump(mode="json"), "data/report.json")

@@ -11,6 +11,8 @@ import math
 from transformers import TrainerCallback
 
 from qlora.errors import TrainingDiverged, is_transient
+from qlora.outage import mark_down
+from qlora.refs import MlflowRun
 
 log = logging.getLogger("qlora.train")
 
@@ -125,10 +127,13 @@ def safe_mlflow_callback():
 
         def _disable(self, e: Exception) -> None:
             self._broken = True
-            log.warning(
-                "MLflow logging failed (%s: %s); training continues without tracking, the loss curve of "
-                "this run is incomplete", type(e).__name__, str(e).splitlines()[0][:200],
-            )
+            active = self._ml_flow.active_run()
+            if active is None:
+                log.warning("MLflow logging failed (%s: %s); training continues without tracking",
+                            type(e).__name__, str(e).splitlines()[0][:200])
+                return
+            # The outage's one warning for the whole run: evaluation then skips tracking too (qlora/outage.py).
+            mark_down(MlflowRun(tracking_uri=self._ml_flow.get_tracking_uri(), run_id=active.info.run_id), e)
 
         def _guard(self, fn, *a, **kw):
             if self._broken:

@@ -132,3 +132,13 @@ def test_two_trainings_on_one_worker_queue_on_the_prefect_limit(prefect_server, 
     with get_client(sync_client=True) as c:
         limit = c.read_global_concurrency_limit_by_name(name)
     assert limit.limit == 1 and limit.active_slots == 0
+
+
+def test_openmp_threads_sleep_instead_of_spinning_unless_told_otherwise():
+    """Spinning OpenMP threads of processes sharing cores starve each other (194 s vs 9 s for one demo training
+    here): anything that imports the project sets OMP_WAIT_POLICY=PASSIVE before torch reads it."""
+    code = "import os, flows.cli, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | {"PYTHONPATH": str(REPO)}
+    run = lambda e: subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, check=True).stdout.strip()  # noqa: E731
+    assert run(env) == "PASSIVE"
+    assert run(env | {"OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"  # a dedicated machine may want spinning back

@@ -86,6 +86,9 @@ def user_error_of(model: ModelConfig, exc: BaseException) -> ModelError | None:
             )
         if kind in ("EntryNotFoundError", "RemoteEntryNotFoundError"):
             return ModelError(f"{KEY}: '{name}' lacks a file a model needs ({first})")
+    if isinstance(exc, ValueError) and "trust_remote_code" in str(exc):
+        return ModelError(f"{KEY}: '{name}' ships its own model code; set model.trust_remote_code: true only if you "
+                          "trust that repo (its code runs in this process), ideally with model.revision pinned")
     if Path(name).expanduser().is_dir() and isinstance(exc, (OSError, ValueError, KeyError)):
         # A folder with config.json that still does not load: wrong/missing tokenizer or weights files.
         return ModelError(f"{KEY}: '{name}' does not load as a model ({first}); {_hint(name)}")

@@ -8,11 +8,13 @@ traceback; anything else is a bug or a fault and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
-import threading
 import time
+
+from flows.ephemeral import start_ephemeral_prefect_server as _start_ephemeral_prefect_server
 
 
 class _UserErrorsWithoutTraceback(logging.Filter):
@@ -36,33 +38,6 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for engine in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(engine).addFilter(_UserErrorsWithoutTraceback())
-
-
-def _start_ephemeral_prefect_server() -> threading.Thread | None:
-    """A bare ``qlora run`` (no PREFECT_API_URL) has Prefect start its temporary server when the flow
-    begins: 3.5 s, about 10 s the first time (it creates its database). Starting Prefect's own
-    ``SubprocessASGIServer`` in a thread now lets it come up while this process imports the libraries
-    the tasks need anyway (5.5 s here); the flow's ``get_client()`` then finds it running. If the start
-    fails, the server is marked not running and the flow's own start raises the error as before."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
-
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        return None
-    from prefect.server.api.server import SubprocessASGIServer
-
-    t0 = time.perf_counter()
-
-    def start() -> None:
-        try:
-            SubprocessASGIServer().start()
-            thread.up_s = time.perf_counter() - t0
-        except Exception:  # reported by the flow's own start, in the main thread
-            pass
-
-    thread = threading.Thread(target=start, name="prefect-ephemeral-server", daemon=True)
-    thread.up_s = None
-    thread.start()
-    return thread
 
 
 def _flows(module: str):
@@ -124,21 +99,50 @@ def cmd_validate_data(args) -> int:
     from qlora.config_file import load_config
     from qlora.loading import load_tokenizer
     from tasks.data.mixture import prepare_data, validate_data
+    from tasks.tokenize import check_context
 
     cfg = load_config(args.config, args.set)
     import datasets
 
     datasets.disable_progress_bars()  # the report is the output; bars would interleave with it
     parsed = validate_data(cfg.data)  # file and row structure first: needs no tokenizer
-    print(prepare_data(cfg.data, load_tokenizer(cfg.model), parsed).report.markdown())
+    tok = load_tokenizer(cfg.model)
+    check_context(cfg.data, cfg.model)
+    print(prepare_data(cfg.data, tok, parsed).report.markdown())
     return 0
 
 
-def cmd_predict(args) -> int:
-    from registry.consumer import predict
+@contextlib.contextmanager
+def _registry_errors(what: str):
+    """MLflow's answer to a name, version or URI that does not exist is the user's to fix: one line, exit 1.
+    A tracking server that does not answer is a fault: exit 2."""
+    import mlflow
 
-    for out in predict(args.model_uri, args.prompts, args.max_new_tokens, args.temperature, args.tracking_uri,
-                       top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty, stop=args.stop):
+    from qlora.errors import TrackingUnavailable, UserError, is_transient
+
+    try:
+        yield
+    except mlflow.exceptions.MlflowException as e:
+        first = str(e).strip().splitlines()[0][:300]
+        if is_transient(e):
+            raise TrackingUnavailable(f"{what}: the tracking server did not answer ({first}); try again") from None
+        raise UserError(f"{what}: {first} (see `qlora registry list NAME`; model URIs look like "
+                        "models:/NAME@champion or models:/NAME/VERSION)") from None
+
+
+def cmd_predict(args) -> int:
+    import mlflow
+
+    from registry.consumer import predict
+    from registry.trust import check_loadable
+
+    with _registry_errors(args.model_uri):
+        if args.tracking_uri:
+            mlflow.set_tracking_uri(args.tracking_uri)
+        check_loadable(args.model_uri)  # no remote code, no pickles: refused before anything is loaded
+        outs = predict(args.model_uri, args.prompts, args.max_new_tokens, args.temperature, args.tracking_uri,
+                       top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty, stop=args.stop)
+    for out in outs:
         print(out)
     return 0
 
@@ -147,22 +151,28 @@ def _registry_client(args):
     import mlflow
 
     from qlora.config import TrackingConfig
+    from qlora.errors import UserError
+    from qlora.names import model_name_problem
     from qlora.tracking import resolve_uri
 
+    if (problem := model_name_problem(args.name)) is not None:
+        raise UserError(f"{args.name!r}: not a registered model name: {problem}")
     return mlflow.MlflowClient(resolve_uri(TrackingConfig(uri=args.tracking_uri)))
 
 
 def cmd_registry_list(args) -> int:
     from registry.aliases import list_lines
 
-    print("\n".join(list_lines(_registry_client(args), args.name)))
+    with _registry_errors(args.name):
+        print("\n".join(list_lines(_registry_client(args), args.name)))
     return 0
 
 
 def cmd_promote(args) -> int:
     from registry.aliases import promote
 
-    v = promote(_registry_client(args), args.name, args.version, args.why, args.by)
+    with _registry_errors(args.name):
+        v = promote(_registry_client(args), args.name, args.version, args.why, args.by)
     if v != str(args.version):
         print(f"{args.name}: v{args.version} recorded as promoted, but a promotion of v{v} landed after it and "
               f"holds champion (see `qlora registry list {args.name}`)", file=sys.stderr)
@@ -174,7 +184,8 @@ def cmd_promote(args) -> int:
 def cmd_rollback(args) -> int:
     from registry.aliases import rollback
 
-    frm, to = rollback(_registry_client(args), args.name, args.why, args.by)
+    with _registry_errors(args.name):
+        frm, to = rollback(_registry_client(args), args.name, args.why, args.by)
     print(f"{args.name}: champion v{frm} -> v{to}")
     return 0
 

@@ -38,21 +38,12 @@ def device_limit_name() -> str:
 def ensure_device_limit() -> str:
     """Create this machine's limit (1 slot) unless it exists; returns its name."""
     from prefect import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    from flows.concurrency import ensure_limit
 
     name = device_limit_name()
     with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-            return name
-        except ObjectNotFound:
-            pass
-        try:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-            log.info("created Prefect concurrency limit %s (1 slot): trainings on this device queue on it", name)
-        except ObjectAlreadyExists:  # a concurrent trial created it first
-            pass
+        ensure_limit(client, name, 1, "one training per device: trainings on this device queue on it")
     return name
 
 

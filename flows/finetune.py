@@ -10,9 +10,11 @@ Stages:
                the promotion gate and the consumer check pass (and, if required, a human approves)
 6. report    - loss plot to MLflow; Prefect artifacts (run report, eval examples); notifications
 
-Failure semantics (issue 4): an MLflow server that is down at the start does not stop training;
-the run is opened again (with retries) before registering. A failed or crashed flow run marks its
-MLflow run FAILED (hooks below); a SIGKILLed one leaves it RUNNING until the re-run continues it.
+Failure semantics (issues 4, 13): an MLflow server that is down at the start or dies mid-run does not
+stop training or evaluation (one warning, requests bounded by qlora/outage.py); the run is opened again
+(with retries) before registering, which fails with TrackingUnavailable if the server stays away. A
+failed or crashed flow run marks its MLflow run FAILED (hooks below), a SIGTERM'd one KILLED; a
+SIGKILLed one leaves it RUNNING until the re-run continues it.
 """
 
 from __future__ import annotations
@@ -26,17 +28,29 @@ from flows.approval import await_approval
 from flows.device_slot import device_slot
 from qlora.config import PipelineConfig
 from qlora.loading import ModelCache
+from qlora.outage import bounded_requests, hurry, is_down_at
 from qlora.refs import MlflowRun, RegisteredVersion, Trained
-from qlora.tracking import end_run, fail_runs_of_flow_run
+from qlora.resources import set_threads
+from qlora.sanity import config_warnings
+from qlora.tracking import end_run, fail_runs_of_flow_run, release_run_record, resolve_uri
 from tasks.reporting import notify
 
 log = logging.getLogger("qlora.flow")
 
 
 def _fail_mlflow_runs(flow, flow_run, state) -> None:
-    """on_failure / on_crashed: no MLflow run of this flow run is left RUNNING."""
+    """on_failure / on_crashed: no MLflow run of this flow run is left RUNNING (if the server answers)."""
     cfg = PipelineConfig.model_validate(flow_run.parameters.get("config") or {})
-    failed = fail_runs_of_flow_run(cfg.tracking, str(flow_run.id))
+    if is_down_at(resolve_uri(cfg.tracking)):
+        return  # the flow's own end_run has just failed on the same server, and said so
+    try:
+        with bounded_requests():
+            failed = fail_runs_of_flow_run(cfg.tracking, str(flow_run.id))
+    except Exception as e:  # noqa: BLE001 - a hook must not fail over an unreachable server (issue 13, item 2)
+        log.warning("flow run %s ended %s; its MLflow run could not be marked FAILED (%s: %s): it stays RUNNING "
+                    "until a re-run of the same config continues it", flow_run.name, state.type.value, type(e).__name__,
+                    str(e).splitlines()[0][:200] if str(e) else "")
+        return
     if failed:
         log.warning("flow run %s ended %s: MLflow run(s) %s marked FAILED", flow_run.name, state.type.value, failed)
 
@@ -56,6 +70,14 @@ def _notify_failure(flow, flow_run, state) -> None:
 )
 def qlora_finetune(config: PipelineConfig = PipelineConfig()) -> RegisteredVersion:
     """Fine-tune ``config.model`` with QLoRA on ``config.data``, evaluate it and register the adapter."""
+    with bounded_requests():  # a dead tracking server costs seconds per call, not MLflow's default minutes
+        return _run(config)
+
+
+def _run(config: PipelineConfig) -> RegisteredVersion:
+    for warning in config_warnings(config):  # legal but suspicious values (qlora/sanity.py)
+        log.warning(warning)
+    set_threads(config.train.slots_per_worker)  # cores available / training slots of this worker (qlora/resources.py)
     opening = dict(
         cfg=config.tracking, workdir=config.workdir, key=config.fingerprint(), run_name=runtime.flow_run.name,
         tags={"prefect.flow_run_id": str(runtime.flow_run.id), "config_hash": config.fingerprint()}, config=config,
@@ -70,10 +92,16 @@ def qlora_finetune(config: PipelineConfig = PipelineConfig()) -> RegisteredVersi
         version = register_and_report(config, trained, run, models)
         status = "FINISHED"
         return version
+    except BaseException as e:
+        if not isinstance(e, Exception):  # SIGTERM (Prefect's TerminationSignal) or Ctrl-C: stopped, not failed
+            status = "KILLED"
+            hurry()  # what is left to tell MLflow gets one short attempt: the process has seconds to live
+        raise
     finally:
         models.release()
         if run is not None:
             end_run(run, status)  # never leave the MLflow run RUNNING, whatever happened
+        release_run_record(config.workdir, opening["key"])  # a later run of this config may now continue it
 
 
 def train_and_evaluate(config: PipelineConfig, run: MlflowRun | None, models: ModelCache | None = None) -> Trained:

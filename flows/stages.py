@@ -15,9 +15,11 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import DEFAULT
 
+from flows.concurrency import training_slot
 from qlora.config import DataConfig, EvalConfig, LoraSection, ModelConfig, PipelineConfig, QuantizationConfig, RegistryConfig, ReportConfig, TrackingConfig, TrainConfig
 from qlora.errors import retry_transient
 from qlora.loading import ModelCache
+from qlora.outage import required
 from qlora.records import log_config
 from qlora.refs import Adapter, EvalReport, MlflowRun, QuantizedModel, RegisteredVersion, TokenizedData
 from qlora.tracking import start_or_resume_run
@@ -77,7 +79,9 @@ def quantize(model: ModelConfig, quant: QuantizationConfig, workdir: str) -> Qua
 @task(name="train", retries=1, retry_delay_seconds=30, **_common)
 def train(base: QuantizedModel, data: TokenizedData, lora: LoraSection, cfg: TrainConfig, workdir: str,
           run: MlflowRun | None = None) -> Adapter:
-    return train_adapter(base, data, lora, cfg, workdir, run)
+    """Holds a training slot of the worker (and of the Prefect limit) while it trains: flows/concurrency.py."""
+    with training_slot(cfg):
+        return train_adapter(base, data, lora, cfg, workdir, run)
 
 
 @task(name="evaluate", retries=2, retry_delay_seconds=10, cache_policy=_WITHOUT_MODELS, **_common)
@@ -89,7 +93,9 @@ def evaluate(base: QuantizedModel, adapter: Adapter, data: TokenizedData, cfg: E
 @task(name="register", retries=3, retry_delay_seconds=[5, 20, 60], cache_policy=_WITHOUT_MODELS, **_common)
 def register(base: QuantizedModel, adapter: Adapter, report: EvalReport, cfg: RegistryConfig, run: MlflowRun,
              data: TokenizedData | None = None, models: ModelCache | None = None) -> RegisteredVersion:
-    return register_adapter(base, adapter, report, cfg, run, data, models, publish=_markdown)
+    """A tracking server that stays down through the retries ends as one TrackingUnavailable (exit 2)."""
+    with required(run.tracking_uri, "registering", f"Nothing new is lost: the adapter ({adapter.path}) and its checkpoints are kept"):
+        return register_adapter(base, adapter, report, cfg, run, data, models, publish=_markdown)
 
 
 @task(name="report", retries=2, retry_delay_seconds=5, log_prints=True)

@@ -39,6 +39,7 @@ from qlora.errors import ConfigError, UserError
 from qlora.refs import MlflowRun, Trained
 from qlora.sweep import SweepConfig, SweepResult, Trial, TrialOutcome, best, grid_trials, ranking_metric, table
 from qlora.tracking import end_run
+from registry.gate import gate_metric
 
 log = logging.getLogger("qlora.sweep")
 
@@ -75,7 +76,7 @@ def qlora_sweep(config: PipelineConfig = PipelineConfig(), sweep: SweepConfig = 
     status = "FAILED"
     try:
         outcomes = _run_all(search, config, sweep, parent, me.name, str(me.id))
-        metric = ranking_metric(config, outcomes)
+        metric = _ranking(config, outcomes)
         winner = best(outcomes, metric)
         rows = table(outcomes, metric, winner)
         sweep_stages.publish_sweep(parent, rows, metric, config.registry.model_name, winner.run if winner else None)
@@ -89,6 +90,13 @@ def qlora_sweep(config: PipelineConfig = PipelineConfig(), sweep: SweepConfig = 
         return SweepResult(version=version, best_trial=winner.index, metric=metric, rows=rows)
     finally:
         end_run(parent, status)
+
+
+def _ranking(config: PipelineConfig, outcomes: list[TrialOutcome]) -> str:
+    """Trials are ranked by the metric the promotion gate would compare for them (same eval rows in every trial)."""
+    done = [o for o in outcomes if o.trained]
+    gate = gate_metric(config.registry.gate_metric, done[0].trained.report.samples) if done else "exact_match"
+    return ranking_metric(gate, outcomes)
 
 
 def _search(config: PipelineConfig, sweep: SweepConfig):
@@ -113,7 +121,7 @@ def _run_all(search, config, sweep, parent, name, sweep_id) -> list[TrialOutcome
         while not search.done:
             batch = [f.result() for f in start(search.ask(sweep.max_parallel))]
             for o in batch:
-                search.tell(o, ranking_metric(config, batch))
+                search.tell(o, _ranking(config, batch))
             outcomes += batch
         return outcomes
 

@@ -6,24 +6,15 @@ own section. Key names are a contract with the tests, the CLI's ``--set`` and us
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from qlora.trainer_args import check_train_field
+from qlora.names import model_name_problem
+from qlora.section import Section, stable_hash  # noqa: F401  (stable_hash: imported from here by the tasks)
+from qlora.train_config import TrainConfig
 
 DEMO_BASE_DIR = ".qlora/demo-base"
-
-
-class Section(BaseModel):
-    # Unknown keys are typos until proven otherwise: fail at load time, naming the key.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
-
-    def fingerprint(self) -> str:
-        """Stable short hash of this section's values (cache keys, run directories)."""
-        return stable_hash(self.model_dump(mode="json"))
 
 
 class ModelConfig(Section):
@@ -32,6 +23,14 @@ class ModelConfig(Section):
         description="Base model: a Hugging Face hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct) or a local model directory.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin; ignored for local directories.")
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError(f"must name a local model directory or a hub id (the default, {DEMO_BASE_DIR}, is built by `make demo`)")
+        return v.strip()
+
     trust_remote_code: bool = Field(False, description="Run model code shipped in the hub repo. Off unless you trust the repo.")
     hf_token_secret: str | None = Field(
         None, description="Name of a Prefect Secret block holding a hub token for gated repos; else $HF_TOKEN is used. Never logged."
@@ -147,82 +146,6 @@ class DataConfig(Section):
         return self
 
 
-class TrainConfig(Section):
-    num_train_epochs: float = Field(1.0, gt=0, description="Passes over the training split; ignored when max_steps > 0.")
-    max_steps: int = Field(-1, description="Optimizer steps to run; -1 means use num_train_epochs.")
-    per_device_train_batch_size: int = Field(4, gt=0, description="Examples per device per forward pass.")
-    per_device_eval_batch_size: int = Field(8, gt=0, description="Examples per device when computing eval loss.")
-    gradient_accumulation_steps: int = Field(4, gt=0, description="Micro-batches per optimizer step (effective batch = batch * this * devices).")
-    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate; 1e-4 to 3e-4 is usual for QLoRA.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the LoRA parameters.")
-    optim: str = Field("paged_adamw_8bit", description="Optimizer name as in TrainingArguments; paged 8-bit AdamW is QLoRA's.")
-    lr_scheduler_type: str = Field("cosine", description="Learning-rate schedule as in TrainingArguments.")
-    warmup_steps: float = Field(0.03, ge=0, description="Warmup: a float < 1 is a fraction of total steps, otherwise a step count.")
-    max_grad_norm: float = Field(0.3, gt=0, description="Gradient clipping norm; 0.3 is the QLoRA paper's value.")
-    gradient_checkpointing: bool | Literal["auto"] = Field(
-        "auto",
-        description="Recompute activations in backward: far less memory, about a third more compute per step (demo on "
-        "CPU: 4.3 vs 6.8 steps/s). auto: on when the largest micro-batch's activations would take more than a third "
-        "of the free GPU memory (or RAM) left after the weights; the decision is logged.",
-    )
-    group_by_length: bool = Field(
-        True, description="Batch examples of similar length: less padding (0.95+ vs ~0.5 real tokens per batch token on Code Alpaca)."
-    )
-    packing: bool = Field(
-        False,
-        description="Concatenate each batch into one padding-free row with per-example position_ids (no cross-example "
-        "attention with sdpa/flash-attention in transformers 5); overrides group_by_length.",
-    )
-    seed: int = Field(42, description="Seed for LoRA init, data order and dropout.")
-    logging_steps: int = Field(10, gt=0, description="Log loss and learning rate every N optimizer steps.")
-    save_steps: int = Field(100, gt=0, description="Write an adapter-only checkpoint every N optimizer steps (resume point).")
-    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept on disk; older ones are deleted.")
-    num_processes: int = Field(
-        1, gt=0, le=64,
-        description="Training processes (DDP): 1 trains in the task's process; N > 1 launches N ranks "
-        "(accelerate on N GPUs, torchrun/gloo on CPU). Effective batch = batch * accumulation * N.",
-    )
-    fp32_norms: bool = Field(
-        True,
-        description="Upcast norms and embeddings of the 4-bit model to fp32 (peft's kbit preparation, QLoRA's "
-        "default). false: keep them in the compute dtype and train under autocast: +23% tokens/s and 1.7 GB less on "
-        "an H100 (7B, seq 1024), 1.56x steps/s for the demo on a bf16 CPU. train.distributed=fsdp always keeps them "
-        "in the storage dtype.",
-    )
-    distributed: Literal["ddp", "fsdp"] = Field(
-        "ddp",
-        description="How N processes share the work: ddp replicates the 4-bit model on every GPU; fsdp "
-        "(GPUs only, always via accelerate launch) shards it, so a base too big for one GPU trains on several.",
-    )
-    early_stopping_patience: int | None = Field(
-        None, gt=0, description="Stop after N evaluations (one per save_steps) without a lower eval loss; unset = off."
-    )
-    report_to: list[str] = Field(
-        default_factory=list,
-        description="Extra Trainer integrations (e.g. [tensorboard]) next to MLflow, which is always on through the "
-        "pipeline's own callback (it survives a tracking outage); 'mlflow' here would log everything twice.",
-    )
-    extra_args: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Any other transformers.TrainingArguments field, e.g. {adam_beta2: 0.95, neftune_noise_alpha: 5}; "
-        "checked against TrainingArguments when the config loads. Fields this section has are set there instead.",
-    )
-
-    @field_validator("optim", "lr_scheduler_type", "report_to", "extra_args")
-    @classmethod
-    def _known_to_transformers(cls, v, info):
-        """Checked against transformers when the config loads, not when training starts (qlora/trainer_args.py)."""
-        return check_train_field(info.field_name, v, cls.model_fields[info.field_name].get_default(call_default_factory=True),
-                                 set(cls.model_fields))
-
-    @field_validator("warmup_steps")
-    @classmethod
-    def _warmup_integral_above_one(cls, v: float) -> float:
-        if v >= 1 and v != int(v):
-            raise ValueError("a value >= 1 is a step count and must be a whole number; use a float < 1 for a ratio")
-        return v
-
-
 GENERATION_METRICS = ("exact_match", "rouge", "bleu", "chrf")
 
 
@@ -234,13 +157,18 @@ class EvalConfig(Section):
         "first max_samples eval rows; perplexity of the references on the whole eval split. Per-example scores are "
         "kept for the promotion gate (registry.gate_metric).",
     )
-    max_new_tokens: int = Field(64, gt=0, description="Generation budget per eval prompt (greedy decoding).")
+    max_new_tokens: int = Field(
+        64, gt=0, le=32768, description="Generation budget per eval prompt (greedy decoding); at most 32768 and the base's context length."
+    )
     max_samples: int = Field(200, gt=0, description="Eval rows used for generation metrics (first N of the eval split).")
     batch_size: int = Field(16, gt=0, description="Prompts generated per batch.")
 
 
 class RegistryConfig(Section):
-    model_name: str = Field("qlora-demo", min_length=1, description="Registered model name in the MLflow Model Registry.")
+    model_name: str = Field(
+        "qlora-demo", min_length=1,
+        description="Registered model name in the MLflow Model Registry (no '/' or ':', as MLflow requires).",
+    )
     gate_metric: Literal["auto", "exact_match", "rouge", "bleu", "chrf"] = Field(
         "auto",
         description="Per-example score the promotion gate compares (paired bootstrap), one of eval.metrics. auto: "
@@ -264,6 +192,15 @@ class RegistryConfig(Section):
         False, description="Also register <model_name>-merged: the adapter merged into the bf16 base, for consumers without PEFT."
     )
 
+    @field_validator("model_name")
+    @classmethod
+    def _name_mlflow_accepts(cls, v: str) -> str:
+        # Checked now, not when registering after training (qlora/names.py has MLflow's rules).
+        problem = model_name_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
 
 class TrackingConfig(Section):
     uri: str | None = Field(None, description="MLflow tracking URI; unset means $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db.")
@@ -278,7 +215,12 @@ class ReportConfig(Section):
     )
     examples: int = Field(5, ge=0, le=50, description="Eval examples (prompt, reference, base, tuned) shown in the report table.")
     webhook_url: str | None = Field(
-        None, description="Optional URL that receives a JSON POST {event, text, ...} on flow failure and on promotion.",
+        None, description="Optional URL that receives a JSON POST {event, text, ...} on flow failure and on promotion. "
+        "It is stored in the flow run's parameters (visible in the Prefect UI): prefer webhook_secret.",
+    )
+    webhook_secret: str | None = Field(
+        None, description="Name of a Prefect Secret block holding the webhook URL (webhook URLs carry their token); "
+        "preferred over webhook_url. Logs show only the URL's scheme and host.",
     )
     notification_block: str | None = Field(
         None, description="Optional Prefect notification block, as 'block-type/name' (e.g. slack-webhook/ml-team), notified on the same events.",
@@ -322,7 +264,3 @@ class PipelineConfig(Section):
             storage = q.compute_dtype if q.compute_dtype in ("bfloat16", "float16") else "bfloat16"
             self.quantization = q.model_copy(update={"quant_storage": storage})
         return self
-
-
-def stable_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

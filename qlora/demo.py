@@ -86,6 +86,7 @@ def build_demo_base(
     initializer_range: float = 0.1,
     tie_word_embeddings: bool = False,
     seed: int = 0,
+    max_positions: int = 512,
 ) -> Path:
     """Write a randomly initialised Llama + trained tokenizer to ``out_dir`` (a normal HF model dir).
 
@@ -108,7 +109,7 @@ def build_demo_base(
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_heads,
-        max_position_embeddings=512,
+        max_position_embeddings=max_positions,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -5,7 +5,8 @@ config key at fault and says what to do, and it is never retried (re-running bad
 and hides the message). Every stage's Prefect task retries only what ``is_transient`` accepts
 (``flows/stages.py`` passes ``retry_transient`` as the tasks' ``retry_condition_fn``).
 
-Transient: the network, the disk, a tracking server answering 5xx or not at all, a hub timeout.
+Transient: the network, an I/O error, a tracking server answering 5xx or not at all, a hub timeout.
+A full disk is not: the same write fails again until someone frees space (``DiskFull``).
 Retrying these is cheap because every stage is content-keyed and resumes.
 Not transient: the user's input (``UserError``, which includes a diverged training run), and code
 bugs (ValueError, TypeError, AssertionError, ...): a retry would fail the same way and hide the message.
@@ -13,6 +14,8 @@ A CUDA out-of-memory is handled inside training (smaller micro-batch), not by a 
 """
 
 from __future__ import annotations
+
+import errno
 
 
 class UserError(Exception):
@@ -35,6 +38,10 @@ class TrainingDiverged(UserError):
     """Loss or gradient norm became NaN/inf: the same config would diverge again, so it is never retried."""
 
 
+class DiskFull(UserError):
+    """The disk filled up while writing an output. Not retried: the same write fails again until someone frees space."""
+
+
 class TrackingUnavailable(RuntimeError):
     """The MLflow tracking server could not be reached; transient, so the task that needs it retries."""
 
@@ -51,14 +58,41 @@ def _http_status(exc: BaseException) -> int | None:
     return int(code) if isinstance(code, int) else None
 
 
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# How a full disk reads when a library did not keep the OSError: safetensors' Rust writer
+# ("IoError(Os { code: 28, kind: StorageFull, ...})"), pyarrow, and the C library's own text.
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "StorageFull")
+
+
+_BUSY_OR_GONE = ("database is locked", "database table is locked", "database is busy", "could not connect",
+                 "connection refused", "server closed the connection", "connection reset", "timeout expired")
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """A full disk or exhausted quota anywhere in ``exc``'s cause chain."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(t in str(exc) for t in _DISK_FULL_TEXT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def is_transient(exc: BaseException | None) -> bool:
     """True when a retry of the same inputs can succeed."""
-    if exc is None or isinstance(exc, UserError):
+    if exc is None or isinstance(exc, UserError) or is_disk_full(exc):
         return False
     if isinstance(exc, (TrackingUnavailable, ConnectionError, TimeoutError, OSError)):
-        # OSError covers IOError, a full disk, a vanished NFS handle; ConnectionError is one of them too.
+        # OSError covers IOError, a vanished NFS handle, a reset connection (not a full disk: above).
         return True
     mod = type(exc).__module__
+    if type(exc).__name__ == "OperationalError" and mod.startswith(("sqlite3", "sqlalchemy", "psycopg")):
+        # A store busy with another writer ("database is locked": sqlite's 20 s busy wait, as MLflow sets
+        # it, ran out) or a database connection that dropped. Not "no such table" or a bad path.
+        return any(s in str(exc).lower() for s in _BUSY_OR_GONE)
     if mod.startswith(("requests", "urllib3", "httpx", "huggingface_hub")):
         # Connection resets, read timeouts, hub 5xx: all network-shaped.
         code = _http_status(exc)

@@ -7,10 +7,12 @@ the device map, the pad token, left padding for generation) is written once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
 from qlora.config import ModelConfig, QuantizationConfig
+from qlora.model_source import loading
 from qlora.quant import bnb_config, compute_dtype, device_map
 from qlora.refs import Adapter, QuantizedModel
 from qlora.secrets import hf_token
@@ -71,15 +73,31 @@ def load_tokenizer(source: ModelConfig | str | Path, padding_side: str = "right"
     from transformers import AutoTokenizer
 
     if isinstance(source, ModelConfig):
-        tok = AutoTokenizer.from_pretrained(
-            source.name_or_path, revision=source.revision, trust_remote_code=source.trust_remote_code,
-            token=hf_token(source),
-        )
+        with loading(source):  # a typo, an empty folder, an offline hub id: one ModelError, never retried
+            tok = AutoTokenizer.from_pretrained(
+                source.name_or_path, revision=source.revision, trust_remote_code=source.trust_remote_code,
+                token=hf_token(source),
+            )
     else:
         tok = AutoTokenizer.from_pretrained(str(source))
     tok = fix_pad_token(tok)
     tok.padding_side = padding_side
     return tok
+
+
+def context_length(model: ModelConfig) -> int | None:
+    """Tokens the base attends over (its config's max_position_embeddings or equivalent); None when unstated."""
+    from transformers import AutoConfig
+
+    with loading(model):
+        cfg = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision,
+                                         trust_remote_code=model.trust_remote_code, token=hf_token(model))
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        v = getattr(text, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
 
 
 def load_base(path: str, quant: QuantizationConfig | None = None, model: ModelConfig | None = None,
@@ -100,13 +118,14 @@ def load_base(path: str, quant: QuantizationConfig | None = None, model: ModelCo
     if quant is not None and quant.load_in_4bit:
         # Only when quantizing: an explicit None would shadow a pre-quantized checkpoint's own config.
         kwargs["quantization_config"] = bnb_config(quant)
-    return AutoModelForCausalLM.from_pretrained(
-        path,
-        device_map=None if fsdp else device_map(),
-        dtype=compute_dtype(quant) if quant is not None else "auto",
-        use_safetensors=True,  # never unpickle .bin weights
-        **kwargs,
-    )
+    with loading(model) if model is not None else contextlib.nullcontext():
+        return AutoModelForCausalLM.from_pretrained(
+            path,
+            device_map=None if fsdp else device_map(),
+            dtype=compute_dtype(quant) if quant is not None else "auto",
+            use_safetensors=True,  # never unpickle .bin weights
+            **kwargs,
+        )
 
 
 def _ready_for_generation(model, tok):

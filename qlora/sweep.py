@@ -191,12 +191,11 @@ class SweepResult(BaseModel):
     rows: list[dict]  # the comparison table
 
 
-def ranking_metric(config: PipelineConfig, outcomes: list[TrialOutcome]) -> str:
-    """``eval/tuned/<registry.gate_metric>``: the promotion gate's metric, read from the config when it has one
-    (exact match otherwise), and exact match when a trial did not log it (e.g. a gate_metric of auto)."""
-    name = getattr(config.registry, "gate_metric", "exact_match")
+def ranking_metric(gate: str, outcomes: list[TrialOutcome]) -> str:
+    """``eval/tuned/<gate>``, ``gate`` being ``registry.gate_metric`` as the registry resolves it (auto: exact_match
+    or rouge by the eval references, ``registry.gate.gate_metric``); exact match when a trial did not log it."""
     done = [o for o in outcomes if o.trained]
-    return f"eval/tuned/{name}" if done and all(f"eval/tuned/{name}" in o.metrics for o in done) else "eval/tuned/exact_match"
+    return f"eval/tuned/{gate}" if done and all(f"eval/tuned/{gate}" in o.metrics for o in done) else "eval/tuned/exact_match"
 
 
 def best(outcomes: list[TrialOutcome], metric: str) -> TrialOutcome | None:

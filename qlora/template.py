@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qlora.errors import ConfigError
+
 # A single ``{prompt}`` placeholder is what MLflow's prompt_template accepts.
 PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 
@@ -84,6 +86,8 @@ def _apply(tok, template: str, turns: list[Turn], generation_prompt: bool, kwarg
     try:
         text = tok.apply_chat_template(msgs, chat_template=template, tokenize=False,
                                        add_generation_prompt=generation_prompt, **kwargs)
+    except jinja2.TemplateSyntaxError as e:  # the template itself is broken: no row can be rendered
+        raise ConfigError(f"the chat template (data.chat_template, or the tokenizer's own) does not parse: {e}") from None
     except jinja2.TemplateError as e:  # raise_exception() in the template (e.g. Mistral's role check)
         raise TemplateError(f"the chat template refuses this conversation: {e}") from None
     # Llama-3 and Mistral templates write BOS and their tokenizers add it again: keep the tokenizer's

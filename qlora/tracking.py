@@ -9,6 +9,8 @@ from pathlib import Path
 
 from qlora.config import TrackingConfig
 from qlora.errors import TrackingUnavailable, is_transient
+from qlora.names import filter_literal
+from qlora.outage import mark_up
 from qlora.refs import MlflowRun
 
 log = logging.getLogger("qlora.tracking")
@@ -55,16 +57,52 @@ def _run_id_file(workdir: str | Path, key: str) -> Path:
     return Path(workdir) / "mlflow-runs" / f"{key}.json"
 
 
+# Run-id files this process owns, with the lock held for the life of the flow run that opened them.
+_OWNED: dict[Path, tuple[object, str | None]] = {}
+
+
+def _own_run_record(saved: Path, owner: str | None) -> bool:
+    """Hold ``<key>.lock`` next to the run-id file: only its holder may continue or replace the saved run.
+
+    A flock, so the OS releases it when the holder dies (SIGKILL included): a re-run after a kill
+    continues the killed attempt's run, while a second run started beside a live one gets its own
+    run instead of logging into the first one's (issue 13, item 3). ``owner`` (the Prefect flow run id)
+    tells a second flow run in this same process from the owner re-opening its run before registering.
+    """
+    from filelock import FileLock, Timeout
+
+    if saved in _OWNED:
+        return _OWNED[saved][1] == owner
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(saved.with_suffix(".lock")), thread_local=False)  # released by the flow, maybe another thread
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return False
+    _OWNED[saved] = (lock, owner)
+    return True
+
+
+def release_run_record(workdir: str | Path, key: str) -> None:
+    """At the end of a flow run: let a later run of the same config continue or replace its MLflow run."""
+    held = _OWNED.pop(_run_id_file(workdir, key), None)
+    if held is not None:
+        held[0].release()
+
+
 def start_or_resume_run(
     cfg: TrackingConfig, workdir: str | Path, key: str, run_name: str | None, tags: dict[str, str] | None = None
 ) -> MlflowRun:
     """The MLflow run of config ``key``: the unfinished one a killed or failed attempt left, else a new one.
 
     The run id is kept under ``workdir`` next to the checkpoints, so a re-run that resumes training
-    also continues the same MLflow run and the loss curve stays one curve.
+    also continues the same MLflow run and the loss curve stays one curve. Only a run whose owner is
+    gone is continued: the flow holds ``<key>.lock`` until ``release_run_record``.
     """
     try:
-        return _start_or_resume_run(cfg, workdir, key, run_name, tags)
+        run = _start_or_resume_run(cfg, workdir, key, run_name, tags)
+        mark_up(run)  # answering again: stages log into it again
+        return run
     except Exception as e:  # noqa: BLE001 - re-raised, transient ones with a message a user can act on
         if not is_transient(e):
             raise
@@ -82,6 +120,10 @@ def _start_or_resume_run(cfg, workdir, key, run_name, tags) -> MlflowRun:
     uri = resolve_uri(cfg)
     client = mlflow.MlflowClient(uri)
     saved = _run_id_file(workdir, key)
+    if not _own_run_record(saved, (tags or {}).get("prefect.flow_run_id")):
+        log.info("another run of this config is in progress (it holds %s): this one gets its own MLflow run",
+                 saved.with_suffix(".lock"))
+        return start_run(cfg, run_name, tags)
     if saved.is_file():
         prev = MlflowRun.model_validate_json(saved.read_text())
         try:
@@ -111,37 +153,11 @@ def fail_runs_of_flow_run(cfg: TrackingConfig, flow_run_id: str) -> list[str]:
     if exp is None:
         return []
     runs = client.search_runs(
-        [exp.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}' and attributes.status = 'RUNNING'"
+        [exp.experiment_id], f"tags.`prefect.flow_run_id` = {filter_literal(flow_run_id)} and attributes.status = 'RUNNING'"
     )
     for r in runs:
         client.set_terminated(r.info.run_id, status="FAILED")
     return [r.info.run_id for r in runs]
-
-
-@contextlib.contextmanager
-def best_effort_run(run: MlflowRun | None):
-    """Like ``active_run``, but a tracking server that is down yields None instead of failing the caller."""
-    if run is None:
-        yield None
-        return
-    import mlflow
-
-    try:
-        mlflow.set_tracking_uri(run.tracking_uri)
-        r = mlflow.start_run(run_id=run.run_id)
-    except Exception as e:  # noqa: BLE001 - only tracking faults are tolerated
-        if not (is_transient(e) or isinstance(e, mlflow.exceptions.MlflowException)):
-            raise
-        log.warning("MLflow at %s unreachable (%s); continuing without tracking", run.tracking_uri, str(e).splitlines()[0][:200])
-        yield None
-        return
-    try:
-        yield r
-    finally:
-        try:
-            mlflow.end_run(status="RUNNING")  # detach; flushes MLflow's async logging queue
-        except Exception as e:  # noqa: BLE001
-            log.warning("MLflow flush failed at the end of training (%s); metrics may be incomplete", e)
 
 
 def end_run(run: MlflowRun, status: str = "FINISHED") -> None:

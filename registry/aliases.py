@@ -22,6 +22,7 @@ import time
 import uuid
 
 from qlora.errors import UserError
+from qlora.names import filter_literal
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY = "champion_history"  # a JSON list of versions, written by earlier releases; read as the oldest events
@@ -100,7 +101,7 @@ def _settle(client, name: str, alias: str, target) -> str:
 
 
 def _newest(client, name: str) -> str:
-    return str(max(int(m.version) for m in client.search_model_versions(f"name='{name}'")))
+    return str(max(int(m.version) for m in client.search_model_versions(f"name = {filter_literal(name)}")))
 
 
 def set_challenger(client, name: str, version: str) -> None:
@@ -180,7 +181,7 @@ def list_lines(client, name: str) -> list[str]:
     for alias, v in (model.aliases or {}).items():
         by_version.setdefault(str(v), []).append(alias)
     lines = []
-    for mv in sorted(client.search_model_versions(f"name='{name}'"), key=lambda m: -int(m.version)):
+    for mv in sorted(client.search_model_versions(f"name = {filter_literal(name)}"), key=lambda m: -int(m.version)):
         t = mv.tags
         try:  # the metric the gate compared for this version (exact match before gate metrics were named)
             metric = json.loads(t.get("promotion.evidence", "{}")).get("metric", "exact_match")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from qlora.names import filter_literal
+
 
 def version_of_run(client, name: str, run_id: str):
     """The newest version of ``name`` logged from ``run_id``, or None (then it is safe to register)."""
     import mlflow
 
     try:
-        found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        found = client.search_model_versions(f"name = {filter_literal(name)} and run_id = {filter_literal(run_id)}")
     except mlflow.exceptions.MlflowException as e:
         if "RESOURCE_DOES_NOT_EXIST" in str(e.error_code):
             return None

@@ -16,7 +16,7 @@ from pathlib import Path
 from qlora.config import GENERATION_METRICS, EvalConfig
 from qlora.loading import GENERATION_DEFAULTS, ModelCache, tuned
 from qlora.refs import Adapter, EvalReport, MlflowRun, QuantizedModel, TokenizedData
-from qlora.tracking import active_run
+from qlora.outage import logging_to
 
 log = logging.getLogger("qlora.evaluate")
 METRICS_DIR = Path(__file__).parent / "metrics"
@@ -113,8 +113,8 @@ def evaluate_adapter(
         | {f"base_{m}": s[i] for m, s in base_scores.items()} | {f"tuned_{m}": s[i] for m, s in tuned_scores.items()}
         for i in range(n)
     ]
-    with active_run(run):
-        if run is not None:
+    with logging_to(run) as tracked:  # a tracking outage costs these metrics, not the evaluation
+        if tracked is not None:
             import mlflow
 
             mlflow.log_metrics(report_metrics)

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 import time
 from pathlib import Path
 
 from qlora.config import ModelConfig, QuantizationConfig, stable_hash
 from qlora.errors import ModelError
 from qlora.loading import fix_generation_config, hub_commit, load_base, load_tokenizer
+from qlora.model_source import check_reference
 from qlora.quant import count_4bit_layers, dtype_choice
 from qlora.refs import QuantizedModel
+from qlora.storage import staged_dir
 
 log = logging.getLogger("qlora.quantize")
 
@@ -55,8 +56,7 @@ def base_identity(model: ModelConfig) -> dict:
 
 def prepare_quantized_model(model: ModelConfig, quant: QuantizationConfig, workdir: str | Path) -> QuantizedModel:
     """Quantize ``model`` per ``quant`` and save it under a content key; reuse it if already there."""
-    if model.trust_remote_code:
-        log.warning("model.trust_remote_code is on: code from %s will run on this machine", model.name_or_path)
+    check_reference(model)  # a path that cannot be a model: one message before anything is hashed or loaded
     identity = base_identity(model)
     dtype, why = dtype_choice(quant)  # auto resolves per machine: a bf16 checkpoint is no hit on an AVX2-only CPU
     key = stable_hash({"base": identity, "quant": quant.model_dump(), "attn": model.attn_implementation,
@@ -68,19 +68,12 @@ def prepare_quantized_model(model: ModelConfig, quant: QuantizationConfig, workd
         return QuantizedModel.model_validate_json(manifest.read_text())
 
     t0 = time.perf_counter()
-    try:
-        m = load_base(model.name_or_path, quant, model)
-        tok = load_tokenizer(model)  # saved with its pad token fixed: every later stage loads it from here
-        fix_generation_config(m, tok)  # stop ids saved with the base: eval and MLflow consumers stop alike
-    except OSError as e:
-        raise ModelError(f"model.name_or_path: cannot load '{model.name_or_path}': {e}") from None
+    m = load_base(model.name_or_path, quant, model)  # a bad model.name_or_path raises one ModelError (qlora/model_source.py)
+    tok = load_tokenizer(model)  # saved with its pad token fixed: every later stage loads it from here
+    fix_generation_config(m, tok)  # stop ids saved with the base: eval and MLflow consumers stop alike
     n4 = count_4bit_layers(m) if quant.load_in_4bit else 0
     if quant.load_in_4bit and n4 == 0:
         raise ModelError(f"model.name_or_path: '{model.name_or_path}' loaded, but no layer was quantized to 4-bit")
-    tmp = out.with_name(key + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    m.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
     ref = QuantizedModel(
         path=str(out.resolve()), base=model.name_or_path, revision=model.revision, fingerprint=key,
         footprint_bytes=int(m.get_memory_footprint()), quantized=quant.load_in_4bit,
@@ -89,9 +82,10 @@ def prepare_quantized_model(model: ModelConfig, quant: QuantizationConfig, workd
         # A hub base: id and resolved commit, so consumers can load it from the hub (registry/consumer.py)
         hub_id=identity.get("hub_id"), commit=hub_commit(model) if "hub_id" in identity else None, quantization=quant.model_dump(),
     )
-    (tmp / "manifest.json").write_text(ref.model_dump_json())
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with staged_dir(out, "the pre-quantized base") as tmp:  # a failed write (a full disk) leaves no .tmp behind
+        m.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "manifest.json").write_text(ref.model_dump_json())
     log.info(
         "quantized %s: %d Linear4bit layers, %.1f MB in memory, %.1f s -> %s",
         model.name_or_path, n4, ref.footprint_bytes / 2**20, time.perf_counter() - t0, out,

@@ -19,7 +19,9 @@ import urllib.request
 from pathlib import Path
 
 from qlora.config import ReportConfig
+from qlora.errors import UserError
 from qlora.refs import Adapter, EvalReport, MlflowRun, RegisteredVersion
+from qlora.secrets import redact_url, webhook_url
 
 log = logging.getLogger("qlora.report")
 LOSS_PLOT = "plots/loss.png"
@@ -115,15 +117,22 @@ def log_loss_plot(run: MlflowRun, report: EvalReport) -> str:
 
 
 def notify(cfg: ReportConfig, event: str, text: str, **fields) -> None:
-    """Best effort: a notification that cannot be delivered is logged, never fails the run."""
-    if cfg.webhook_url:
+    """Best effort: a notification that cannot be delivered is logged, never fails the run. The webhook URL is
+    logged as scheme and host only (its path is a credential)."""
+    try:
+        url = webhook_url(cfg)
+    except UserError as e:
+        log.warning("%s; %s notification not sent", e, event)
+        url = None
+    if url:
         body = json.dumps({"event": event, "text": text, **fields}).encode()
-        req = urllib.request.Request(cfg.webhook_url, data=body, headers={"Content-Type": "application/json"})
+        shown = redact_url(url)
         try:
+            req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
             with urllib.request.urlopen(req, timeout=10) as resp:
-                log.info("notified %s of %s (HTTP %d)", cfg.webhook_url, event, resp.status)
-        except OSError as e:
-            log.warning("webhook %s failed for %s: %s", cfg.webhook_url, event, e)
+                log.info("notified webhook %s of %s (HTTP %d)", shown, event, resp.status)
+        except (OSError, ValueError) as e:  # the error text can hold the URL too: say what failed, not where
+            log.warning("webhook %s failed for %s: %s", shown, event, type(e).__name__ + (f" {e.code}" if hasattr(e, "code") else ""))
     if cfg.notification_block:
         from prefect.blocks.core import Block
 

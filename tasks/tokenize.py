@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from pathlib import Path
 
 from qlora.config import DataConfig, ModelConfig, stable_hash
-from qlora.loading import load_tokenizer
+from qlora.errors import ConfigError, UserError
+from qlora.loading import context_length, load_tokenizer
 from qlora.refs import MlflowRun, TokenizedData
+from qlora.storage import staged_dir
 from qlora.template import PROMPT_TEMPLATE, chat_template_of, template_kwargs
 from tasks.data.mixture import mixture_digest, parsed_digests, prepare_data, validate_data
 from tasks.data.report import DataReport
@@ -52,6 +53,16 @@ def cache_key(data: DataConfig, tok, fmt_hint: str, digests: tuple[str, str]) ->
     )
 
 
+def check_context(data: DataConfig, model: ModelConfig) -> None:
+    """``data.max_length`` must fit the base's context: found here, with the tokenizer, not after training."""
+    ctx = context_length(model)
+    if ctx is not None and data.max_length > ctx:
+        raise ConfigError(
+            f"data.max_length={data.max_length} is more than the context of model.name_or_path={model.name_or_path} "
+            f"({ctx} tokens, max_position_embeddings in its config.json): set data.max_length to at most {ctx}"
+        )
+
+
 def _cache_hit(out: Path, run: MlflowRun | None) -> TokenizedData | None:
     manifest = out / "manifest.json"
     if not manifest.is_file():
@@ -75,8 +86,9 @@ def _probe_cache(data: DataConfig, model: ModelConfig, workdir, run):
         return None, None, local
     try:
         tok = load_tokenizer(model)
-    except (OSError, ValueError):
+    except (OSError, ValueError, UserError):
         return None, None, local
+    check_context(data, model)
     train = mixture_digest(data, [c.digest for c in local[0]]) if data.sources else local[0][0].digest
     digests = (train, local[1].digest if local[1] else "")
     return _cache_hit(Path(workdir) / "tokenized" / cache_key(data, tok, data.format, digests), run), tok, local
@@ -90,7 +102,9 @@ def tokenize_dataset(data: DataConfig, model: ModelConfig, workdir: str | Path, 
     if hit is not None:
         return hit
     parsed = validate_data(data, local)  # structure first: a broken file fails here, before any tokenizer or model
-    tok = tok if tok is not None else load_tokenizer(model)
+    if tok is None:
+        tok = load_tokenizer(model)
+        check_context(data, model)
     key = cache_key(data, tok, data.format, parsed_digests(data, parsed))
     out = Path(workdir) / "tokenized" / key
     hit = _cache_hit(out, run)
@@ -98,20 +112,17 @@ def tokenize_dataset(data: DataConfig, model: ModelConfig, workdir: str | Path, 
         return hit
 
     prep = prepare_data(data, tok, parsed)
-    tmp = out.with_name(key + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    DatasetDict({"train": prep.train, "eval": prep.eval}).save_to_disk(str(tmp))
     r = prep.report
     ref = TokenizedData(
         path=str(out.resolve()), fingerprint=key, train_rows=len(prep.train), eval_rows=len(prep.eval),
         truncated_rows=r.truncated_rows, format=r.format, prompt_template=prep.prompt_template,
         report_path=str((out / "report.md").resolve()),
     )
-    (tmp / "report.json").write_text(r.model_dump_json(indent=1))
-    (tmp / "report.md").write_text(r.markdown())
-    (tmp / "manifest.json").write_text(ref.model_dump_json())
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)  # atomic: a half-written folder is never taken for a cache hit
+    with staged_dir(out, "the tokenized dataset") as tmp:  # renamed into place only when complete
+        DatasetDict({"train": prep.train, "eval": prep.eval}).save_to_disk(str(tmp))
+        (tmp / "report.json").write_text(r.model_dump_json(indent=1))
+        (tmp / "report.md").write_text(r.markdown())
+        (tmp / "manifest.json").write_text(ref.model_dump_json())
     log.info(
         "tokenized %s (%s): %d train / %d eval rows, %d dropped, %d truncated to %d tokens -> %s",
         r.source, r.format, ref.train_rows, ref.eval_rows, r.rows_dropped, r.truncated_rows, data.max_length, out,
@@ -122,13 +133,13 @@ def tokenize_dataset(data: DataConfig, model: ModelConfig, workdir: str | Path, 
 
 def log_report(report: DataReport, run: MlflowRun | None, cache_hit: bool) -> None:
     """The data report into the flow's MLflow run: metrics ``data/*`` plus report.md and report.json."""
-    if run is None:
-        return
-    import mlflow
+    from qlora.outage import logging_to
 
-    from qlora.tracking import active_run
+    with logging_to(run) as tracked:  # a tracking outage costs the report in MLflow, not the stage
+        if tracked is None:
+            return
+        import mlflow
 
-    with active_run(run):
         mlflow.log_metrics({**report.metrics(), "data/cache_hit": float(cache_hit)})
         mlflow.log_text(report.markdown(), "data/report.md")
         mlflow.log_dict(report.model_dump(mode="json"), "data/report.json")

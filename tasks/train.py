@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 
 from qlora.config import LoraSection, TrainConfig, stable_hash
+from qlora.errors import is_disk_full
 from qlora.refs import Adapter, MlflowRun, QuantizedModel, TokenizedData
+from qlora.storage import disk_full_error
 from tasks.training.checkpoints import finished_adapter, locked_run_dir
 from tasks.training.launch import LaunchSpec, run_launcher
 from tasks.training.recipe import fit_with_oom_retry
@@ -45,6 +47,15 @@ def train_adapter(
     instrument the real stage: step timers, profilers, spies); ranks of a multi-process run get none.
     """
     run_dir = run_dir_for(base, data, lora, train, workdir)
+    try:
+        return _train_locked(base, data, lora, train, run_dir, run, callbacks)
+    except Exception as e:
+        if is_disk_full(e):  # checkpoints are the resume points: a partial one is skipped on the re-run
+            raise disk_full_error(run_dir, "checkpoints or the adapter") from None
+        raise
+
+
+def _train_locked(base, data, lora, train: TrainConfig, run_dir: Path, run, callbacks) -> Adapter:
     with locked_run_dir(run_dir):
         done = finished_adapter(run_dir)
         if done is not None:

@@ -31,7 +31,8 @@ def tiny_base(tmp_path_factory) -> Path:
     from qlora.demo import build_demo_base
 
     out = tmp_path_factory.mktemp("tiny-base")
-    return build_demo_base(out, DEMO_DATA, hidden_size=64, num_layers=2, num_heads=2, vocab_size=512)
+    # 2048 positions: the shared data's longest rows fit, as they would in a real base's context.
+    return build_demo_base(out, DEMO_DATA, hidden_size=64, num_layers=2, num_heads=2, vocab_size=512, max_positions=2048)
 
 
 @pytest.fixture(scope="module")

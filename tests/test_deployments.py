@@ -61,39 +61,91 @@ def _stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
 
+class Team:
+    """A Prefect server on loopback (own PREFECT_HOME), `make deploy`, `make worker`: what a team runs."""
 
-@pytest.mark.e2e
-def test_manual_deployment_runs_on_a_worker(tiny_base, tmp_path, mlflow_uri):
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api,
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="1")
-    # The flow run must get these from the deployment's job variables, not from the worker's environment.
-    worker_env = {k: v for k, v in env.items() if k not in ("MLFLOW_TRACKING_URI", "PYTHONPATH")}
-    make = ["make", "-C", str(REPO), "NO_INSTALL=1", f"BIN={BIN}"]
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    procs = []
-    try:
-        server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                  env=env, stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-        procs.append(server)
-        http = httpx.Client(base_url=api, timeout=30)
+    def __init__(self, tmp_path: Path):
+        port = _free_port()
+        self.api = f"http://127.0.0.1:{port}/api"
+        self.env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=self.api,
+                        PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="1")
+        # Flow runs must get these from the deployment's job variables, not from the worker's environment.
+        self.worker_env = {k: v for k, v in self.env.items() if k not in ("MLFLOW_TRACKING_URI", "PYTHONPATH")}
+        self.make = ["make", "-C", str(REPO), "NO_INSTALL=1", f"BIN={BIN}"]
+        self.logs = tmp_path / "logs"
+        self.logs.mkdir()
+        self.procs: list[subprocess.Popen] = []
+        self.http = httpx.Client(base_url=self.api, timeout=30)
+        self.worker = None
+        self.port = port
+
+    def start_server(self) -> None:
+        server = self._spawn("server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)], self.env)
 
         def healthy():
-            assert server.poll() is None, (logs / "server.log").read_text()[-3000:]
+            assert server.poll() is None, (self.logs / "server.log").read_text()[-3000:]
             try:
-                return http.get("/health").status_code == 200
+                return self.http.get("/health").status_code == 200
             except httpx.HTTPError:
                 return False
 
+        _wait(healthy, "the Prefect server", 180)
+
+    def deploy(self, *args: str) -> None:
+        deploy = subprocess.run([*self.make, "deploy", *args], env=self.env, capture_output=True, text=True, timeout=300)
+        assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+
+    def start_worker(self) -> None:
+        self.worker = self._spawn("worker", [*self.make, "worker"], self.worker_env)
+
+    def wait_done(self, run_id: str, what: str, limit_s: float) -> dict:
+        def finished():
+            assert self.worker.poll() is None, (self.logs / "worker.log").read_text()[-3000:]
+            state = self.http.get(f"/flow_runs/{run_id}").json()["state"]
+            return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
+
+        return _wait(finished, what, limit_s, every_s=2)
+
+    def worker_log(self, chars: int) -> str:
+        return (self.logs / "worker.log").read_text()[-chars:]
+
+    def _spawn(self, name: str, cmd: list[str], env: dict) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, env=env, stdout=open(self.logs / f"{name}.log", "w"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            _stop(p)
+
+
+def tiny_config(tmp_path: Path, tiny_base: Path, model_name: str, steps: int, **registry) -> dict:
+    """A flow-run config as the UI's form would send it: tiny Llama, a few steps, two eval prompts."""
+    return {
+        "workdir": str(tmp_path / "work"),
+        "model": {"name_or_path": str(tiny_base)},
+        "data": {"path": str(DEMO_DATA), "max_length": 64, "eval_fraction": 0.01},
+        "lora": {"r": 4, "alpha": 8},
+        "train": {"max_steps": steps, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "logging_steps": 1},
+        "eval": {"max_samples": 2, "max_new_tokens": 4},
+        "registry": {"model_name": model_name, **registry},
+        "tracking": {"artifact_location": str(tmp_path / "mlartifacts")},
+    }
+
+
+
+@pytest.mark.e2e
+def test_manual_deployment_runs_on_a_worker(tiny_base, tmp_path, mlflow_uri):
+    team = Team(tmp_path)
+    http = team.http
+    try:
         t0 = time.monotonic()
         marks = {}
-        _wait(healthy, "the Prefect server", 180)
+        team.start_server()
         marks["server"] = round(time.monotonic() - t0, 1)
 
-        deploy = subprocess.run([*make, "deploy", "QLORA_TIMEZONE=Europe/Berlin"], env=env, capture_output=True, text=True, timeout=300)
-        assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+        team.deploy("QLORA_TIMEZONE=Europe/Berlin")
         marks["deploy"] = round(time.monotonic() - t0, 1)
 
         nightly = http.get("/deployments/name/qlora-finetune/nightly").json()
@@ -111,32 +163,16 @@ def test_manual_deployment_runs_on_a_worker(tiny_base, tmp_path, mlflow_uri):
         assert bad.status_code == 409, bad.text  # "Error creating flow run: Validation failed ..."
         assert "learning_rate" in bad.text
 
-        worker = subprocess.Popen([*make, "worker"], env=worker_env, stdout=open(logs / "worker.log", "w"),
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-        procs.append(worker)
-        config = {
-            "workdir": str(tmp_path / "work"),
-            "model": {"name_or_path": str(tiny_base)},
-            "data": {"path": str(DEMO_DATA), "max_length": 64, "eval_fraction": 0.01},
-            "lora": {"r": 4, "alpha": 8},
-            "train": {"max_steps": 3, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "logging_steps": 1},
-            "eval": {"max_samples": 2, "max_new_tokens": 4},
-            "registry": {"model_name": "tiny-deploy"},
-            "tracking": {"artifact_location": str(tmp_path / "mlartifacts")},
-        }
+        team.start_worker()
+        config = tiny_config(tmp_path, tiny_base, "tiny-deploy", 3)
         created = http.post(f"/deployments/{manual['id']}/create_flow_run", json={"parameters": {"config": config}})
         assert created.status_code == 201, created.text
         run_id = created.json()["id"]
         marks["run created"] = round(time.monotonic() - t0, 1)
 
-        def finished():
-            assert worker.poll() is None, (logs / "worker.log").read_text()[-3000:]
-            state = http.get(f"/flow_runs/{run_id}").json()["state"]
-            return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
-
-        state = _wait(finished, "the flow run", 540, every_s=2)
+        state = team.wait_done(run_id, "the flow run", 540)
         marks["run finished"] = round(time.monotonic() - t0, 1)
-        assert state["type"] == "COMPLETED", (state, (logs / "worker.log").read_text()[-5000:])
+        assert state["type"] == "COMPLETED", (state, team.worker_log(5000))
         seen = [s["type"] for s in sorted(http.get("/flow_run_states/", params={"flow_run_id": run_id}).json(),
                                           key=lambda s: s["timestamp"])]
         # queued, picked up by the worker (worker and engine each record Pending), ran, done
@@ -150,5 +186,4 @@ def test_manual_deployment_runs_on_a_worker(tiny_base, tmp_path, mlflow_uri):
         arts = http.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}}).json()
         assert {a["key"] for a in arts} >= {"tiny-deploy-report", "tiny-deploy-eval-examples"}
     finally:
-        for p in reversed(procs):
-            _stop(p)
+        team.stop()

@@ -201,10 +201,10 @@ def test_mlflow_dying_mid_training_does_not_kill_it(prepared, mlflow_uri, monkey
         return real(*a, **kw)
 
     monkeypatch.setattr(mlflow, "log_metrics", dies_after_two)
-    with caplog.at_level(logging.WARNING, logger="qlora.train"):
+    with caplog.at_level(logging.WARNING, logger="qlora"):
         a = train_adapter(base, data, LORA, _train(max_steps=5, save_steps=5, learning_rate=4e-3), work, run=run)
     assert a.global_step == 5
-    assert "MLflow logging failed" in caplog.text and "training continues without tracking" in caplog.text
+    assert caplog.text.count("the run goes on untracked") == 1  # one warning (qlora/outage.py), training goes on
     mlflow.flush_async_logging()
     steps = [m.step for m in mlflow.MlflowClient(mlflow_uri).get_metric_history(run.run_id, "loss")]
     assert steps == [1, 2]

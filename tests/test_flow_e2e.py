@@ -202,3 +202,52 @@ def test_cli_bad_config_names_the_key(tmp_path):
     )
     assert proc.returncode == 1
     assert "train.learning_rate" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for init to reap it."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except OSError:
+        return False
+
+
+def test_sigkill_of_the_run_takes_its_temporary_prefect_server_along(tmp_path):
+    """SIGKILL runs no atexit handler, so Prefect never stops the uvicorn server it started: every killed
+    `qlora run` left one behind (issue 13, item 6). The server now watches its parent and stops itself."""
+    import signal
+    import time
+
+    code = (
+        "import time\n"
+        "from flows.cli import _start_ephemeral_prefect_server as start\n"
+        "from prefect.server.api.server import SubprocessASGIServer\n"
+        "start().join()\n"
+        "server = SubprocessASGIServer()\n"
+        "print('SERVER', server.server_process.pid, server.api_url, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=str(REPO))
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("SERVER"), line
+        _, pid, api = line.split()
+        pid = int(pid)
+        import urllib.request
+
+        with urllib.request.urlopen(f"{api}/health", timeout=10) as r:  # it is serving
+            assert r.status == 200
+    finally:
+        proc.send_signal(signal.SIGKILL)  # the run only, as the OOM killer or `kill -9 <pid>` would
+        proc.wait()
+    deadline = time.monotonic() + 30
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    gone_after = 30 - (deadline - time.monotonic())
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)  # do not leak it from the test either
+    assert not _alive(pid), "the temporary Prefect server outlived its SIGKILLed parent"
+    print(f"temporary server gone {gone_after:.1f} s after its parent was killed")

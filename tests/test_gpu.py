@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from qlora.config import DataConfig, EvalConfig, LoraSection, ModelConfig, PipelineConfig, QuantizationConfig, TrainConfig
+from qlora.config_file import load_config
 
-from .conftest import DEMO_DATA
+from .conftest import DEMO_DATA, REPO
 
 pytestmark = [
     pytest.mark.gpu,
@@ -66,9 +67,9 @@ def test_demo_recipe_learns_on_gpu_with_paged_8bit_adamw(demo_on_gpu):
         def on_train_begin(self, args, state, control, optimizer=None, **kw):
             seen["optimizer"] = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
 
-    train = TrainConfig(max_steps=800, per_device_train_batch_size=16, gradient_accumulation_steps=1,
-                        learning_rate=1e-3, warmup_steps=0.03, max_grad_norm=0.3, logging_steps=25, save_steps=250)
-    a = train_adapter(base, data, LoraSection(r=64, alpha=128, dropout=0.0), train, work, callbacks=(Spy(),))
+    demo = load_config(REPO / "configs" / "demo.yaml")  # the recipe make demo runs, whatever it is today
+    train, steps = demo.train, demo.train.max_steps
+    a = train_adapter(base, data, demo.lora, train, work, callbacks=(Spy(),))
     opt = seen["optimizer"]
     # transformers builds bitsandbytes' AdamW with optim_bits=8, is_paged=True for "paged_adamw_8bit".
     assert isinstance(opt, bnb.optim.optimizer.Optimizer8bit), type(opt)
@@ -77,11 +78,11 @@ def test_demo_recipe_learns_on_gpu_with_paged_8bit_adamw(demo_on_gpu):
     assert opt.is_paged
     states = [st["state1"] for st in opt.state.values() if "state1" in st and st["state1"].numel() >= 4096]
     assert states and all(s.dtype == torch.uint8 and s.is_cuda for s in states)
-    assert a.global_step == 800 and a.last_loss < a.first_loss / 5
+    assert a.global_step == steps and a.last_loss < a.first_loss / 5
     rep = evaluate_adapter(base, a, data, EvalConfig(max_new_tokens=8, max_samples=200, batch_size=50))
     print("gpu demo:", rep.metrics, f"train {a.train_runtime_s:.1f} s")
     assert rep.metrics["eval/base/exact_match"] <= 0.05
-    assert rep.metrics["eval/tuned/exact_match"] >= 0.5
+    assert rep.metrics["eval/tuned/exact_match"] >= 0.95  # the CPU grid's goal (make bench-quality)
 
 
 def test_fsdp_qlora_trains_saves_and_resumes(demo_on_gpu, caplog):
@@ -128,7 +129,7 @@ def test_fsdp_qlora_trains_saves_and_resumes(demo_on_gpu, caplog):
     shutil.rmtree(run_dir / "adapter")
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        b = launch_training(base, data, lora, train, work)
+        b = train_adapter(base, data, lora, train, work)
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "resuming from" in text and "checkpoint-20" in text
     assert b.global_step == 40 and b.resumed_from_step == 20

@@ -66,3 +66,6 @@ def test_base_without_pad_token_trains_evaluates_and_registers(tiny_base, tmp_pa
     assert mlflow.MlflowClient(mlflow_uri).get_model_version("no-pad", "1").tags["promotion"]
     out = predict("models:/no-pad@challenger", ["Reverse the order of these words: apple river stone"], max_new_tokens=4)
     assert len(out) == 1 and isinstance(out[0], str)
+    from registry.trust import check_loadable
+
+    check_loadable("models:/no-pad@challenger")  # what we register loads without remote code or pickles

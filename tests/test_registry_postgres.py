@@ -139,6 +139,8 @@ def test_four_concurrent_flow_runs_register_on_postgres(prefect_server, tiny_bas
     configs = [[f"workdir={tmp_path / f'w{i}'}", f"model.name_or_path={tiny_base}", f"data.path={rows}",
                 "data.max_length=64", "data.eval_fraction=0.02", "train.max_steps=2", "train.per_device_train_batch_size=8",
                 "train.gradient_accumulation_steps=1", f"train.seed={i}", "train.save_steps=100", "lora.r=4", "lora.alpha=8",
+                # all four train side by side, so that their registrations really race (one slot would stagger them)
+                f"train.slots_per_worker={WRITERS}", "train.concurrency_limit=null",
                 "eval.max_samples=2", "eval.max_new_tokens=3", f"registry.model_name={name}", "registry.bootstrap_resamples=200",
                 "registry.consumer_check_prompts=0", f"tracking.uri={pg_mlflow_server}",
                 "tracking.experiment_name=concurrent-flows"] for i in range(WRITERS)]

@@ -4,47 +4,22 @@ flow run created through the REST API (what the UI's "Custom run" does) whose tr
 
 from __future__ import annotations
 
-import subprocess
 import time
 
-import httpx
 import mlflow
 import pytest
 
-from .conftest import DEMO_DATA, REPO
-from .test_deployments import BIN, _free_port, _stop, _wait
+from .test_deployments import Team, tiny_config
 
 pytestmark = pytest.mark.e2e
 
 
 def test_sweep_deployment_spreads_trials_over_the_pool(tiny_base, tmp_path, mlflow_uri):
-    import os
-
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api,
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="1")
-    worker_env = {k: v for k, v in env.items() if k not in ("MLFLOW_TRACKING_URI", "PYTHONPATH")}
-    make = ["make", "-C", str(REPO), "NO_INSTALL=1", f"BIN={BIN}"]
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    procs = []
+    team = Team(tmp_path)
+    http = team.http
     try:
-        server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                  env=env, stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-        procs.append(server)
-        http = httpx.Client(base_url=api, timeout=30)
-
-        def healthy():
-            assert server.poll() is None, (logs / "server.log").read_text()[-3000:]
-            try:
-                return http.get("/health").status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        _wait(healthy, "the Prefect server", 180)
-        deploy = subprocess.run([*make, "deploy"], env=env, capture_output=True, text=True, timeout=300)
-        assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+        team.start_server()
+        team.deploy()
 
         sweep = http.get("/deployments/name/qlora-sweep/sweep").json()
         trial = http.get("/deployments/name/qlora-trial/trial").json()
@@ -59,19 +34,8 @@ def test_sweep_deployment_spreads_trials_over_the_pool(tiny_base, tmp_path, mlfl
                         json={"parameters": {"sweep": {"grid": {"train.learnig_rate": [1e-4]}}}})
         assert bad.status_code == 409 and "'train.learnig_rate' is not one of" in bad.text, bad.text[:500]
 
-        worker = subprocess.Popen([*make, "worker"], env=worker_env, stdout=open(logs / "worker.log", "w"),
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-        procs.append(worker)
-        config = {
-            "workdir": str(tmp_path / "work"),
-            "model": {"name_or_path": str(tiny_base)},
-            "data": {"path": str(DEMO_DATA), "max_length": 64, "eval_fraction": 0.01},
-            "lora": {"r": 4, "alpha": 8},
-            "train": {"max_steps": 2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "logging_steps": 1},
-            "eval": {"max_samples": 2, "max_new_tokens": 4},
-            "registry": {"model_name": "tiny-sweep-deploy", "consumer_check_prompts": 1},
-            "tracking": {"artifact_location": str(tmp_path / "mlartifacts")},
-        }
+        team.start_worker()
+        config = tiny_config(tmp_path, tiny_base, "tiny-sweep-deploy", 2, consumer_check_prompts=1)
         grid = {"train.learning_rate": [1e-4, 1e-3], "lora.r": [4, 8]}
         t0 = time.monotonic()
         created = http.post(f"/deployments/{sweep['id']}/create_flow_run", json={"parameters": {
@@ -79,14 +43,9 @@ def test_sweep_deployment_spreads_trials_over_the_pool(tiny_base, tmp_path, mlfl
         assert created.status_code == 201, created.text
         run_id = created.json()["id"]
 
-        def finished():
-            assert worker.poll() is None, (logs / "worker.log").read_text()[-3000:]
-            state = http.get(f"/flow_runs/{run_id}").json()["state"]
-            return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
-
-        state = _wait(finished, "the sweep flow run", 580, every_s=2)
+        state = team.wait_done(run_id, "the sweep flow run", 580)
         wall = time.monotonic() - t0
-        assert state["type"] == "COMPLETED", (state, (logs / "worker.log").read_text()[-6000:])
+        assert state["type"] == "COMPLETED", (state, team.worker_log(6000))
 
         # Four trial flow runs of the `trial` deployment, picked up by the worker, linked to the sweep run.
         children = http.post("/flow_runs/filter", json={"flow_runs": {"parent_flow_run_id": {"any_": [run_id]}}}).json()
@@ -104,5 +63,4 @@ def test_sweep_deployment_spreads_trials_over_the_pool(tiny_base, tmp_path, mlfl
         (mv,) = client.search_model_versions("name='tiny-sweep-deploy'")
         assert mv.run_id == parent.data.tags["sweep.best_run_id"]
     finally:
-        for p in reversed(procs):
-            _stop(p)
+        team.stop()

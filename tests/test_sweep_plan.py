@@ -82,21 +82,23 @@ def test_tpe_needs_a_trial_count_and_an_empty_grid_is_refused():
         sweep_config(grid={})
 
 
-def _outcome(i: int, em: float | None, loss: float = 1.0) -> TrialOutcome:
+def _outcome(i: int, em: float | None, loss: float = 1.0, rouge: float | None = None, samples=()) -> TrialOutcome:
     run = MlflowRun(tracking_uri="sqlite:///x.db", run_id=f"r{i}")
     trained = None
     if em is not None:
         data = TokenizedData(path="d", fingerprint="f", train_rows=1, eval_rows=1)
         trained = Trained(data=data, base=QuantizedModel(path="b", base="b", fingerprint="b", footprint_bytes=1),
                           adapter=Adapter(path="a", run_dir="r", global_step=3, train_loss=2.0),
-                          report=EvalReport(metrics={"eval/tuned/exact_match": em, "eval/tuned/loss": loss}, samples=[]))
+                          report=EvalReport(metrics={"eval/tuned/exact_match": em, "eval/tuned/loss": loss,
+                                                   **({"eval/tuned/rouge": rouge} if rouge is not None else {})},
+                                          samples=list(samples)))
     return TrialOutcome(index=i, values={"lora.r": 8 * (i + 1)}, config=PipelineConfig(), run=run, trained=trained,
                         status="COMPLETED" if em is not None else "FAILED", duration_s=1.0)
 
 
 def test_best_is_the_gate_metric_then_the_lower_eval_loss_and_failed_trials_are_rows_too():
     outs = [_outcome(0, 0.5, 2.0), _outcome(1, None), _outcome(2, 0.5, 1.5), _outcome(3, 0.25, 0.1)]
-    metric = ranking_metric(PipelineConfig(), outs)
+    metric = ranking_metric("exact_match", outs)
     assert metric == "eval/tuned/exact_match"
     assert best(outs, metric).index == 2  # tie on exact match, lower eval loss
     rows = table(outs, metric, best(outs, metric))
@@ -104,6 +106,21 @@ def test_best_is_the_gate_metric_then_the_lower_eval_loss_and_failed_trials_are_
     assert len({tuple(r) for r in rows}) == 1  # same columns in every row (Prefect table artifacts need it)
     assert "| 2 | 24 | 0.5 | 1.5 |" in markdown(rows)
     assert best([_outcome(0, None)], metric) is None
+
+
+def test_trials_are_ranked_by_the_metric_the_gate_would_use():
+    """registry.gate_metric auto: open-ended references make the gate (and so the sweep) compare rouge, not exact match."""
+    from flows.sweep import _ranking
+
+    long = [{"prompt": "p", "reference": "a long open ended answer of many words", "base": "", "tuned": ""}]
+    short = [{"prompt": "p", "reference": "c b a", "base": "", "tuned": ""}]
+    outs = [_outcome(0, 0.0, 1.0, rouge=0.2, samples=long), _outcome(1, 0.0, 2.0, rouge=0.6, samples=long)]
+    assert _ranking(PipelineConfig(), outs) == "eval/tuned/rouge"
+    assert best(outs, _ranking(PipelineConfig(), outs)).index == 1  # the better rouge, though its eval loss is higher
+    outs = [_outcome(0, 0.5, 1.0, rouge=0.9, samples=short), _outcome(1, 0.75, 2.0, rouge=0.1, samples=short)]
+    assert _ranking(PipelineConfig(), outs) == "eval/tuned/exact_match"
+    cfg = PipelineConfig.model_validate({"registry": {"gate_metric": "rouge"}})
+    assert _ranking(cfg, outs) == "eval/tuned/rouge"
 
 
 def _cli(*args, cwd) -> subprocess.CompletedProcess:

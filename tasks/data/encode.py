@@ -8,6 +8,7 @@ writes nothing; ``tasks/tokenize.py`` caches its result.
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ from tasks.data.formats import first_exchange
 from tasks.data.report import DataReport
 from tasks.data.validate import Parsed, Problem, check_drops, shown_lines, validate
 
+log = logging.getLogger("qlora.tokenize")
 IGNORE_INDEX = -100
 CHUNK_ROWS = 10_000  # rows per tokenizer call and Arrow record batch on the single-process path
 
@@ -51,6 +53,25 @@ class Item:
     message: str = ""  # the user message a consumer sends for it (the logged prompt template makes the prompt)
     standalone: bool = True  # ``prompt`` is what a consumer gets for ``message`` alone (no history, no system turn)
     group: int = -1  # index of the row's first item: a row split into several examples stays in one split
+    chars_cut: int = 0  # length of the longest text cut to the character cap before tokenizing, else 0
+
+
+def char_cap(tok, max_length: int) -> int:
+    """Characters of one text that can matter for ``max_length`` tokens: beyond them a row is too long for sure.
+
+    No token covers more characters than the longest string in the vocabulary (byte-level BPE spells each
+    byte as one character, so it over-counts multi-byte characters: still a bound), hence a text longer than
+    ``max_length * longest`` has more than ``max_length`` tokens. Cutting there before tokenizing keeps every
+    token that truncation keeps; the factor 2 leaves room for normalizers that drop characters and for BPE
+    merges across the cut. Without the cap, one 50 MB row was tokenized whole: 5 GB of memory here, 15.5 GB
+    with the reporter's tokenizer (issue 13, item 1).
+    """
+    longest = max((len(t) for t in tok.get_vocab()), default=1)
+    return 2 * max_length * max(longest, 1) + 64
+
+
+def _capped(text: str, cap: int) -> tuple[str, int]:
+    return (text, 0) if len(text) <= cap else (text[:cap], len(text))
 
 
 @dataclass
@@ -67,13 +88,18 @@ def render_source(parsed: Parsed, data: DataConfig, tok) -> Rendered:
     cannot render is dropped with its reason (``template_error``), like any other broken row."""
     out = Rendered(fmt=parsed.fmt, problems=list(parsed.problems), rows_read=parsed.rows_read)
     kwargs = template_kwargs(tok, data.chat_template, data.chat_template_kwargs)
+    cap = char_cap(tok, data.max_length)
     for where, turns in parsed.rows:
         group = len(out.items)
         if isinstance(turns, str):
+            turns, cut = _capped(turns, cap)
             prompt_turns, reference = first_exchange(turns)
             prompt = prompt_turns[0][1]
-            out.items.append(Item(where, [(turns, True)], prompt, reference, prompt, True, group))
+            out.items.append(Item(where, [(turns, True)], prompt, reference, prompt, True, group, cut))
             continue
+        capped = [(role, *_capped(text, cap)) for role, text in turns]
+        cut = max(c for _, _, c in capped)
+        turns = [(role, text) for role, text, _ in capped]
         try:
             examples = render_examples(turns, tok, data.chat_template, kwargs)
         except TemplateError as e:
@@ -82,7 +108,11 @@ def render_source(parsed: Parsed, data: DataConfig, tok) -> Rendered:
         out.rows_expanded += len(examples) > 1
         for ex in examples:
             out.items.append(Item(where, ex.segments, ex.segments[0][0], turns[ex.answer_turn][1].strip(), ex.message,
-                                  ex.standalone, group))
+                                  ex.standalone, group, cut))
+    cut = list(dict.fromkeys(f"{it.where}: {it.chars_cut:,} characters in one text" for it in out.items if it.chars_cut))
+    if cut:
+        log.warning("%s\n%d rows hold a text longer than data.max_length=%d tokens can hold: only its first %s characters "
+                    "were tokenized (data.overlength=%s)", shown_lines(cut), len(cut), data.max_length, f"{cap:,}", data.overlength)
     return out
 
 
@@ -219,6 +249,9 @@ def _token_problems(ds, rendered: Rendered, data: DataConfig) -> list[int]:
             keep.append(i)
             continue
         reason, msg = p.split("|", 1)
+        if reason == "too_long" and rendered.items[i].chars_cut:  # tokenized only up to the cap: say what is known
+            msg = (f"{rendered.items[i].chars_cut:,} characters, more than data.max_length={data.max_length} tokens "
+                   f"(data.overlength={data.overlength})")
         line = f"{rendered.items[i].where}: {msg}"
         if reason == "too_long" and data.overlength == "error":
             errors.append(line)

@@ -46,6 +46,8 @@ def read_source(path: str, split: str = "train", subset: str | None = None, revi
             f"{p}: data file not found (data.path is resolved from the directory you run in; "
             "a hub dataset id looks like owner/name)"
         )
+    if not p.is_file():
+        raise DataError(f"{p}: not a regular file (a device, pipe or socket); data.path must be a data file or a save_to_disk folder")
     suffix = p.suffix.lower()
     local = local if local is not None and local.raw is not None else local_content(path, split)
     raw = local.raw
@@ -103,6 +105,8 @@ def _read_jsonl(p: Path, lines, src: Source) -> Source:
             src.rows.append((where, json.loads(line)))
         except json.JSONDecodeError as e:
             src.problems.append((where, "malformed_json", f"{where}: malformed JSON line: {e.msg} (column {e.colno})"))
+        except (ValueError, RecursionError) as e:  # a 5000-digit number, nesting deeper than the parser's stack
+            src.problems.append((where, "malformed_json", f"{where}: malformed JSON line: {str(e)[:200] or 'nested too deeply'}"))
     return src
 
 
@@ -116,6 +120,8 @@ def _read_json_array(p: Path, body: str, src: Source) -> Source:
                 "the first line must be an object, not an array"
             ) from None
         raise DataError(f"{p}:{e.lineno}: malformed JSON array: {e.msg} (column {e.colno})") from None
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{p}: malformed JSON array: {str(e)[:200] or 'nested too deeply'}") from None
     # json gives no line numbers for array items: rows are named by 1-based item index
     src.rows = [(f"{p}: item {i}", r) for i, r in enumerate(rows, start=1)]
     return src
@@ -123,17 +129,21 @@ def _read_json_array(p: Path, body: str, src: Source) -> Source:
 
 def _read_csv(p: Path, lines, src: Source) -> Source:
     text = "\n".join(ln for _, ln in lines)
+    csv.field_size_limit(2**31 - 1)  # long fields are data; rows too long to train on are handled later (max_length)
     reader = csv.DictReader(io.StringIO(text))
-    if not reader.fieldnames:
-        raise DataError(f"{p}:1: CSV file has no header row")
     start = 2
-    for row in reader:
-        where = f"{p}:{start}"
-        start = reader.line_num + 1
-        if None in row:
-            src.problems.append((where, "malformed_csv", f"{where}: more fields than the header has columns"))
-            continue
-        src.rows.append((where, row))
+    try:
+        if not reader.fieldnames:
+            raise DataError(f"{p}:1: CSV file has no header row")
+        for row in reader:
+            where = f"{p}:{start}"
+            start = reader.line_num + 1
+            if None in row:
+                src.problems.append((where, "malformed_csv", f"{where}: more fields than the header has columns"))
+                continue
+            src.rows.append((where, row))
+    except csv.Error as e:  # e.g. a NUL byte: the reader cannot go on past it
+        raise DataError(f"{p}:{reader.line_num or 1}: malformed CSV ({e}); fix the file or convert it to JSON Lines") from None
     return src
 
 
@@ -155,6 +165,8 @@ def _read_saved_dataset(p: Path, split: str, digest: str | None = None) -> Sourc
         ds = load_from_disk(str(p))
     except FileNotFoundError:
         raise DataError(f"{p}: a folder, but not one written by datasets.save_to_disk") from None
+    except PermissionError as e:
+        raise DataError(f"{e.filename or p}: cannot read the dataset (permission denied); make it readable by this user") from None
     if isinstance(ds, DatasetDict):
         if split not in ds:
             raise DataError(f"{p}: no split '{split}' (has {sorted(ds)}); set data.split")
@@ -183,7 +195,10 @@ def local_content(path: str, split: str) -> LocalContent | None:
             raise DataError(f"{p}: cannot read the data file ({e.strerror or e}); check its permissions") from None
         return LocalContent(hashlib.sha256(raw).hexdigest(), raw)
     if p.is_dir():
-        return LocalContent(dir_digest(p, split))
+        try:
+            return LocalContent(dir_digest(p, split))
+        except PermissionError as e:
+            raise DataError(f"{e.filename or p}: cannot read the dataset (permission denied); make it readable by this user") from None
     return None
 
 

@@ -16,7 +16,6 @@ with frozen 4-bit weights; recipe.py uses it).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -30,6 +29,7 @@ from pydantic import BaseModel
 from qlora.config import LoraSection, TrainConfig
 from qlora.errors import ConfigError
 from qlora.refs import MlflowRun, QuantizedModel, TokenizedData
+from qlora.resources import threads_per_run
 
 log = logging.getLogger("qlora.distributed")
 REPO = Path(__file__).resolve().parents[2]
@@ -94,7 +94,9 @@ def run_launcher(spec: LaunchSpec) -> None:
     env = dict(os.environ)
     # The ranks import this checkout's packages whatever the worker's working directory is.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    # This run's threads (qlora/resources.py: cores available / training slots) shared by its n ranks.
+    run_threads = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else threads_per_run(1)
+    env["OMP_NUM_THREADS"] = str(max(1, run_threads // n))
     log.info("launching %d training processes (%s): %s", n, spec.train.distributed, " ".join(cmd))
     proc = subprocess.Popen(cmd, env=env, cwd=os.getcwd(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     tail: list[str] = []

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from qlora.config import LoraSection, TrainConfig
 from qlora.loading import load_base, load_tokenizer
+from qlora.outage import logging_to
 from qlora.refs import Adapter, MlflowRun, QuantizedModel, TokenizedData
-from qlora.tracking import best_effort_run
 from tasks.training.callbacks import DivergenceGuard, safe_mlflow_callback
 from tasks.training.checkpoints import gather_fsdp_adapter, latest_valid_checkpoint, save_adapter_tensors
 from tasks.training.memory import max_tokens_per_micro_batch, use_checkpointing
@@ -184,7 +184,7 @@ def fit(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: Tra
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA r=%d on %s: %d trainable of %d parameters (%.2f%%)", lora.r, lora.target_modules, trainable, total, 100 * trainable / total)
 
-    all_callbacks = [DivergenceGuard(train.learning_rate, train.max_grad_norm), *callbacks]
+    all_callbacks = [DivergenceGuard(train.learning_rate, train.max_grad_norm, train.divergence_loss_factor), *callbacks]
     if train.early_stopping_patience is not None:
         all_callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
     trainer = _trainer_class()(
@@ -202,7 +202,7 @@ def fit(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: Tra
     if resume:
         log.info("resuming from %s", resume)
     t0 = time.perf_counter()
-    with best_effort_run(run) as attached:
+    with logging_to(run, swallow=False) as attached:
         if attached is not None:
             trainer.add_callback(safe_mlflow_callback())
         result = trainer.train(resume_from_checkpoint=resume)
@@ -252,7 +252,7 @@ def fit_with_oom_retry(base, data, lora, train: TrainConfig, run_dir: Path, run:
             "per_device_train_batch_size=%d, gradient_accumulation_steps=%d (same effective batch)",
             train.per_device_train_batch_size, smaller.per_device_train_batch_size, smaller.gradient_accumulation_steps,
         )
-        with best_effort_run(run) as attached:
+        with logging_to(run, swallow=False) as attached:
             if attached is not None:  # params cannot change in MLflow; the tag records what was used after
                 import mlflow
 

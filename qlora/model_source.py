@@ -1,0 +1,122 @@
+"""Where the base model comes from (a local folder or a hub id), and what a failed load of it means.
+
+``from_pretrained`` reports a typo, an empty folder, a folder that is no model, a hub id that is not
+cached while offline and a file without read permission as ``OSError``/``ValueError``, the same types
+as a network blip. Retrying the first kind only repeats the failure and buries the message (issue 13,
+item 4), so they become one ``ModelError`` naming ``model.name_or_path`` and what to do; a genuine
+network fault keeps its type and stays transient (``qlora.errors.is_transient``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+from pathlib import Path
+
+from qlora.config import DEMO_BASE_DIR, ModelConfig
+from qlora.errors import ModelError
+
+log = logging.getLogger("qlora.loading")
+KEY = "model.name_or_path"
+DEMO_HINT = "for the demo base run `make demo` or `qlora build-demo` first"
+
+
+def _looks_local(name: str) -> bool:
+    """A path, not a hub id: hub ids are 'name' or 'org/name', never absolute, dotted or deeper."""
+    return name.startswith((".", "/", "~")) or os.path.isabs(name) or name.count("/") > 1 or "\\" in name
+
+
+def _hint(name: str) -> str:
+    demo = name.rstrip("/").endswith(Path(DEMO_BASE_DIR).name)
+    return DEMO_HINT if demo else "point it at a model directory (config.json, tokenizer, *.safetensors) or a hub id like org/name"
+
+
+def check_reference(model: ModelConfig) -> None:
+    """Fail fast, before any library call, on a local path that cannot be a model."""
+    name = model.name_or_path
+    p = Path(name).expanduser()
+    if p.is_dir():
+        if not any(p.iterdir()):
+            raise ModelError(f"{KEY}: '{name}' is an empty folder; {_hint(name)}")
+        if not (p / "config.json").is_file():
+            raise ModelError(f"{KEY}: '{name}' is a folder but not a Hugging Face model (no config.json in it); {_hint(name)}")
+    elif p.exists():
+        raise ModelError(f"{KEY}: '{name}' is a file; expected a model directory or a hub id like org/name")
+    elif _looks_local(name):
+        raise ModelError(f"{KEY}: '{name}' does not exist (resolved from {Path.cwd()}); {_hint(name)}")
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def user_error_of(model: ModelConfig, exc: BaseException) -> ModelError | None:
+    """The user's mistake ``exc`` reports, as one message; None when it is a fault to retry or a bug."""
+    name = model.name_or_path
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    for e in _chain(exc):
+        kind = type(e).__name__
+        if isinstance(e, PermissionError) or (isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM)):
+            where = getattr(e, "filename", None) or name
+            return ModelError(f"{KEY}: cannot read '{where}' (permission denied); make the model files readable by this user")
+        if kind == "HFValidationError":
+            return ModelError(f"{KEY}: '{name}' is neither an existing local directory nor a valid hub id ({first}); {_hint(name)}")
+        if kind == "GatedRepoError":
+            return ModelError(f"{KEY}: '{name}' is a gated hub repo; accept its terms on the hub and set $HF_TOKEN or model.hf_token_secret")
+        if kind == "RevisionNotFoundError":
+            return ModelError(f"model.revision: '{model.revision}' is not a branch, tag or commit of '{name}'")
+        if kind == "RepositoryNotFoundError":
+            return ModelError(f"{KEY}: no hub repo '{name}' (check the id; a private repo needs $HF_TOKEN or model.hf_token_secret)")
+        if kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") and _offline():
+            return ModelError(
+                f"{KEY}: '{name}' is not in the local hub cache and hub downloads are off (HF_HUB_OFFLINE=1): "
+                f"download it first (`hf download {name}`) or point {KEY} at a local model directory"
+            )
+        if kind in ("EntryNotFoundError", "RemoteEntryNotFoundError"):
+            return ModelError(f"{KEY}: '{name}' lacks a file a model needs ({first})")
+    if isinstance(exc, ValueError) and "trust_remote_code" in str(exc):
+        return ModelError(f"{KEY}: '{name}' ships its own model code; set model.trust_remote_code: true only if you "
+                          "trust that repo (its code runs in this process), ideally with model.revision pinned")
+    if Path(name).expanduser().is_dir() and isinstance(exc, (OSError, ValueError, KeyError)):
+        # A folder with config.json that still does not load: wrong/missing tokenizer or weights files.
+        return ModelError(f"{KEY}: '{name}' does not load as a model ({first}); {_hint(name)}")
+    return None
+
+
+_WARNED_REMOTE_CODE: set[tuple[str, str | None]] = set()
+
+
+def warn_remote_code(model: ModelConfig) -> None:
+    """Before the first load that may run the repo's code (the tokenizer, in tokenize), once per process."""
+    key = (model.name_or_path, model.revision)
+    if model.trust_remote_code and key not in _WARNED_REMOTE_CODE:
+        _WARNED_REMOTE_CODE.add(key)
+        log.warning("model.trust_remote_code is on: Python code shipped in %s (revision %s) will run in this process, "
+                    "with its permissions and secrets; pin model.revision to a commit you have reviewed",
+                    model.name_or_path, model.revision or "unpinned")
+
+
+@contextlib.contextmanager
+def loading(model: ModelConfig):
+    """Around a ``from_pretrained`` of the user's base: its user errors become one ``ModelError``."""
+    check_reference(model)
+    warn_remote_code(model)
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as e:
+        err = user_error_of(model, e)
+        if err is None:
+            raise
+        raise err from None

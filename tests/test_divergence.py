@@ -1,0 +1,97 @@
+"""An absurd learning rate must not train to rc 0 and register garbage (issue 13, item 5): divergence beyond
+NaN stops the run, and config values far outside sane ranges are refused or warned about early."""
+
+from __future__ import annotations
+
+import logging
+
+import mlflow
+import prefect.main  # noqa: F401  Prefect configures logging on import: bind its console handler now, not to a test's capture
+import pytest
+
+from qlora.config import DataConfig, LoraSection, ModelConfig, TrainConfig
+from qlora.config_file import load_config
+from qlora.errors import ConfigError, TrainingDiverged, is_transient
+from tasks.train import run_dir_for, train_adapter
+
+LORA = LoraSection(r=4, alpha=8, dropout=0.0)
+
+
+def _train(**kw) -> TrainConfig:
+    return TrainConfig(**({"max_steps": 12, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+                           "logging_steps": 1, "save_steps": 100} | kw))
+
+
+def test_learning_rate_1e9_stops_on_the_exploding_adapter_norm(prepared):
+    """The reported case: default optimizer (paged 8-bit AdamW) and warmup, lr 1e9. No NaN ever appears: the
+    LoRA weights jump by ~1e9 at the first update, the loss settles at ln(vocab) and the gradient at 0."""
+    work, _, data, base = prepared
+    train = _train(learning_rate=1e9)
+    with pytest.raises(TrainingDiverged, match=r"weight norm grew from .* \(over 1000x\) by step [12] .*train.learning_rate=1e\+09") as e:
+        train_adapter(base, data, LORA, train, work)
+    assert not is_transient(e.value)
+    assert not (run_dir_for(base, data, LORA, train, work) / "adapter").exists()
+
+
+def test_loss_rising_far_above_its_start_stops_the_run(prepared):
+    """A random-weight base starts near ln(vocab), so its loss has little room to rise: lr 10 with plain AdamW
+    lifts it from 6.48 to 6.85 at step 2 (a NaN gradient follows at step 4). With train.divergence_loss_factor
+    lowered to 1.05 that rise is the divergence; the default 4 is for a real base, whose first loss is 1-2 nats
+    and whose saturated loss is ln(vocab) ~ 12."""
+    work, _, data, base = prepared
+    train = _train(learning_rate=10.0, optim="adamw_torch", warmup_steps=0, divergence_loss_factor=1.05)
+    with pytest.raises(TrainingDiverged, match=r"loss [\d.]+ at step 2 is more than train.divergence_loss_factor=1.05 times its first value"):
+        train_adapter(base, data, LORA, train, work)
+    sane = _train(learning_rate=2e-3, max_steps=6)  # and a sane run with the defaults trains through
+    assert train_adapter(base, data, LORA, sane, work).global_step == 6
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.max_steps=0", "train.max_steps"), ("train.max_steps=-5", "train.max_steps"),
+    ("eval.max_new_tokens=1000000000", "eval.max_new_tokens"), ("train.divergence_loss_factor=1", "train.divergence_loss_factor"),
+])
+def test_absurd_values_are_refused_at_load(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_absurd_learning_rate_is_warned_about():
+    from qlora.sanity import config_warnings
+
+    assert config_warnings(load_config(None)) == []
+    for lr in ("1e9", "1e-9"):
+        (warning,) = config_warnings(load_config(None, [f"train.learning_rate={lr}"]))
+        assert "train.learning_rate" in warning and "1e-06..0.1" in warning
+
+
+def test_max_length_beyond_the_base_context_fails_at_tokenize(tiny_base, tmp_path):
+    """The tiny base has max_position_embeddings=2048: found with the tokenizer, before anything is written."""
+    from tasks.tokenize import tokenize_dataset
+
+    from .conftest import DEMO_DATA
+
+    with pytest.raises(ConfigError, match=r"data\.max_length=4096 is more than the context of model\.name_or_path=.*\(2048 tokens"):
+        tokenize_dataset(DataConfig(path=str(DEMO_DATA), max_length=4096), ModelConfig(name_or_path=str(tiny_base)), tmp_path)
+    assert not (tmp_path / "tokenized").exists()
+
+
+def test_flow_with_learning_rate_1e9_fails_and_registers_nothing(prefect_server, tiny_base, tmp_path, mlflow_uri, caplog):
+    from flows.finetune import qlora_finetune
+
+    from .conftest import DEMO_DATA
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(DEMO_DATA.read_text().splitlines(keepends=True)[:200]))
+    cfg = load_config(None, [f"model.name_or_path={tiny_base}", f"data.path={rows}", "data.max_length=64",
+                             f"workdir={tmp_path / 'work'}", "train.learning_rate=1e9", "train.max_steps=12",
+                             "train.per_device_train_batch_size=4", "train.gradient_accumulation_steps=1",
+                             "registry.model_name=garbage", f"tracking.artifact_location={tmp_path / 'art'}"])
+    with caplog.at_level(logging.WARNING):
+        state = qlora_finetune(config=cfg, return_state=True)
+    assert state.is_failed()
+    assert "train.learning_rate=1e+09 is far outside" in caplog.text  # warned at the start
+    assert "weight norm grew" in str(state.result(raise_on_failure=False))
+    client = mlflow.MlflowClient(mlflow_uri)
+    assert client.search_registered_models() == []  # no challenger made of garbage
+    (run,) = client.search_runs([client.get_experiment_by_name("qlora-finetune").experiment_id])
+    assert run.info.status == "FAILED"

@@ -61,7 +61,7 @@ demo: install $(DEMO_BASE)/config.json
 	$(BIN)/qlora run configs/demo.yaml
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: install $(DEMO_BASE)/config.json
 	$(BIN)/python -m bench.run

@@ -140,9 +140,9 @@ def hub_base(hub_id: str, commit: str, quant: QuantizationConfig, attn: str = "s
     ``cache`` ($QLORA_BASE_CACHE, else ~/.cache/qlora/bases). For consumers on machines without the
     training run's ``.qlora/quantized`` folder."""
     import os
-    import shutil
 
     from qlora.config import stable_hash
+    from qlora.storage import staged_dir
 
     root = Path(cache or os.environ.get("QLORA_BASE_CACHE") or Path.home() / ".cache" / "qlora" / "bases")
     out = root / stable_hash({"hub_id": hub_id, "commit": commit, "quant": quant.model_dump(), "attn": attn})
@@ -150,10 +150,8 @@ def hub_base(hub_id: str, commit: str, quant: QuantizationConfig, attn: str = "s
         return out
     cfg = ModelConfig(name_or_path=hub_id, revision=commit, attn_implementation=attn)
     model = fix_generation_config(load_base(hub_id, quant, cfg), load_tokenizer(cfg))
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tmp.rename(out)  # atomic: a half-written folder is never taken for a cached base
+    with staged_dir(out, "the rebuilt 4-bit base") as tmp:  # never half-written, no .tmp left on a full disk
+        model.save_pretrained(tmp, safe_serialization=True)
     log.info("rebuilt the 4-bit base %s@%s from the hub -> %s", hub_id, commit[:12], out)
     return out
 

@@ -45,12 +45,13 @@ def load(model_uri: str, tracking_uri: str | None = None):
     base = (mlflow.models.Model.load(model_uri).metadata or {}).get(BASE_KEY) or {}
     if base.get("hub_id") and base.get("commit"):
         from qlora.config import QuantizationConfig
+        from qlora.errors import ModelError
         from qlora.loading import hub_base
 
         try:
             built = hub_base(base["hub_id"], base["commit"], QuantizationConfig(**base.get("quantization") or {}),
                              base.get("attn_implementation", "sdpa"))
-        except OSError as e:  # offline, hub down, revoked token: the training machine's copy may still be there
+        except (OSError, ModelError) as e:  # offline, hub down, revoked token: the training machine's copy may still be there
             log.warning("cannot load the base %s@%s from the hub (%s); falling back to the local copy %s",
                         base["hub_id"], base["commit"][:12], str(e).splitlines()[0][:200], base.get("local_path"))
         else:

@@ -30,6 +30,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/demo.yaml"
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+# The peers' job length; unset = the demo's own max_steps. Fewer steps weigh our fixed costs (Prefect,
+# MLflow, evaluation, registry) more against TRL's, so a shorter job is the harder wall-time comparison.
+STEPS = os.environ.get("BENCH_STEPS")
 AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
@@ -146,12 +149,13 @@ def peers(root: Path, env: dict[str, str], py: str) -> dict:
         for r in range(ROUNDS):
             for name in runs:
                 work = root / f"{name}-{r}"
+                steps = ["--set", f"train.max_steps={STEPS}"] if STEPS else []
                 if name.startswith("ours"):
                     cmd = [py, "-m", "flows.cli", "run", CONFIG, "--set", f"workdir={work}",
-                           "--set", f"tracking.artifact_location={root / 'mlartifacts'}"]
+                           "--set", f"tracking.artifact_location={root / 'mlartifacts'}", *steps]
                     run_env = server.env if name == "ours_running_server" else env
                 else:
-                    cmd = [py, "-m", "bench.peers", name, CONFIG]
+                    cmd = [py, "-m", "bench.peers", name, CONFIG, *steps]
                     run_env = env
                 wall, rss, log = timed_child(cmd, dict(run_env, MLFLOW_TRACKING_URI=f"sqlite:///{root / (name + '.db')}"))
                 loop = train_loop_seconds(log) if name.startswith("ours") else peer_runtime(log)
@@ -160,7 +164,7 @@ def peers(root: Path, env: dict[str, str], py: str) -> dict:
                 print(f"round {r + 1}/{ROUNDS} {name}: wall {wall:.1f} s, training loop {loop:.1f} s", flush=True)
     from qlora.config_file import load_config
 
-    n = load_config(REPO / CONFIG).train.max_steps
+    n = int(STEPS) if STEPS else load_config(REPO / CONFIG).train.max_steps
     out = {"steps": n, "rounds": ROUNDS, "runs": runs}
     for name, rs in runs.items():
         out[name] = {"wall_s": median([x["wall_s"] for x in rs]),

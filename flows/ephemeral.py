@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 # Runs in the server process: a daemon thread watches the parent, then uvicorn runs as `python -m uvicorn`.
 GUARD = """
@@ -46,7 +47,14 @@ def _tied_server_class():
         def _run_uvicorn_command(self) -> subprocess.Popen:
             # The command and environment of prefect 3.8's SubprocessASGIServer._run_uvicorn_command.
             server_env = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+            # Its own log, not the run's terminal: stopped while the run exits (a failed run exits early),
+            # uvicorn logs the cancelled lifespan as an error with a traceback, which users took for the
+            # run's failure. The file is there when the server itself is what failed.
+            home = Path(get_current_settings().home)
+            home.mkdir(parents=True, exist_ok=True)
+            log = open(home / "ephemeral-server.log", "ab")
             return subprocess.Popen(
+                stdout=log, stderr=subprocess.STDOUT,
                 args=[sys.executable, "-c", GUARD, str(os.getpid()),
                       "--app-dir", str(prefect.__module_path__.parent), "--factory", "prefect.server.api.server:create_app",
                       "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],

@@ -47,7 +47,8 @@ def test_float_storage_quantizes_the_same_weights(tiny_base, tmp_path):
     model = ModelConfig(name_or_path=str(tiny_base))
     outs = {}
     for storage in ("auto", "bfloat16"):
-        ref = prepare_quantized_model(model, QuantizationConfig(quant_storage=storage), tmp_path)
+        # bf16 compute in both: auto would pick float32 on an AVX2-only CPU, where bf16 storage still computes in bf16
+        ref = prepare_quantized_model(model, QuantizationConfig(quant_storage=storage, compute_dtype="bfloat16"), tmp_path)
         m = load_base(ref.path, None)  # the storage dtype travels in the checkpoint's config.json
         w = next(x for x in m.modules() if isinstance(x, bnb.nn.Linear4bit)).weight
         assert w.dtype == (torch.uint8 if storage == "auto" else torch.bfloat16)

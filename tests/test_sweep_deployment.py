@@ -30,16 +30,15 @@ def test_sweep_deployment_spreads_trials_over_the_pool(tiny_base, tmp_path, mlfl
         assert trial["work_pool_name"] == sweep["work_pool_name"] == "qlora-process"
 
         # A grid key that does not exist is refused by the API, before any flow run exists.
-        bad = http.post(f"/deployments/{sweep['id']}/create_flow_run",
-                        json={"parameters": {"sweep": {"grid": {"train.learnig_rate": [1e-4]}}}})
+        bad = team.create_flow_run(sweep["id"], {"sweep": {"grid": {"train.learnig_rate": [1e-4]}}})
         assert bad.status_code == 409 and "'train.learnig_rate' is not one of" in bad.text, bad.text[:500]
 
         team.start_worker()
         config = tiny_config(tmp_path, tiny_base, "tiny-sweep-deploy", 2, consumer_check_prompts=1)
         grid = {"train.learning_rate": [1e-4, 1e-3], "lora.r": [4, 8]}
         t0 = time.monotonic()
-        created = http.post(f"/deployments/{sweep['id']}/create_flow_run", json={"parameters": {
-            "config": config, "sweep": {"grid": grid, "max_parallel": 2, "trial_deployment": "qlora-trial/trial"}}})
+        created = team.create_flow_run(sweep["id"], {
+            "config": config, "sweep": {"grid": grid, "max_parallel": 2, "trial_deployment": "qlora-trial/trial"}})
         assert created.status_code == 201, created.text
         run_id = created.json()["id"]
 

@@ -4,6 +4,7 @@ NaN stops the run, and config values far outside sane ranges are refused or warn
 from __future__ import annotations
 
 import logging
+import re
 
 import mlflow
 import prefect.main  # noqa: F401  Prefect configures logging on import: bind its console handler now, not to a test's capture
@@ -50,6 +51,37 @@ def test_loss_rising_far_above_its_start_stops_the_run(prepared):
     assert train_adapter(base, data, LORA, sane, work).global_step == 6
 
 
+class _NanGradientAt:
+    """Makes one LoRA matrix's gradient NaN at optimizer step ``step`` (a backward hook), and keeps the model."""
+
+    def __init__(self, step: int):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class Cb(TrainerCallback):
+            def on_train_begin(self, args, state, control, model=None, **kw):
+                outer.model = model
+                outer.name, p = next((n, p) for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n)
+                p.register_hook(lambda g: g * float("nan") if state.global_step + 1 == step else g)
+
+        self.callback = Cb()
+
+
+def test_a_nan_gradient_is_stopped_before_the_update_with_the_clipping_norm(prepared):
+    """The Trainer's clipping norm (over the LoRA parameters, handed to the guard) catches a NaN gradient at
+    its step, names the parameter, and the optimizer never applies it: the weights stay finite."""
+    import torch
+
+    work, _, data, base = prepared
+    spy = _NanGradientAt(step=3)
+    train = _train(learning_rate=1e-3, logging_steps=50)  # no log at step 3: the check is per step, not per log
+    with pytest.raises(TrainingDiverged, match=r"non-finite gradient in .*lora_B.* at step 3 ") as e:
+        train_adapter(base, data, LORA, train, work, callbacks=(spy.callback,))
+    assert spy.name.removeprefix("base_model.model.") in str(e.value) or spy.name in str(e.value)
+    assert all(torch.isfinite(p).all() for p in spy.model.parameters() if p.requires_grad)
+
+
 @pytest.mark.parametrize("override, key", [
     ("train.max_steps=0", "train.max_steps"), ("train.max_steps=-5", "train.max_steps"),
     ("eval.max_new_tokens=1000000000", "eval.max_new_tokens"), ("train.divergence_loss_factor=1", "train.divergence_loss_factor"),
@@ -94,7 +126,8 @@ def test_flow_with_learning_rate_1e9_fails_and_registers_nothing(prefect_server,
         state = qlora_finetune(config=cfg, return_state=True)
     assert state.is_failed()
     assert "train.learning_rate=1e+09 is far outside" in caplog.text  # warned at the start
-    assert "weight norm grew" in str(state.result(raise_on_failure=False))
+    # The weight norm is checked at logs (step 1 here, then 10); by step 3 the gradient is already NaN.
+    assert re.search(r"weight norm grew|non-finite gradient in .* at step [23] ", str(state.result(raise_on_failure=False)))
     client = mlflow.MlflowClient(mlflow_uri)
     assert client.search_registered_models() == []  # no challenger made of garbage
     (run,) = client.search_runs([client.get_experiment_by_name("qlora-finetune").experiment_id])

@@ -30,14 +30,19 @@ class DivergenceGuard(TrainerCallback):
     loss rises above ``loss_factor`` times its first logged value (issue 13, item 5: ``learning_rate=1e9``
     trained to rc 0 with weights near 2e9, a zero gradient and no NaN, and was registered).
 
-    Gradients and the weight norm are checked every optimizer step (only the LoRA parameters, so it is
-    cheap); loss and grad_norm at each log. Requires ``logging_nan_inf_filter=False``,
-    otherwise the Trainer silently replaces a NaN loss by the running mean.
+    Gradients are checked every optimizer step, before the update: through the clipping norm the Trainer
+    computes anyway (``check_gradients``, called by recipe.QLoRATrainer), else one fused norm over the LoRA
+    gradients. The weight norm, the loss and grad_norm are checked when the Trainer is
+    about to log, save, evaluate or stop: exploded weights stay exploded, so nothing is missed, no
+    checkpoint of them is written, and the steps in between pay no norm and no host sync for it.
+    Requires ``logging_nan_inf_filter=False``, otherwise the Trainer silently replaces a NaN loss by the
+    running mean.
     """
 
     def __init__(self, learning_rate: float, max_grad_norm: float, loss_factor: float = 4.0):
         self.trainable: list = []
         self.norm0: float | None = None
+        self._checked_step: int | None = None  # the step whose gradients the Trainer's clipping checked
         self.loss_factor = loss_factor
         self.hint = (
             f"train.learning_rate={learning_rate:g}, train.max_grad_norm={max_grad_norm:g}: lower the learning rate "
@@ -55,18 +60,38 @@ class DivergenceGuard(TrainerCallback):
         params = [p.detach() for _, p in self.trainable]
         return float(torch.stack(torch._foreach_norm(params)).float().norm()) if params else None
 
+    def check_gradients(self, step: int, total_norm) -> None:
+        """Called by the Trainer's clipping (recipe.QLoRATrainer) with this step's total gradient norm, before
+        the gradients are clipped: finite only if every gradient is, and a bad one is still the only
+        non-finite tensor, so it can be named (clipping by a NaN norm makes every gradient NaN)."""
+        import torch
+
+        self._checked_step = step
+        if bool(torch.isfinite(total_norm)):
+            return
+        self._raise_non_finite_gradient(step)
+
+    def _raise_non_finite_gradient(self, step: int):
+        import torch
+
+        name = next((n for n, p in self.trainable if p.grad is not None and not torch.isfinite(p.grad).all()), "?")
+        raise TrainingDiverged(f"non-finite gradient in {name} at step {step + 1} ({self.hint})")
+
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         import torch
 
+        if self._checked_step == state.global_step:  # already checked through the clipping norm
+            return
         grads = [p.grad for _, p in self.trainable if p.grad is not None]
         # One fused norm per tensor and a single host sync, instead of a sync per parameter.
-        if not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
-            return
-        name = next(n for n, p in self.trainable if p.grad is not None and not torch.isfinite(p.grad).all())
-        raise TrainingDiverged(f"non-finite gradient in {name} at step {state.global_step + 1} ({self.hint})")
+        if grads and not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+            self._raise_non_finite_gradient(state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
-        # After every update, not only at logs: one fused norm over the LoRA tensors, like the gradient check.
+        # DefaultFlowCallback (always first) has set the flags for this step by now.
+        if not (control.should_log or control.should_save or control.should_evaluate
+                or control.should_training_stop or state.global_step >= state.max_steps):
+            return
         norm = self._weight_norm()
         if norm is not None and not math.isfinite(norm):
             raise TrainingDiverged(f"non-finite adapter weights (norm {norm}) at step {state.global_step} ({self.hint})")

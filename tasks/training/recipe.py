@@ -124,13 +124,38 @@ def _trainer_class():
     from transformers import Trainer
 
     class QLoRATrainer(Trainer):
-        """The Trainer, minus one piece of per-step Python work.
+        """The Trainer, minus two pieces of per-step Python work.
 
         Its FLOP estimate calls ``model.num_parameters()`` every step, which walks all modules of the
         4-bit model (measured: ~3% of a CPU step on the demo). The count never changes: compute it once.
         """
 
         _n_params: int | None = None
+        _trainable: list | None = None
+        _guard: DivergenceGuard | None = None
+
+        def _clip_grad_norm(self, model):
+            """``clip_grad_norm_`` in its two halves, over the trainable parameters only (a list made once)
+            instead of ``model.parameters()``: the same norm and clipping (frozen weights have no gradient)
+            without walking every module of the 4-bit model each step. Between the halves the DivergenceGuard
+            checks the norm, so it needs no gradient norm of its own and still sees the unclipped gradients.
+            FSDP, DeepSpeed and the other engines that clip their own way keep the Trainer's path."""
+            import torch
+            from accelerate.utils import DistributedType
+
+            plain = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+            if self.accelerator.distributed_type not in plain or self._has_mixed_mesh_grads(model):
+                return super()._clip_grad_norm(model)
+            if self._trainable is None:
+                self._trainable = [p for p in model.parameters() if p.requires_grad]
+                self._guard = next((c for c in self.callback_handler.callbacks if isinstance(c, DivergenceGuard)), None)
+            self.accelerator.unscale_gradients()  # what accelerate's clip_grad_norm_ does first (fp16 scaler)
+            grads = [p.grad for p in self._trainable if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads)
+            if self._guard is not None:
+                self._guard.check_gradients(self.state.global_step, norm)
+            torch.nn.utils.clip_grads_with_norm_(self._trainable, self.args.max_grad_norm, norm)
+            return norm
 
         def floating_point_ops(self, inputs) -> int:
             ids = inputs.get(getattr(self.model, "main_input_name", "input_ids"))

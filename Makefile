@@ -1,4 +1,4 @@
-# Quickstart: `make demo` (install + run the demo flow end to end), `make test` (install + pytest).
+# Quickstart: `make demo` (install + run the demo flow end to end), `make test` (install + the fast tests).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -20,7 +20,7 @@ deploy: export QLORA_TIMEZONE := $(QLORA_TIMEZONE)
 # NO_INSTALL=1 uses BIN as it is (tests run the targets from an existing environment).
 INSTALL := $(if $(NO_INSTALL),,install)
 
-.PHONY: install lock demo test test-gpu bench bench-quality bench-gpu clean mlflow-ui prefect-ui server deploy worker
+.PHONY: install lock demo test test-slow test-all test-gpu bench bench-quality bench-gpu clean mlflow-ui prefect-ui server deploy worker
 
 # Every package pinned: what CI tested is what a clone installs next month (pyproject.toml keeps the
 # ranges, for people who install the package into their own environment). `make lock` regenerates it.
@@ -60,7 +60,16 @@ $(DEMO_BASE)/config.json: qlora/demo.py data/demo/reverse_words.jsonl | $(STAMP)
 demo: install $(DEMO_BASE)/config.json
 	$(BIN)/qlora run configs/demo.yaml
 
+# `make test`: everything but the tests marked `slow` (~4.5 min on 2 cores), the loop to run while you work.
+# `make test-slow`: the rest (~10 min): real Prefect/MLflow/PostgreSQL servers, workers, killed processes,
+# sweeps, torchrun. CI (.ci/run) runs both; `make test-all` runs the whole suite in one pytest session.
 test: install
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow --durations=15
+
+test-all: install
 	$(BIN)/python -m pytest -q --durations=15
 
 bench: install $(DEMO_BASE)/config.json

@@ -12,6 +12,7 @@ import threading
 import uuid
 
 import prefect.main  # noqa: F401  Prefect configures logging on import: bind its console handler now, not to a test's capture
+import pytest
 
 from qlora.config import LoraSection, TrainConfig
 
@@ -78,6 +79,7 @@ def test_a_machine_slot_waits_for_its_holder_and_survives_a_sigkill(tmp_path):
     t.join(10)
 
 
+@pytest.mark.slow  # two trainings queued one after the other: ~19 s
 def test_two_trainings_on_one_worker_queue_on_the_prefect_limit(prefect_server, prepared, caplog):
     """Two train tasks at once with train.slots_per_worker=1: the limit is created with 1 slot, one training
     waits for the other, and while one trains the Prefect API shows the slot taken."""

@@ -148,6 +148,7 @@ def tiny_config(tmp_path: Path, tiny_base: Path, model_name: str, steps: int, **
 
 
 
+@pytest.mark.slow  # Prefect server + worker subprocesses: ~45 s
 @pytest.mark.e2e
 def test_manual_deployment_runs_on_a_worker(tiny_base, tmp_path, mlflow_uri):
     team = Team(tmp_path)

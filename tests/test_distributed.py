@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 import mlflow
+import pytest
 
 from qlora.config import DataConfig, LoraSection, ModelConfig, QuantizationConfig, TrackingConfig, TrainConfig
 from qlora.tracking import end_run, start_run
@@ -18,6 +19,7 @@ from tasks.train import train_adapter
 from .conftest import DEMO_DATA
 
 
+@pytest.mark.slow  # torchrun, two processes: ~17 s
 def test_two_process_training_only_rank0_logs_and_saves(tiny_base, tmp_path, mlflow_uri, caplog):
     work = tmp_path / "work"
     model = ModelConfig(name_or_path=str(tiny_base))

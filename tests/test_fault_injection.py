@@ -62,6 +62,7 @@ def _valid_checkpoints(work: Path) -> list[int]:
     return sorted(int(c.name.split("-")[1]) for c in work.glob("runs/*/checkpoint-*") if checkpoint_problem(c) is None)
 
 
+@pytest.mark.slow  # two `qlora run` processes: ~35 s
 def test_sigkill_then_rerun_resumes_same_step_same_run_same_weights(tiny_base, tmp_path):
     import torch
     from safetensors.torch import load_file

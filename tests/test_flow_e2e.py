@@ -147,6 +147,7 @@ def test_flow_end_to_end(prefect_server, tiny_base, tmp_path, mlflow_uri):
     assert v2.aliases == ["challenger"]
 
 
+@pytest.mark.slow  # a `qlora` process with its temporary Prefect server: ~15 s
 def test_cli_bad_data_fails_fast_with_one_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\nnot json\n')
@@ -166,6 +167,7 @@ def test_cli_bad_data_fails_fast_with_one_line(tmp_path):
     assert client.search_registered_models() == []
 
 
+@pytest.mark.slow  # a `qlora` process with its temporary Prefect server: ~15 s
 def test_bare_run_starts_prefects_temporary_server_early_and_the_flow_reuses_it(tmp_path):
     """Without PREFECT_API_URL, ``qlora run`` starts Prefect's temporary server in a thread while the task
     libraries import (hides 8.7 s of a 29.5 s first tiny run here); the flow then runs on that server,
@@ -213,6 +215,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow  # a `qlora` process with its temporary Prefect server: ~15 s
 def test_sigkill_of_the_run_takes_its_temporary_prefect_server_along(tmp_path):
     """SIGKILL runs no atexit handler, so Prefect never stops the uvicorn server it started: every killed
     `qlora run` left one behind (issue 13, item 6). The server now watches its parent and stops itself."""

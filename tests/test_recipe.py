@@ -62,6 +62,7 @@ def early_curve(demo_base, work, *overrides: str) -> dict[int, float]:
 
 @pytest.mark.parametrize("overrides, pinned", [((), True), (("train.learning_rate=1e-4",), False)],
                          ids=["demo-recipe", "learning-rate-x0.1"])
+@pytest.mark.slow  # 100 demo-size steps per case: ~20 s
 def test_demo_recipe_early_loss_curve_is_pinned(demo_base, tmp_path, overrides, pinned):
     """The recipe's curve within TOLERANCE of PINNED at every pinned step; a learning rate x0.1 (the case
     the issue names) is far outside it, which is what makes this test able to fail."""

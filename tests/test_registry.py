@@ -175,6 +175,7 @@ def test_cli_registry_commands(registered, mlflow_server, capsys):
     assert capsys.readouterr().out.strip() != ""
 
 
+@pytest.mark.slow  # `mlflow models serve` subprocess: ~12 s
 def test_mlflow_models_serve_answers_invocations(registered, mlflow_server, tmp_path):
     port = free_port()
     log = tmp_path / "serve.log"

@@ -23,7 +23,7 @@ from registry import aliases
 from .postgres import Postgres, ensure_installed
 from .registry_fixtures import free_port, start_mlflow_server, stop, trained  # noqa: F401
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]  # PostgreSQL behind mlflow server: ~90 s
 NAME = "tiny-concurrent"
 WRITERS = 4
 

@@ -63,6 +63,7 @@ def test_lineage_says_whether_the_install_is_the_lock():
     assert install_is_locked() == (_canonical(_locked()) == _canonical(_installed()))
 
 
+@pytest.mark.slow  # two trainings in fresh processes: ~17 s
 def test_same_seed_and_config_train_the_same_adapter_on_this_cpu(tiny_base, tmp_path):
     """Two processes, same machine, same seed and config: bit-identical adapter files (float32 compute, so
     the check holds on any CPU; README says where identity cannot hold)."""

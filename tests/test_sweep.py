@@ -16,7 +16,7 @@ import pytest
 
 from .conftest import DEMO_DATA, REPO
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # four trials and a reproduce: ~105 s
 GRID = ["--grid", "train.learning_rate=1e-4,2e-3", "--grid", "lora.r=4,8"]
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from .test_deployments import Team, tiny_config
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # server, make deploy, a worker, four trial flow runs: ~100 s
 
 
 def test_sweep_deployment_spreads_trials_over_the_pool(tiny_base, tmp_path, mlflow_uri):

@@ -13,6 +13,8 @@ import pytest
 
 from qlora.config import TrackingConfig
 
+pytestmark = pytest.mark.slow  # MLflow servers killed and SIGTERMed runs: ~95 s
+
 
 def _hold_sqlite_lock(db, seconds: float) -> subprocess.Popen:
     """Another process holding an exclusive transaction on ``db`` (as a second writer mid-commit would)."""

@@ -82,6 +82,35 @@ def test_a_nan_gradient_is_stopped_before_the_update_with_the_clipping_norm(prep
     assert all(torch.isfinite(p).all() for p in spy.model.parameters() if p.requires_grad)
 
 
+def test_an_inf_gradient_under_fp16_loss_scaling_is_the_scalers_to_skip():
+    """On a GPU without bf16 the Trainer runs fp16 with a GradScaler whose first steps overflow by design (it
+    then skips the step and lowers the scale). That must not stop the run; the same gradient in bf16/fp32 does."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import TrainerControl, TrainerState
+
+    from tasks.training.callbacks import DivergenceGuard
+
+    lora = torch.nn.Linear(4, 4)
+    lora.weight.grad = torch.full((4, 4), float("inf"))
+    model = torch.nn.Sequential(lora)
+    state, control = TrainerState(), TrainerControl()
+    norm = torch.nn.utils.get_total_norm([lora.weight.grad])
+
+    def guard(fp16: bool) -> DivergenceGuard:
+        g = DivergenceGuard(learning_rate=1e-3, max_grad_norm=0.3)
+        g.on_train_begin(SimpleNamespace(fp16=fp16), state, control, model=model)
+        return g
+
+    # fp16: neither through the Trainer's clipping norm nor through the guard's own check.
+    guard(True).check_gradients(0, norm)
+    guard(True).on_pre_optimizer_step(SimpleNamespace(fp16=True), state, control)
+    for check in (lambda g: g.check_gradients(0, norm), lambda g: g.on_pre_optimizer_step(SimpleNamespace(fp16=False), state, control)):
+        with pytest.raises(TrainingDiverged, match=r"non-finite gradient in 0\.weight at step 1 "):
+            check(guard(False))
+
+
 @pytest.mark.parametrize("override, key", [
     ("train.max_steps=0", "train.max_steps"), ("train.max_steps=-5", "train.max_steps"),
     ("eval.max_new_tokens=1000000000", "eval.max_new_tokens"), ("train.divergence_loss_factor=1", "train.divergence_loss_factor"),

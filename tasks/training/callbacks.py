@@ -43,6 +43,7 @@ class DivergenceGuard(TrainerCallback):
         self.trainable: list = []
         self.norm0: float | None = None
         self._checked_step: int | None = None  # the step whose gradients the Trainer's clipping checked
+        self.loss_scaled = False
         self.loss_factor = loss_factor
         self.hint = (
             f"train.learning_rate={learning_rate:g}, train.max_grad_norm={max_grad_norm:g}: lower the learning rate "
@@ -50,6 +51,10 @@ class DivergenceGuard(TrainerCallback):
         )
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # fp16 (GPUs without bf16: T4, V100) trains under a loss scaler, whose first steps overflow by design: an
+        # inf gradient there is the scaler's signal to skip the step and lower the scale, not a divergence. The
+        # loss and weight checks still catch a real one.
+        self.loss_scaled = bool(getattr(args, "fp16", False))
         # Looked up once: walking named_parameters() of a 4-bit model every step costs ~5% of a CPU step.
         self.trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad] if model is not None else []
         self.norm0 = self._weight_norm()
@@ -67,7 +72,7 @@ class DivergenceGuard(TrainerCallback):
         import torch
 
         self._checked_step = step
-        if bool(torch.isfinite(total_norm)):
+        if self.loss_scaled or bool(torch.isfinite(total_norm)):
             return
         self._raise_non_finite_gradient(step)
 
@@ -80,7 +85,7 @@ class DivergenceGuard(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         import torch
 
-        if self._checked_step == state.global_step:  # already checked through the clipping norm
+        if self.loss_scaled or self._checked_step == state.global_step:  # scaler's, or checked through clipping
             return
         grads = [p.grad for _, p in self.trainable if p.grad is not None]
         # One fused norm per tensor and a single host sync, instead of a sync per parameter.

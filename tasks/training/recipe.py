@@ -24,7 +24,6 @@ log = logging.getLogger("qlora.train")
 
 def build_peft_model(base_path: str, lora: LoraSection, gradient_checkpointing: bool, quantized: bool,
                      attn: str | None = None, fsdp: bool = False, fp32_norms: bool = True):
-    import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     model = load_base(base_path, attn=attn, fsdp=fsdp)

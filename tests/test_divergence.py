@@ -103,9 +103,12 @@ def test_an_inf_gradient_under_fp16_loss_scaling_is_the_scalers_to_skip():
         g.on_train_begin(SimpleNamespace(fp16=fp16), state, control, model=model)
         return g
 
-    # fp16: neither through the Trainer's clipping norm nor through the guard's own check.
+    # fp16: neither through the Trainer's clipping norm, nor the guard's own check, nor a logged grad_norm.
     guard(True).check_gradients(0, norm)
     guard(True).on_pre_optimizer_step(SimpleNamespace(fp16=True), state, control)
+    guard(True).on_log(SimpleNamespace(fp16=True), state, control, logs={"grad_norm": float("inf")})
+    with pytest.raises(TrainingDiverged, match="non-finite loss=nan"):  # a NaN loss is a divergence all the same
+        guard(True).on_log(SimpleNamespace(fp16=True), state, control, logs={"loss": float("nan")})
     for check in (lambda g: g.check_gradients(0, norm), lambda g: g.on_pre_optimizer_step(SimpleNamespace(fp16=False), state, control)):
         with pytest.raises(TrainingDiverged, match=r"non-finite gradient in 0\.weight at step 1 "):
             check(guard(False))

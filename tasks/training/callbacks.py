@@ -105,7 +105,8 @@ class DivergenceGuard(TrainerCallback):
                                    f"{WEIGHT_NORM_LIMIT:g}x) by step {state.global_step} ({self.hint})")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        for key in ("loss", "grad_norm", "eval_loss"):
+        # Under fp16 loss scaling a logged grad_norm of inf is an overflow step the scaler skipped.
+        for key in ("loss", "eval_loss") if self.loss_scaled else ("loss", "grad_norm", "eval_loss"):
             v = (logs or {}).get(key)
             if isinstance(v, (int, float)) and not math.isfinite(v):
                 raise TrainingDiverged(f"non-finite {key}={v} at step {state.global_step} ({self.hint})")

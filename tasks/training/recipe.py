@@ -131,7 +131,7 @@ def _trainer_class():
 
         _n_params: int | None = None
         _trainable: list | None = None
-        _guard: DivergenceGuard | None = None
+        divergence_guard: DivergenceGuard | None = None  # set by fit(), which makes the guard
 
         def _clip_grad_norm(self, model):
             """``clip_grad_norm_`` in its two halves, over the trainable parameters only (a list made once)
@@ -147,12 +147,11 @@ def _trainer_class():
                 return super()._clip_grad_norm(model)
             if self._trainable is None:
                 self._trainable = [p for p in model.parameters() if p.requires_grad]
-                self._guard = next((c for c in self.callback_handler.callbacks if isinstance(c, DivergenceGuard)), None)
             self.accelerator.unscale_gradients()  # what accelerate's clip_grad_norm_ does first (fp16 scaler)
             grads = [p.grad for p in self._trainable if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads)
-            if self._guard is not None:
-                self._guard.check_gradients(self.state.global_step, norm)
+            if self.divergence_guard is not None:
+                self.divergence_guard.check_gradients(self.state.global_step, norm)
             torch.nn.utils.clip_grads_with_norm_(self._trainable, self.args.max_grad_norm, norm)
             return norm
 
@@ -208,7 +207,8 @@ def fit(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: Tra
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA r=%d on %s: %d trainable of %d parameters (%.2f%%)", lora.r, lora.target_modules, trainable, total, 100 * trainable / total)
 
-    all_callbacks = [DivergenceGuard(train.learning_rate, train.max_grad_norm, train.divergence_loss_factor), *callbacks]
+    guard = DivergenceGuard(train.learning_rate, train.max_grad_norm, train.divergence_loss_factor)
+    all_callbacks = [guard, *callbacks]
     if train.early_stopping_patience is not None:
         all_callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
     trainer = _trainer_class()(
@@ -222,6 +222,7 @@ def fit(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: Tra
         processing_class=tok,
         callbacks=all_callbacks,
     )
+    trainer.divergence_guard = guard
     resume = latest_valid_checkpoint(run_dir)
     if resume:
         log.info("resuming from %s", resume)

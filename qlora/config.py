@@ -250,6 +250,14 @@ class PipelineConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _rows_fit_packing_bins(self) -> "PipelineConfig":
+        t = self.train
+        if t.packing == "bfd" and t.packing_tokens is not None and t.packing_tokens < self.data.max_length:
+            raise ValueError(f"train.packing_tokens={t.packing_tokens} is less than data.max_length={self.data.max_length}: "
+                             "a row of max_length tokens would fit no bin; raise packing_tokens or lower max_length")
+        return self
+
+    @model_validator(mode="after")
     def _fsdp_needs_float_quant_storage(self) -> "PipelineConfig":
         q = self.quantization
         if self.train.distributed != "fsdp" or not q.load_in_4bit:

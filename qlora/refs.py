@@ -13,6 +13,7 @@ class TokenizedData(BaseModel):
     train_rows: int
     eval_rows: int
     truncated_rows: int = 0
+    max_length: int | None = None  # data.max_length it was tokenized with (train.packing: bfd's default bin size)
     format: str = "alpaca"
     prompt_template: str = PROMPT_TEMPLATE  # one-placeholder inference prompt (the same function rendered training)
     report_path: str | None = None  # report.md of the data report

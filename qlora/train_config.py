@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from qlora.section import Section
 from qlora.trainer_args import check_train_field
@@ -33,10 +33,19 @@ class TrainConfig(Section):
     group_by_length: bool = Field(
         True, description="Batch examples of similar length: less padding (0.95+ vs ~0.5 real tokens per batch token on Code Alpaca)."
     )
-    packing: bool = Field(
+    packing: bool | Literal["bfd"] = Field(
         False,
-        description="Concatenate each batch into one padding-free row with per-example position_ids (no cross-example "
-        "attention with sdpa/flash-attention in transformers 5); overrides group_by_length.",
+        description="true: concatenate each batch into one padding-free row with per-example position_ids (no "
+        "cross-example attention with sdpa/flash-attention in transformers 5). bfd: first bin-pack the training rows "
+        "best-fit decreasing into bins of at most packing_tokens tokens (as TRL's bfd), then batch the bins the same "
+        "padding-free way: every micro-batch holds ~batch x packing_tokens tokens, and an epoch has fewer, fuller "
+        "steps. Either overrides group_by_length.",
+    )
+    packing_tokens: int | None = Field(
+        None, gt=0,
+        description="Bin size in tokens for packing: bfd; unset = data.max_length (never less: a row must fit a bin). "
+        "A micro-batch is per_device_train_batch_size bins, so batch 1 and packing_tokens N is a token budget of N "
+        "tokens per micro-batch.",
     )
     seed: int = Field(42, description="Seed for LoRA init, data order and dropout.")
     logging_steps: int = Field(10, gt=0, description="Log loss and learning rate every N optimizer steps.")
@@ -96,6 +105,13 @@ class TrainConfig(Section):
         """Checked against transformers when the config loads, not when training starts (qlora/trainer_args.py)."""
         return check_train_field(info.field_name, v, cls.model_fields[info.field_name].get_default(call_default_factory=True),
                                  set(cls.model_fields))
+
+    @model_validator(mode="after")
+    def _packing_tokens_with_bfd(self) -> "TrainConfig":
+        if self.packing_tokens is not None and self.packing != "bfd":
+            raise ValueError(f"train.packing_tokens={self.packing_tokens} sizes the bins of train.packing: bfd, but "
+                             f"train.packing is {self.packing}: set train.packing: bfd or unset packing_tokens")
+        return self
 
     @field_validator("max_steps")
     @classmethod

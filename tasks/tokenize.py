@@ -115,7 +115,7 @@ def tokenize_dataset(data: DataConfig, model: ModelConfig, workdir: str | Path, 
     r = prep.report
     ref = TokenizedData(
         path=str(out.resolve()), fingerprint=key, train_rows=len(prep.train), eval_rows=len(prep.eval),
-        truncated_rows=r.truncated_rows, format=r.format, prompt_template=prep.prompt_template,
+        truncated_rows=r.truncated_rows, max_length=data.max_length, format=r.format, prompt_template=prep.prompt_template,
         report_path=str((out / "report.md").resolve()),
     )
     with staged_dir(out, "the tokenized dataset") as tmp:  # renamed into place only when complete

@@ -182,3 +182,16 @@ def test_a_recipe_per_family():
         cfg = load_config(CONFIGS[0].parent / name)
         assert cfg.model.name_or_path == hub_id
         assert cfg.registry.gate_metric in ("auto", "rouge") and "rouge" in cfg.eval.metrics
+
+
+def test_packing_bins_are_checked_when_the_config_loads():
+    """train.packing: bfd with bins of packing_tokens (default data.max_length); a row must fit a bin."""
+    cfg = load_config(None, ["train.packing=bfd", "train.packing_tokens=2048", "data.max_length=1024"])
+    assert cfg.train.packing == "bfd" and cfg.train.packing_tokens == 2048
+    assert load_config(None, ["train.packing=true"]).train.packing is True
+    with pytest.raises(ConfigError, match=r"train\.packing_tokens=512 is less than data\.max_length=1024: .*raise packing_tokens"):
+        load_config(None, ["train.packing=bfd", "train.packing_tokens=512", "data.max_length=1024"])
+    with pytest.raises(ConfigError, match=r"train\.packing_tokens=2048 sizes the bins of train\.packing: bfd, but train\.packing is True"):
+        load_config(None, ["train.packing=true", "train.packing_tokens=2048"])
+    with pytest.raises(ConfigError, match=r"train\.packing"):
+        load_config(None, ["train.packing=ffd"])

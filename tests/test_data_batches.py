@@ -52,21 +52,31 @@ def test_tokenize_task_publishes_the_data_report_artifact(tmp_path, tiny_base, p
     assert "6000 rows read, 0 dropped, 5400 train / 600 eval" in arts[0].data
 
 
-def test_packed_examples_do_not_attend_to_each_other(tiny_base):
-    """Loss on one packed row == token-weighted loss of the examples run one by one (sdpa, tiny Llama)."""
+@pytest.mark.parametrize("packing", [True, "bfd"])
+def test_packed_examples_do_not_attend_to_each_other(tiny_base, packing):
+    """Loss on one packed row == token-weighted loss of the examples run one by one (sdpa, tiny Llama); for
+    bfd the rows are first packed into bins of 320 tokens (several rows each), then the bins flattened."""
     import torch
+    from datasets import Dataset
     from transformers import AutoModelForCausalLM
 
+    from tasks.training.packing import pack_bfd
     from tasks.training.recipe import collator
 
     tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_base)))
     prep = prepare(DataConfig(path=str(SHARED_DATA / "sharegpt_dummy_conversation.json"), max_length=160), tok)
     feats = [{k: prep.train[i][k] for k in ("input_ids", "labels")} for i in range(6)]
+    if packing == "bfd":
+        bins = pack_bfd(Dataset.from_list(feats), 320)
+        assert len(bins) < len(feats) and max(len(b) for b in bins["seq_lengths"]) > 1  # rows share bins
+        batch = collator(tok, packing)([bins[i] for i in range(len(bins))])
+    else:
+        batch = collator(tok, packing)(feats)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_base), attn_implementation="sdpa", dtype=torch.float32).eval()
     # As in training (tasks/train.py): with a KV cache, transformers skips packed-sequence detection.
     model.config.use_cache = False
-    batch = collator(tok, packing=True)(feats)
     assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+    assert batch["input_ids"].shape[1] == sum(len(f["input_ids"]) for f in feats)  # every row, no pad token
     with torch.no_grad():
         packed = float(model(**batch).loss)
         total = count = 0.0
@@ -80,3 +90,73 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_base):
     assert packed == pytest.approx(total / count, rel=1e-4)
     assert abs(leaky - packed) > 1e-3
     assert len({len(f["input_ids"]) for f in feats}) > 1  # uneven examples, as real batches are
+
+
+def test_bfd_packs_every_code_alpaca_row_once_into_full_bins(tiny_base):
+    """Best-fit decreasing on real data: each row in exactly one bin, token for token; no bin over capacity;
+    bins >= 0.99 full; never more bins than TRL's bfd; the same bins every time (ranks and resumes agree)."""
+    import math
+
+    from tasks.training.packing import bin_fill, pack_bfd
+
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_base)))
+    prep = prepare(DataConfig(path=str(SHARED_DATA / "code_alpaca_2k.json"), max_length=1024), tok)
+    rows = prep.train.select_columns(["input_ids", "labels"])
+    packed = pack_bfd(rows, 1024)
+    lengths = [len(x) for x in rows["input_ids"]]
+    bins_ids, bins_labels, seqs = packed["input_ids"], packed["labels"], packed["seq_lengths"]
+    assert all(sum(s) == len(ids) <= 1024 for s, ids in zip(seqs, bins_ids))
+    unpacked = []
+    for ids, labels, s in zip(bins_ids, bins_labels, seqs):
+        start = 0
+        for n in s:
+            unpacked.append((tuple(ids[start:start + n]), tuple(labels[start:start + n])))
+            start += n
+    assert sorted(unpacked) == sorted(zip(map(tuple, rows["input_ids"]), map(tuple, rows["labels"])))
+    assert bin_fill(packed, 1024) >= 0.99 and len(packed) <= math.ceil(sum(lengths) / 1024) + 2
+    assert pack_bfd(rows, 1024)["seq_lengths"] == seqs
+    trl = pytest.importorskip("trl.data_utils")  # the bench extra; TRL is never a runtime dependency
+    assert len(packed) <= len(trl.pack_dataset(rows, 1024, strategy="bfd"))
+
+
+def test_bfd_refuses_a_row_longer_than_a_bin():
+    from tasks.training.packing import bfd_bins
+
+    assert bfd_bins([3, 5, 2, 4], 8) == [[1, 0], [3, 2]]
+    with pytest.raises(ValueError, match=r"training row 1 has 9 tokens, more than the bin capacity 8 \(train.packing_tokens\)"):
+        bfd_bins([3, 9], 8)
+
+
+def test_training_with_bfd_packing_steps_through_the_bins(prepared, caplog):
+    """One epoch of the real stage with packing: bfd: the Trainer's steps are the bins (not the rows) in micro-batches
+    of 16, each micro-batch at most 16 x 64 tokens with every row's positions restarting, and the loss falls."""
+    import logging
+    import math
+
+    from datasets import load_from_disk
+    from transformers import TrainerCallback
+
+    from qlora.config import LoraSection
+    from tasks.train import train_adapter
+    from tasks.training.packing import bfd_bins
+
+    work, _, data, base = prepared
+    train_rows = load_from_disk(data.path)["train"]
+    bins = bfd_bins([len(x) for x in train_rows["input_ids"]], 64)  # data.max_length of the fixture
+    seen: list[tuple[int, int]] = []
+
+    class Batches(TrainerCallback):  # the collated micro-batches the model sees: (tokens, position restarts)
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            model.register_forward_pre_hook(lambda m, a, k: seen.append(
+                (k["input_ids"].numel(), int((k["position_ids"] == 0).sum()))) if m.training else None, with_kwargs=True)
+
+    train = TrainConfig(packing="bfd", num_train_epochs=1, per_device_train_batch_size=16, gradient_accumulation_steps=1,
+                        learning_rate=1e-3, logging_steps=5, save_steps=1000)
+    with caplog.at_level(logging.INFO, logger="qlora.train"):
+        a = train_adapter(base, data, LoraSection(r=8, alpha=16, dropout=0.0), train, work, callbacks=(Batches(),))
+    assert f"train.packing=bfd: {len(train_rows)} rows -> {len(bins)} bins of <= 64 tokens" in caplog.text
+    assert len(bins) < 0.6 * len(train_rows)  # ~25-token demo rows: two or more per bin
+    assert a.global_step == math.ceil(len(bins) / 16) == len(seen)
+    assert all(tokens <= 16 * 64 for tokens, _ in seen)
+    assert sum(rows for _, rows in seen) == len(train_rows)  # every row once, as its own sequence
+    assert a.last_loss < a.first_loss

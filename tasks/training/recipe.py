@@ -18,6 +18,7 @@ from qlora.refs import Adapter, MlflowRun, QuantizedModel, TokenizedData
 from tasks.training.callbacks import DivergenceGuard, safe_mlflow_callback
 from tasks.training.checkpoints import gather_fsdp_adapter, latest_valid_checkpoint, save_adapter_tensors
 from tasks.training.memory import max_tokens_per_micro_batch, use_checkpointing
+from tasks.training.packing import BinFlattening, bin_capacity, pack_bfd
 
 log = logging.getLogger("qlora.train")
 
@@ -166,8 +167,9 @@ def _trainer_class():
     return QLoRATrainer
 
 
-def collator(tok, packing: bool):
-    """Padded batches, or one flattened row per batch whose position_ids restart at each example.
+def collator(tok, packing: bool | str):
+    """Padded batches, or one flattened row per batch whose position_ids restart at each example
+    (``packing: bfd``: at each example inside each bin, ``packing.BinFlattening``).
 
     transformers 5 turns restarting position_ids into a block-diagonal causal mask when no
     attention_mask is passed (masking_utils.find_packed_sequence_indices), for sdpa and eager alike,
@@ -176,6 +178,8 @@ def collator(tok, packing: bool):
     """
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
+    if packing == "bfd":
+        return BinFlattening()
     if packing:
         return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
     return DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
@@ -202,7 +206,10 @@ def fit(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: Tra
     # starts from the same adapter in every process, which is what makes a resumed run match an uninterrupted one.
     set_seed(train.seed)
     fsdp = train.distributed == "fsdp"
-    checkpointing = resolve_checkpointing(base, train, splits["train"])
+    train_split = splits["train"]
+    if train.packing == "bfd":  # deterministic: every rank and every resume packs the same bins
+        train_split = pack_bfd(train_split, bin_capacity(train.packing_tokens, data.max_length, train_split))
+    checkpointing = resolve_checkpointing(base, train, train_split)
     model = build_peft_model(base.path, lora, checkpointing, base.quantized, base.attn_implementation, fsdp, train.fp32_norms)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA r=%d on %s: %d trainable of %d parameters (%.2f%%)", lora.r, lora.target_modules, trainable, total, 100 * trainable / total)
@@ -214,7 +221,7 @@ def fit(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: Tra
     trainer = _trainer_class()(
         model=model,
         args=training_arguments(train, run_dir, _compute_dtype(model), checkpointing),
-        train_dataset=splits["train"],
+        train_dataset=train_split,
         # The eval split also carries prompt/reference text for generation; the Trainer needs only tokens.
         eval_dataset=splits["eval"].select_columns(splits["train"].column_names)
         if train.early_stopping_patience is not None else None,

@@ -20,7 +20,7 @@ deploy: export QLORA_TIMEZONE := $(QLORA_TIMEZONE)
 # NO_INSTALL=1 uses BIN as it is (tests run the targets from an existing environment).
 INSTALL := $(if $(NO_INSTALL),,install)
 
-.PHONY: install lock demo test test-slow test-all test-gpu bench bench-quality bench-gpu clean mlflow-ui prefect-ui server deploy worker
+.PHONY: install lock demo test test-slow test-all test-gpu bench bench-packing bench-quality bench-gpu clean mlflow-ui prefect-ui server deploy worker
 
 # Every package pinned: what CI tested is what a clone installs next month (pyproject.toml keeps the
 # ranges, for people who install the package into their own environment). `make lock` regenerates it.
@@ -74,6 +74,10 @@ test-all: install
 
 bench: install $(DEMO_BASE)/config.json
 	$(BIN)/python -m bench.run
+
+# One epoch of Code Alpaca rows per batching choice (padded, grouped, packing: true, packing: bfd), ~10 min.
+bench-packing: install $(DEMO_BASE)/config.json
+	$(BIN)/python -m bench.packing
 
 # The demo recipe's quality grid: seeds x {bf16, float32, auto under AVX2-only dispatch}: nine 1,800-step runs, ~45 min on 2 idle cores.
 bench-quality: install $(DEMO_BASE)/config.json

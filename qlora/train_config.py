@@ -37,9 +37,9 @@ class TrainConfig(Section):
         False,
         description="true: concatenate each batch into one padding-free row with per-example position_ids (no "
         "cross-example attention with sdpa/flash-attention in transformers 5). bfd: first bin-pack the training rows "
-        "best-fit decreasing into bins of at most packing_tokens tokens (as TRL's bfd), then batch the bins the same "
-        "padding-free way: every micro-batch holds ~batch x packing_tokens tokens, and an epoch has fewer, fuller "
-        "steps. Either overrides group_by_length.",
+        "best-fit decreasing into bins of at most packing_tokens tokens (as TRL's bfd), one bin per batch row with "
+        "position_ids restarting at each example (bins fill ~99%, so almost no padding): every micro-batch holds "
+        "~batch x packing_tokens tokens, and an epoch has fewer, fuller steps. Either overrides group_by_length.",
     )
     packing_tokens: int | None = Field(
         None, gt=0,

@@ -55,7 +55,7 @@ def test_tokenize_task_publishes_the_data_report_artifact(tmp_path, tiny_base, p
 @pytest.mark.parametrize("packing", [True, "bfd"])
 def test_packed_examples_do_not_attend_to_each_other(tiny_base, packing):
     """Loss on one packed row == token-weighted loss of the examples run one by one (sdpa, tiny Llama); for
-    bfd the rows are first packed into bins of 320 tokens (several rows each), then the bins flattened."""
+    bfd the rows are first packed into bins of 320 tokens (several rows each), one bin per batch row."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
@@ -75,8 +75,10 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_base, packing):
     model = AutoModelForCausalLM.from_pretrained(str(tiny_base), attn_implementation="sdpa", dtype=torch.float32).eval()
     # As in training (tasks/train.py): with a KV cache, transformers skips packed-sequence detection.
     model.config.use_cache = False
-    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
-    assert batch["input_ids"].shape[1] == sum(len(f["input_ids"]) for f in feats)  # every row, no pad token
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == (len(bins) if packing == "bfd" else 1)
+    width, real = batch["input_ids"].shape[1], sum(len(f["input_ids"]) for f in feats)
+    tails = sum(width - sum(s) for s in bins["seq_lengths"]) if packing == "bfd" else 0  # bins' tails padded
+    assert batch["input_ids"].numel() == real + tails
     with torch.no_grad():
         packed = float(model(**batch).loss)
         total = count = 0.0
@@ -129,7 +131,8 @@ def test_bfd_refuses_a_row_longer_than_a_bin():
 
 def test_training_with_bfd_packing_steps_through_the_bins(prepared, caplog):
     """One epoch of the real stage with packing: bfd: the Trainer's steps are the bins (not the rows) in micro-batches
-    of 16, each micro-batch at most 16 x 64 tokens with every row's positions restarting, and the loss falls."""
+    of 16 bins, each [16, <= 64] with every row's positions restarting, and the loss falls. Pad tokens (bins'
+    tails) are at position 0 too: restarts = rows + pad tokens."""
     import logging
     import math
 
@@ -143,12 +146,12 @@ def test_training_with_bfd_packing_steps_through_the_bins(prepared, caplog):
     work, _, data, base = prepared
     train_rows = load_from_disk(data.path)["train"]
     bins = bfd_bins([len(x) for x in train_rows["input_ids"]], 64)  # data.max_length of the fixture
-    seen: list[tuple[int, int]] = []
+    seen: list[tuple[tuple, int]] = []
 
-    class Batches(TrainerCallback):  # the collated micro-batches the model sees: (tokens, position restarts)
+    class Batches(TrainerCallback):  # the collated micro-batches the model sees: (shape, position restarts)
         def on_train_begin(self, args, state, control, model=None, **kw):
             model.register_forward_pre_hook(lambda m, a, k: seen.append(
-                (k["input_ids"].numel(), int((k["position_ids"] == 0).sum()))) if m.training else None, with_kwargs=True)
+                (tuple(k["input_ids"].shape), int((k["position_ids"] == 0).sum()))) if m.training else None, with_kwargs=True)
 
     train = TrainConfig(packing="bfd", num_train_epochs=1, per_device_train_batch_size=16, gradient_accumulation_steps=1,
                         learning_rate=1e-3, logging_steps=5, save_steps=1000)
@@ -157,6 +160,8 @@ def test_training_with_bfd_packing_steps_through_the_bins(prepared, caplog):
     assert f"train.packing=bfd: {len(train_rows)} rows -> {len(bins)} bins of <= 64 tokens" in caplog.text
     assert len(bins) < 0.6 * len(train_rows)  # ~25-token demo rows: two or more per bin
     assert a.global_step == math.ceil(len(bins) / 16) == len(seen)
-    assert all(tokens <= 16 * 64 for tokens, _ in seen)
-    assert sum(rows for _, rows in seen) == len(train_rows)  # every row once, as its own sequence
+    assert all(b <= 16 and width <= 64 for (b, width), _ in seen) and seen[0][0][0] == 16
+    pads = sum(b * width for (b, width), _ in seen) - sum(len(x) for x in train_rows["input_ids"])
+    assert 0 <= pads < 0.05 * sum(b * width for (b, width), _ in seen)  # full bins: little padding
+    assert sum(restarts for _, restarts in seen) - pads == len(train_rows)  # every row once, as its own sequence
     assert a.last_loss < a.first_loss

@@ -18,7 +18,7 @@ from qlora.refs import Adapter, MlflowRun, QuantizedModel, TokenizedData
 from tasks.training.callbacks import DivergenceGuard, safe_mlflow_callback
 from tasks.training.checkpoints import gather_fsdp_adapter, latest_valid_checkpoint, save_adapter_tensors
 from tasks.training.memory import max_tokens_per_micro_batch, use_checkpointing
-from tasks.training.packing import BinFlattening, bin_capacity, pack_bfd
+from tasks.training.packing import BinBatches, bin_capacity, pack_bfd
 
 log = logging.getLogger("qlora.train")
 
@@ -169,7 +169,7 @@ def _trainer_class():
 
 def collator(tok, packing: bool | str):
     """Padded batches, or one flattened row per batch whose position_ids restart at each example
-    (``packing: bfd``: at each example inside each bin, ``packing.BinFlattening``).
+    (``packing: bfd``: one row per bin, restarting at each example inside it, ``packing.BinBatches``).
 
     transformers 5 turns restarting position_ids into a block-diagonal causal mask when no
     attention_mask is passed (masking_utils.find_packed_sequence_indices), for sdpa and eager alike,
@@ -179,7 +179,7 @@ def collator(tok, packing: bool | str):
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
     if packing == "bfd":
-        return BinFlattening()
+        return BinBatches(tok.pad_token_id)
     if packing:
         return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
     return DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)

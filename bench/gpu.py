@@ -118,7 +118,9 @@ def run_case(base, seq: int, batch: int, steps: int, attn: str, workdir: Path, n
     train = TrainConfig(max_steps=-1 if batching == "bfd" else steps, per_device_train_batch_size=batch,
                         gradient_accumulation_steps=1, logging_steps=max(steps // 2, 1), save_steps=steps * 10,
                         learning_rate=2e-4, group_by_length=batching == "grouped", packing=packing,
-                        packing_tokens=seq if batching == "bfd" else None, **(overrides or {}))
+                        packing_tokens=seq if batching == "bfd" else None,
+                        # every layer, as in the earlier tables; the diagnose case "auto" lets memory.py choose 1 in n
+                        **({"gradient_checkpointing": True} | (overrides or {})))
     lora = LoraSection(r=64, alpha=16, dropout=0.05, target_modules="all-linear")
     timer: list[float] = []
     tag = "-".join(f"{k}={v}" for k, v in (overrides or {}).items())
@@ -149,7 +151,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny model, any device: checks the harness")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--diagnose", action="store_true",
-                    help="variants of the fixed-length case: fp32 norms off, unpaged 8-bit AdamW, checkpointing off")
+                    help="variants of the fixed-length case: fp32 norms off, unpaged 8-bit AdamW, checkpointing off or auto")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler tables for steps 5-6 of each case")
     args = ap.parse_args()
     if not args.tiny and not torch.cuda.is_available():
@@ -169,7 +171,8 @@ def main() -> None:
                     "setup_s": round(time.perf_counter() - t0, 1)}
         if args.diagnose:
             for seq, batch, over in ((1024, 4, {}), (1024, 4, {"fp32_norms": False}), (2048, 2, {}),
-                                     (1024, 4, {"optim": "adamw_8bit"}), (1024, 4, {"gradient_checkpointing": False})):
+                                     (1024, 4, {"optim": "adamw_8bit"}), (1024, 4, {"gradient_checkpointing": False}),
+                                     (1024, 4, {"gradient_checkpointing": "auto"})):
                 results["cases"].append(run_case(base, seq, batch, args.steps, "sdpa", work, n_params, shape["vocab_size"],
                                                  peak, overrides=over, profile=args.profile))
                 print(json.dumps(results["cases"][-1]), flush=True)

@@ -27,8 +27,9 @@ class TrainConfig(Section):
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto",
         description="Recompute activations in backward: far less memory, about a third more compute per step (demo on "
-        "CPU: 4.3 vs 6.8 steps/s). auto: on when the largest micro-batch's activations would take more than a third "
-        "of the free GPU memory (or RAM) left after the weights; the decision is logged.",
+        "CPU: 4.3 vs 6.8 steps/s). true: every decoder layer. auto: none when the largest micro-batch's activations "
+        "fit in a third of the free GPU memory (or RAM) left after the weights, else 1 in n decoder layers with n as "
+        "large as fits (every layer when nothing less does); the decision is logged.",
     )
     group_by_length: bool = Field(
         True, description="Batch examples of similar length: less padding (0.95+ vs ~0.5 real tokens per batch token on Code Alpaca)."

@@ -14,7 +14,7 @@ import torch
 
 from qlora.config import QuantizationConfig, TrainConfig
 from qlora.quant import compute_dtype, dtype_choice
-from tasks.training.memory import activation_bytes, use_checkpointing
+from tasks.training.memory import activation_bytes, checkpoint_every
 
 from .conftest import REPO
 
@@ -64,8 +64,61 @@ def test_auto_checkpointing_is_off_for_the_demo_and_on_for_a_7b_batch(caplog):
     demo = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4)
     big = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32)
     with caplog.at_level(logging.INFO, logger="qlora.train"):
-        assert not use_checkpointing("auto", demo, 16 * 30, 4, 3 * 2**20)  # ~35 MB of activations
-        assert use_checkpointing("auto", big, 4 * 4096, 4, 3_600 * 2**20)  # ~180 GB: more than any machine here
-    assert "train.gradient_checkpointing=auto: off" in caplog.text and "train.gradient_checkpointing=auto: on" in caplog.text
-    assert use_checkpointing(True, demo, 16, 4, 0) and not use_checkpointing(False, big, 4 * 4096, 4, 0)
+        assert checkpoint_every("auto", demo, 16 * 30, 4, 3 * 2**20) == 0  # ~35 MB of activations
+        assert checkpoint_every("auto", big, 4 * 4096, 4, 3_600 * 2**20) == 1  # ~180 GB: more than any machine here
+    assert "train.gradient_checkpointing=auto: off" in caplog.text and "train.gradient_checkpointing=auto: every layer" in caplog.text
+    assert checkpoint_every(True, demo, 16, 4, 0) == 1 and checkpoint_every(False, big, 4 * 4096, 4, 0) == 0
+
+
+@pytest.mark.parametrize("free_gb, every, layers_checkpointed", [
+    (200, 0, 0),  # the 7B step's ~44.6 GB of activations fit a third of 196 GB: nothing recomputed
+    (120, 6, 6),
+    (100, 3, 11),
+    (80, 2, 16),  # an 80 GB H100: 1 in 2 layers (~24.8 GB) fits its ~25.4 GB third; all 32 would recompute twice as much
+    (40, 1, 32),  # too little for any fewer: every layer, as before
+])
+def test_auto_checkpoints_one_in_n_layers_where_only_part_fits(monkeypatch, caplog, free_gb, every, layers_checkpointed):
+    """7B shape, seq 1024 x 4, fp32 norms (the H100 case in memory.py): n as large as the activations allow."""
+    from transformers import LlamaConfig
+
+    from tasks.training import memory
+
+    big = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32)
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda: (int(free_gb * 1e9), "GPU 0"))
+    with caplog.at_level(logging.INFO, logger="qlora.train"):
+        assert checkpoint_every("auto", big, 4 * 1024, 4, 3_589 * 2**20) == every
+    if every > 1:
+        assert f"auto: 1 in {every} decoder layers ({layers_checkpointed} of 32)" in caplog.text
     assert TrainConfig().gradient_checkpointing == "auto"
+
+
+def test_one_in_n_checkpointing_reaches_the_layers_and_trains_the_same_adapter(prepared, monkeypatch):
+    """The resolved n reaches the Trainer (transformers' every_n_layers, applied after peft's k-bit preparation):
+    of the tiny base's 2 layers only layer 0 recomputes, and recomputing changes no number: the adapter after 3
+    steps equals the one trained without checkpointing."""
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    from qlora.config import LoraSection
+    from tasks.train import train_adapter
+    from tasks.training import recipe
+
+    work, _, data, base = prepared
+    flags: list[list[bool]] = []
+
+    class Layers(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            if state.global_step == 0:
+                flags.append([layer.gradient_checkpointing for layer in model.base_model.model.model.layers])
+
+    adapters = {}
+    for every in (2, 0):
+        monkeypatch.setattr(recipe, "checkpoint_every", lambda *a, n=every: n)
+        train = TrainConfig(max_steps=3, per_device_train_batch_size=4, gradient_accumulation_steps=1, logging_steps=1,
+                            save_steps=100, seed=7)
+        a = train_adapter(base, data, LoraSection(r=4, alpha=8, dropout=0.0), train,
+                          work / f"every-{every}", callbacks=(Layers(),))
+        adapters[every] = load_file(f"{a.path}/adapter_model.safetensors")
+    assert flags == [[True, False], [False, False]]
+    assert adapters[2].keys() == adapters[0].keys()
+    assert all(torch.equal(adapters[2][k], adapters[0][k]) for k in adapters[0])

@@ -11,7 +11,8 @@ reserved VRAM. Anchors (LLaMA-Factory's comparison, A100 40GB, Llama-2-7B): HF 4
 The fixed-length cases use full-length random sequences (no padding). The variable-length cases draw
 row lengths uniformly from 64..1024 and compare padded batches (random order, and the default
 length-grouped order) with packed padding-free batches (``train.packing: true``) and with best-fit-decreasing
-bins of 1024 tokens, 4 per step (``train.packing: bfd``: one epoch of the same rows in about half the steps);
+bins of 1024 tokens, 4 per step (``train.packing: bfd``: one epoch of the same rows in about half the steps),
+with sdpa and (GPU only) with ``flex_attention``;
 tokens/s counts only non-pad tokens, so padding shows up as lost throughput.
 """
 
@@ -196,6 +197,11 @@ def main() -> None:
         base = prepare_quantized_model(ModelConfig(name_or_path=str(work / "base")), QuantizationConfig(), work)
         for batching in ("padded", "grouped", "packed", "bfd"):
             results["cases"].append(run_case(base, 1024, 4, args.steps, "sdpa", work, n_params, shape["vocab_size"], peak, batching))
+            print(json.dumps(results["cases"][-1]), flush=True)
+        if device == "cuda":  # bfd bins through PyTorch's FlexAttention: only blocks inside each example (no CPU backward)
+            flex = prepare_quantized_model(ModelConfig(name_or_path=str(work / "base"), attn_implementation="flex_attention"),
+                                           QuantizationConfig(), work)
+            results["cases"].append(run_case(flex, 1024, 4, args.steps, "flex_attention", work, n_params, shape["vocab_size"], peak, "bfd"))
             print(json.dumps(results["cases"][-1]), flush=True)
     out = Path(__file__).parent / ("results-gpu-tiny.json" if args.tiny else "results-gpu.json")
     out.write_text(json.dumps(results, indent=2))

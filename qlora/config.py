@@ -35,8 +35,11 @@ class ModelConfig(Section):
     hf_token_secret: str | None = Field(
         None, description="Name of a Prefect Secret block holding a hub token for gated repos; else $HF_TOKEN is used. Never logged."
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="Attention kernel; sdpa is fast everywhere, flash_attention_2 needs the flash-attn package."
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "sdpa", description="Attention kernel; sdpa is fast everywhere, flash_attention_2 needs the flash-attn package. "
+        "flex_attention is PyTorch's own (compiled on first use): with train.packing it computes only the blocks "
+        "inside each packed example, where sdpa masks a square over the whole row; it trains on GPUs only (no "
+        "backward on a CPU in torch 2.13).",
     )
 
 

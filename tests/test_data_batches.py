@@ -165,3 +165,33 @@ def test_training_with_bfd_packing_steps_through_the_bins(prepared, caplog):
     assert 0 <= pads < 0.05 * sum(b * width for (b, width), _ in seen)  # full bins: little padding
     assert sum(restarts for _, restarts in seen) - pads == len(train_rows)  # every row once, as its own sequence
     assert a.last_loss < a.first_loss
+
+
+def test_flex_attention_keeps_packed_examples_apart_like_sdpa(tiny_base):
+    """model.attn_implementation=flex_attention on bfd bins: the same logits as sdpa (transformers turns the
+    position restarts into FlexAttention's block mask, so only blocks inside each example are computed on a GPU).
+    Forward only: FlexAttention has no backward on a CPU, so training with it there is refused, naming the key."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from qlora.errors import ConfigError
+    from tasks.training.packing import pack_bfd
+    from tasks.training.recipe import check_attention_trains_here, collator
+
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_base)))
+    prep = prepare(DataConfig(path=str(SHARED_DATA / "sharegpt_dummy_conversation.json"), max_length=160), tok)
+    bins = pack_bfd(Dataset.from_list([{k: prep.train[i][k] for k in ("input_ids", "labels")} for i in range(6)]), 320)
+    batch = collator(tok, "bfd")([bins[i] for i in range(len(bins))])
+    logits = {}
+    for attn in ("sdpa", "flex_attention"):
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_base), attn_implementation=attn, dtype=torch.float32).eval()
+        model.config.use_cache = False
+        with torch.no_grad():
+            logits[attn] = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    real = batch["labels"] != -100  # positions whose prediction is trained (pad tails differ in nothing that counts)
+    assert torch.allclose(logits["flex_attention"][real], logits["sdpa"][real], atol=1e-4)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"model\.attn_implementation=flex_attention trains on a GPU only"):
+            check_attention_trains_here("flex_attention")
+    check_attention_trains_here("sdpa")

@@ -133,3 +133,22 @@ def test_fsdp_qlora_trains_saves_and_resumes(demo_on_gpu, caplog):
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "resuming from" in text and "checkpoint-20" in text
     assert b.global_step == 40 and b.resumed_from_step == 20
+
+
+def test_bfd_bins_train_with_flex_attention_as_with_sdpa(demo_on_gpu):
+    """train.packing: bfd with PyTorch's FlexAttention (the varlen path without a flash-attn build): trains, and its
+    first loss equals sdpa's on the same bins (the same examples kept apart), its last loss close to it."""
+    from tasks.quantize import prepare_quantized_model
+    from tasks.train import train_adapter
+
+    work, model, data, _ = demo_on_gpu
+    train = TrainConfig(packing="bfd", max_steps=30, per_device_train_batch_size=8, gradient_accumulation_steps=1,
+                        learning_rate=1e-3, logging_steps=1, save_steps=1000, fp32_norms=False)
+    runs = {}
+    for attn in ("sdpa", "flex_attention"):
+        base = prepare_quantized_model(model.model_copy(update={"attn_implementation": attn}), QuantizationConfig(), work)
+        runs[attn] = train_adapter(base, data, LoraSection(r=16, alpha=32, dropout=0.0), train, work / attn)
+    assert runs["flex_attention"].global_step == 30
+    assert runs["flex_attention"].first_loss == pytest.approx(runs["sdpa"].first_loss, rel=1e-2)
+    assert runs["flex_attention"].last_loss == pytest.approx(runs["sdpa"].last_loss, rel=0.1)
+    assert runs["flex_attention"].last_loss < runs["flex_attention"].first_loss / 2

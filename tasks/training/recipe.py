@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from qlora.config import LoraSection, TrainConfig
+from qlora.errors import ConfigError
 from qlora.loading import load_base, load_tokenizer
 from qlora.outage import logging_to
 from qlora.refs import Adapter, MlflowRun, QuantizedModel, TokenizedData
@@ -196,6 +197,16 @@ def _compute_dtype(model):
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
+def check_attention_trains_here(attn: str | None) -> None:
+    """FlexAttention has no backward pass on a CPU (torch 2.13 raises NotImplementedError from the first
+    backward): refuse before any model loads, naming the key, instead of failing inside the Trainer."""
+    import torch
+
+    if attn == "flex_attention" and not torch.cuda.is_available():
+        raise ConfigError("model.attn_implementation=flex_attention trains on a GPU only: PyTorch's FlexAttention has "
+                          "no backward pass on a CPU. Use sdpa here (train.packing keeps packed examples apart with it too)")
+
+
 def fit(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: TrainConfig, run_dir: Path,
         run: MlflowRun | None = None, callbacks: tuple = ()) -> Adapter | None:
     """Train ``run_dir`` to its adapter, resuming from its newest valid checkpoint. Returns None on ranks
@@ -203,6 +214,7 @@ def fit(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: Tra
     from datasets import load_from_disk
     from transformers import EarlyStoppingCallback, set_seed
 
+    check_attention_trains_here(base.attn_implementation)
     tok = load_tokenizer(base.path)
     splits = load_from_disk(data.path)
     # Seed before the LoRA matrices are initialised (the Trainer seeds only later): the same config then

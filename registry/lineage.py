@@ -50,6 +50,7 @@ def install_is_locked() -> bool | None:
     """Whether the installed packages are exactly ``requirements.lock`` (what ``make install`` installs);
     None without a lock file (an installed wheel, not a checkout). torch has its own pin; pip's own
     tooling and this project are not in the lock."""
+    import site
     from importlib.metadata import distributions
 
     lock = REPO / "requirements.lock"
@@ -58,7 +59,9 @@ def install_is_locked() -> bool | None:
     locked = {_canonical(k): v for k, v in (line.split("==", 1) for line in lock.read_text().splitlines()
                                            if line and not line.startswith("#"))}
     skip = {"torch", "pip", "setuptools", "wheel", "distribute", "qlora-pipeline"}
-    installed = {_canonical(d.metadata["Name"]): d.version for d in distributions()}
+    # The environment's site-packages only, not all of sys.path: torch.compile (inductor) appends setuptools'
+    # _vendor folder, whose vendored packaging/wheel/zipp metadata would shadow the installed versions.
+    installed = {_canonical(d.metadata["Name"]): d.version for d in distributions(path=site.getsitepackages())}
     return locked == {k: v for k, v in installed.items() if k not in skip}
 
 

@@ -74,3 +74,14 @@ def test_same_seed_and_config_train_the_same_adapter_on_this_cpu(tiny_base, tmp_
         assert out.returncode == 0, out.stderr[-3000:]
         shas.append(out.stdout.split("SHA ", 1)[1].split()[0])
     assert shas[0] == shas[1]
+
+
+def test_lock_check_ignores_folders_added_to_sys_path():
+    """Importing setuptools (torch.compile's inductor does) adds its _vendor folder to sys.path; the vendored
+    metadata there (packaging, zipp, jaraco.*, ...) must not read as the environment's installed packages."""
+    import setuptools  # noqa: F401
+
+    from registry.lineage import install_is_locked
+
+    assert any(p.endswith("_vendor") for p in sys.path)
+    assert install_is_locked() == (_canonical(_locked()) == _canonical(_installed()))

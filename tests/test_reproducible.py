@@ -3,12 +3,9 @@ CPU, the adapter a seed and a config train to."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch

@@ -167,17 +167,17 @@ def test_training_with_bfd_packing_steps_through_the_bins(prepared, caplog):
     assert a.last_loss < a.first_loss
 
 
+@pytest.mark.slow  # FlexAttention compiles on first use: ~17 s in a fresh clone
 def test_flex_attention_keeps_packed_examples_apart_like_sdpa(tiny_base):
     """model.attn_implementation=flex_attention on bfd bins: the same logits as sdpa (transformers turns the
     position restarts into FlexAttention's block mask, so only blocks inside each example are computed on a GPU).
-    Forward only: FlexAttention has no backward on a CPU, so training with it there is refused, naming the key."""
+    Forward only: FlexAttention has no backward on a CPU (see the next test)."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
 
-    from qlora.errors import ConfigError
     from tasks.training.packing import pack_bfd
-    from tasks.training.recipe import check_attention_trains_here, collator
+    from tasks.training.recipe import collator
 
     tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_base)))
     prep = prepare(DataConfig(path=str(SHARED_DATA / "sharegpt_dummy_conversation.json"), max_length=160), tok)
@@ -191,7 +191,22 @@ def test_flex_attention_keeps_packed_examples_apart_like_sdpa(tiny_base):
             logits[attn] = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
     real = batch["labels"] != -100  # positions whose prediction is trained (pad tails differ in nothing that counts)
     assert torch.allclose(logits["flex_attention"][real], logits["sdpa"][real], atol=1e-4)
-    if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match=r"model\.attn_implementation=flex_attention trains on a GPU only"):
-            check_attention_trains_here("flex_attention")
-    check_attention_trains_here("sdpa")
+
+
+def test_training_with_flex_attention_on_a_cpu_is_refused_before_loading(prepared):
+    """torch 2.13's FlexAttention has no backward on a CPU: refused at the start of training, naming the key,
+    before any model loads (not a NotImplementedError from the first backward); nothing is written."""
+    import torch
+
+    from qlora.config import LoraSection
+    from qlora.errors import ConfigError
+    from tasks.train import run_dir_for, train_adapter
+
+    if torch.cuda.is_available():
+        pytest.skip("FlexAttention trains on a GPU")
+    work, _, data, base = prepared
+    flex = base.model_copy(update={"attn_implementation": "flex_attention"})
+    lora, train = LoraSection(r=4, alpha=8), TrainConfig(max_steps=2)
+    with pytest.raises(ConfigError, match=r"model\.attn_implementation=flex_attention trains on a GPU only.*Use sdpa"):
+        train_adapter(flex, data, lora, train, work)
+    assert not list(run_dir_for(flex, data, lora, train, work).glob("checkpoint-*"))

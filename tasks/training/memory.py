@@ -42,9 +42,9 @@ def free_memory_bytes() -> tuple[int, str]:
     return int(psutil.virtual_memory().available), "RAM"
 
 
-def max_tokens_per_micro_batch(train_split, batch_size: int, packing: bool) -> int:
-    """Longest padded micro-batch: batch x longest row (packing: the batch's rows back to back, same bound;
-    packing: bfd passes the packed split, whose rows are the bins)."""
+def max_tokens_per_micro_batch(train_split, batch_size: int) -> int:
+    """Longest padded micro-batch: batch x longest row. The same bound holds for packing: true (the batch's rows
+    back to back) and for packing: bfd, given the packed split, whose rows are the bins."""
     import pyarrow.compute as pc
 
     lengths = pc.list_value_length(train_split.data.column("input_ids"))

@@ -76,9 +76,8 @@ def pack_bfd(split, capacity: int):
             for name in ("input_ids", "labels")}
     cols["seq_lengths"] = pa.ListArray.from_arrays(pa.array(seg_bounds, pa.int32()), pa.array(seg, pa.int32()))
     packed = Dataset(pa.table(cols))
-    fill = float(seg.sum()) / max(len(bins) * capacity, 1)
     log.info("train.packing=bfd: %d rows -> %d bins of <= %d tokens (%.3f of the bins' tokens are real)",
-             len(lengths), len(bins), capacity, fill)
+             len(lengths), len(bins), capacity, bin_fill(packed, capacity))
     return packed
 
 

@@ -67,7 +67,7 @@ def resolve_checkpointing(base: QuantizedModel, train: TrainConfig, train_split)
     from transformers import AutoConfig
 
     fp32 = base.compute_dtype == "float32" or (base.quantized and upcasts_norms(train.distributed == "fsdp", train.fp32_norms))
-    tokens = max_tokens_per_micro_batch(train_split, train.per_device_train_batch_size, train.packing)
+    tokens = max_tokens_per_micro_batch(train_split, train.per_device_train_batch_size)
     return checkpoint_every("auto", AutoConfig.from_pretrained(base.path), tokens, 4 if fp32 else 2, base.footprint_bytes)
 
 

@@ -54,7 +54,7 @@ lock:
 	  .lock-venv/bin/python -m pip freeze --exclude qlora-pipeline --exclude torch; } > $(LOCK)
 	rm -rf .lock-venv build
 
-$(DEMO_BASE)/config.json: qlora/demo.py data/demo/reverse_words.jsonl | $(STAMP)
+$(DEMO_BASE)/config.json: demo/build.py data/demo/reverse_words.jsonl | $(STAMP)
 	$(BIN)/qlora build-demo --out $(DEMO_BASE)
 
 demo: install $(DEMO_BASE)/config.json
@@ -77,7 +77,7 @@ bench: install $(DEMO_BASE)/config.json
 
 # One epoch of Code Alpaca rows per batching choice (padded, grouped, packing: true, packing: bfd), ~10 min.
 bench-packing: install $(DEMO_BASE)/config.json
-	$(BIN)/python -m bench.packing
+	$(BIN)/python -m bench.batching
 
 # The demo recipe's quality grid: seeds x {bf16, float32, auto under AVX2-only dispatch}: nine 1,800-step runs, ~45 min on 2 idle cores.
 bench-quality: install $(DEMO_BASE)/config.json

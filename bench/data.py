@@ -53,8 +53,8 @@ def _best_of(fns: dict, repeats: int) -> dict[str, float]:
 def run(data_path: str, model_path: str, max_length: int = 1024, batch_sizes=(4, 8, 16), repeats: int = 7) -> dict:
     import datasets
 
-    from qlora.config import DataConfig, ModelConfig
-    from qlora.loading import load_tokenizer
+    from qlora.config.schema import DataConfig, ModelConfig
+    from qlora.models.loading import load_tokenizer
     from tasks.data.encode import prepare, render_source, tokenize_items
     from tasks.data.validate import parse
 

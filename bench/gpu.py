@@ -37,7 +37,7 @@ def build_random_base(shape: dict, out: Path, device: str) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qlora.demo import DEMO_DATA, _train_tokenizer
+    from demo.build import DEMO_DATA, _train_tokenizer
 
     corpus = DEMO_DATA.read_text().splitlines()
     tok = _train_tokenizer(corpus, 512)
@@ -106,7 +106,7 @@ def run_case(base, seq: int, batch: int, steps: int, attn: str, workdir: Path, n
 
     import torch
 
-    from qlora.config import LoraSection, TrainConfig
+    from qlora.config.schema import LoraSection, TrainConfig
     from tasks.train import train_adapter
 
     varlen = batching != "full"
@@ -145,7 +145,7 @@ def run_case(base, seq: int, batch: int, steps: int, attn: str, workdir: Path, n
 def main() -> None:
     import torch
 
-    from qlora.config import ModelConfig, QuantizationConfig
+    from qlora.config.schema import ModelConfig, QuantizationConfig
     from tasks.quantize import prepare_quantized_model
 
     ap = argparse.ArgumentParser()

@@ -40,7 +40,7 @@ def _base(cfg):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from qlora.quant import compute_dtype
+    from qlora.models.quant import compute_dtype
 
     dtype = compute_dtype(cfg.quantization)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization.quant_type,
@@ -113,7 +113,7 @@ def run_bare(cfg, checkpointing: bool) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    from qlora.config_file import load_config
+    from qlora.config.files import load_config
 
     which, config = argv[0], argv[1]
     rest = argv[2:]

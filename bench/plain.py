@@ -12,7 +12,7 @@ import time
 
 
 def run(config_path: str, overrides: list[str]) -> dict[str, float]:
-    from qlora.config_file import load_config
+    from qlora.config.files import load_config
     from tasks.evaluate import evaluate_adapter
     from tasks.quantize import prepare_quantized_model
     from tasks.tokenize import tokenize_dataset

@@ -162,7 +162,7 @@ def peers(root: Path, env: dict[str, str], py: str) -> dict:
                 runs[name].append({"wall_s": round(wall, 1), "train_loop_s": round(loop, 1), "peak_rss_mb": round(rss / 2**20),
                                    "server_start_s": server_start_seconds(log)[0] if name == "ours" else None})
                 print(f"round {r + 1}/{ROUNDS} {name}: wall {wall:.1f} s, training loop {loop:.1f} s", flush=True)
-    from qlora.config_file import load_config
+    from qlora.config.files import load_config
 
     n = int(STEPS) if STEPS else load_config(REPO / CONFIG).train.max_steps
     out = {"steps": n, "rounds": ROUNDS, "runs": runs}
@@ -190,7 +190,7 @@ def dtype_choice(root: Path, env: dict[str, str], py: str) -> dict:
                        "--set", f"quantization.compute_dtype={dtype}", "--set", "eval.max_samples=8"]
                 _, _, log = timed_child(cmd, dict(env, **extra))
                 speed[dtype].append(steps / train_loop_seconds(log))
-        probe = subprocess.run([py, "-c", "from qlora.quant import cpu_compute_dtype as c; print(c()[0])"], cwd=REPO,
+        probe = subprocess.run([py, "-c", "from qlora.models.quant import cpu_compute_dtype as c; print(c()[0])"], cwd=REPO,
                                env=dict(env, **extra), capture_output=True, text=True, check=True).stdout.split()[-1]
         picked = probe.removeprefix("torch.")
         med = {k: median(v) for k, v in speed.items()}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from prefect.input import RunInput
 from pydantic import Field
 
-from qlora.config import RegistryConfig
+from qlora.config.schema import RegistryConfig
 from qlora.refs import MlflowRun, RegisteredVersion
 from registry import aliases
 

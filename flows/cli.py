@@ -58,7 +58,7 @@ def _flows(module: str):
 
 
 def cmd_run(args) -> int:
-    from qlora.config_file import load_config
+    from qlora.config.files import load_config
 
     cfg = load_config(args.config, args.set)  # bad config: fail before starting anything
     version = _flows("flows.finetune").qlora_finetune(config=cfg)
@@ -67,8 +67,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from qlora.config_file import load_config
-    from qlora.sweep import grid_trials, markdown, parse_grid, sweep_config
+    from qlora.config.files import load_config
+    from flows.sweep_plan import grid_trials, markdown, parse_grid, sweep_config
 
     cfg = load_config(args.config, args.set)
     sweep = sweep_config(grid=parse_grid(args.grid), max_parallel=args.max_parallel, sampler=args.sampler,
@@ -76,7 +76,7 @@ def cmd_sweep(args) -> int:
     if sweep.sampler == "grid":
         grid_trials(cfg, sweep)  # every trial's config checked before any server starts
     else:
-        from qlora.tpe import TpeSearch
+        from flows.tpe import TpeSearch
 
         TpeSearch(cfg, sweep)  # Optuna installed, every value valid
     result = _flows("flows.sweep").qlora_sweep(config=cfg, sweep=sweep)
@@ -96,8 +96,8 @@ def cmd_reproduce(args) -> int:
 
 def cmd_validate_data(args) -> int:
     """Validation and tokenization only (tokenizer, no model, writes nothing); prints the data report."""
-    from qlora.config_file import load_config
-    from qlora.loading import load_tokenizer
+    from qlora.config.files import load_config
+    from qlora.models.loading import load_tokenizer
     from tasks.data.mixture import prepare_data, validate_data
     from tasks.tokenize import check_context
 
@@ -150,10 +150,10 @@ def cmd_predict(args) -> int:
 def _registry_client(args):
     import mlflow
 
-    from qlora.config import TrackingConfig
+    from qlora.config.schema import TrackingConfig
     from qlora.errors import UserError
-    from qlora.names import model_name_problem
-    from qlora.tracking import resolve_uri
+    from qlora.tracking.names import model_name_problem
+    from qlora.tracking.runs import resolve_uri
 
     if (problem := model_name_problem(args.name)) is not None:
         raise UserError(f"{args.name!r}: not a registered model name: {problem}")
@@ -191,7 +191,7 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_build_demo(args) -> int:
-    from qlora.demo import build_demo_base
+    from demo.build import build_demo_base
 
     out = build_demo_base(args.out, args.data)
     print(f"demo base model written to {out}")
@@ -199,8 +199,8 @@ def cmd_build_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qlora.config import DEMO_BASE_DIR
-    from qlora.demo import DEMO_DATA
+    from qlora.config.schema import DEMO_BASE_DIR
+    from demo.build import DEMO_DATA
 
     p = argparse.ArgumentParser(prog="qlora", description="Prefect-orchestrated QLoRA fine-tuning.")
     sub = p.add_subparsers(dest="command", required=True)

@@ -1,5 +1,5 @@
 """The train stage's slot: a Prefect global concurrency limit (visible and adjustable in the Prefect UI) and
-this machine's slot files (``qlora.resources.machine_slot``), ``train.slots_per_worker`` of each.
+this machine's slot files (``qlora.locks.machine_slot``), ``train.slots_per_worker`` of each.
 
 Prefect's ``concurrency()`` skips a limit that does not exist (a warning, no waiting), so the limit is
 created when missing. Only against a Prefect server: a bare ``qlora run``'s temporary server keeps the
@@ -18,8 +18,8 @@ import logging
 import socket
 import time
 
-from qlora.config import TrainConfig
-from qlora.resources import machine_slot
+from qlora.config.schema import TrainConfig
+from qlora.locks import machine_slot
 
 log = logging.getLogger("qlora.flow")
 

@@ -6,7 +6,7 @@ Why a Prefect limit: it is what queues flow runs across processes and workers (s
 (*Concurrency*: who holds the slot), and a killed holder's lease expires on its own.
 
 - Name ``qlora-device-<host>-<CUDA_VISIBLE_DEVICES or all>``: every training loads onto the first
-  visible device (``qlora.quant.device_map``), so two on one device set would share one GPU. A worker
+  visible device (``qlora.models.quant.device_map``), so two on one device set would share one GPU. A worker
   started per GPU (``CUDA_VISIBLE_DEVICES=1 prefect worker start ...``) gets its own limit.
 - Limit 1: one training per GPU (set) by default; ``prefect gcl update NAME --limit N`` if you know better.
 - Created by ``ensure_device_limit`` (``qlora sweep`` and each trial). A missing limit queues nothing,

@@ -11,7 +11,7 @@ Stages:
 6. report    - loss plot to MLflow; Prefect artifacts (run report, eval examples); notifications
 
 Failure semantics (issues 4, 13): an MLflow server that is down at the start or dies mid-run does not
-stop training or evaluation (one warning, requests bounded by qlora/outage.py); the run is opened again
+stop training or evaluation (one warning, requests bounded by qlora/tracking/outage.py); the run is opened again
 (with retries) before registering, which fails with TrackingUnavailable if the server stays away. A
 failed or crashed flow run marks its MLflow run FAILED (hooks below), a SIGTERM'd one KILLED; a
 SIGKILLed one leaves it RUNNING until the re-run continues it.
@@ -26,13 +26,13 @@ from prefect import flow, runtime
 from flows import stages
 from flows.approval import await_approval
 from flows.device_slot import device_slot
-from qlora.config import PipelineConfig
-from qlora.loading import ModelCache
-from qlora.outage import bounded_requests, hurry, is_down_at
+from qlora.config.schema import PipelineConfig
+from qlora.models.loading import ModelCache
+from qlora.tracking.outage import bounded_requests, hurry, is_down_at
 from qlora.refs import MlflowRun, RegisteredVersion, Trained
-from qlora.resources import set_threads
-from qlora.sanity import config_warnings
-from qlora.tracking import end_run, fail_runs_of_flow_run, release_run_record, resolve_uri
+from qlora.locks import set_threads
+from qlora.config.sanity import config_warnings
+from qlora.tracking.runs import end_run, fail_runs_of_flow_run, release_run_record, resolve_uri
 from tasks.reporting import notify
 
 log = logging.getLogger("qlora.flow")
@@ -75,9 +75,9 @@ def qlora_finetune(config: PipelineConfig = PipelineConfig()) -> RegisteredVersi
 
 
 def _run(config: PipelineConfig) -> RegisteredVersion:
-    for warning in config_warnings(config):  # legal but suspicious values (qlora/sanity.py)
+    for warning in config_warnings(config):  # legal but suspicious values (qlora/config/sanity.py)
         log.warning(warning)
-    set_threads(config.train.slots_per_worker)  # cores available / training slots of this worker (qlora/resources.py)
+    set_threads(config.train.slots_per_worker)  # cores available / training slots of this worker (qlora/locks.py)
     opening = dict(
         cfg=config.tracking, workdir=config.workdir, key=config.fingerprint(), run_name=runtime.flow_run.name,
         tags={"prefect.flow_run_id": str(runtime.flow_run.id), "config_hash": config.fingerprint()}, config=config,

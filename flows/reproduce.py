@@ -1,7 +1,7 @@
 """The ``qlora-reproduce`` flow: rebuild a registered version from its lineage and compare the adapters.
 
 Stages:
-1. read-lineage    - the version, its run's config.json and lineage tags (``registry/reproduce.py``);
+1. read-lineage    - the version, its run's config.json and lineage tags (``registry/rebuild.py``);
                      git commit / library differences are logged as warnings
 2. quantize        - the base, into a fresh workdir; refused unless it matches base.fingerprint
 3. tokenize        - the data, same; refused unless it matches data.fingerprint
@@ -24,10 +24,10 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows import stages
 from flows.device_slot import device_slot
-from qlora.config import TrackingConfig
+from qlora.config.schema import TrackingConfig
 from qlora.errors import UserError, retry_transient
-from qlora.tracking import resolve_uri
-from registry.reproduce import (Lineage, Verdict, check_base, check_data, compare_adapter, environment_differences,
+from qlora.tracking.runs import resolve_uri
+from registry.rebuild import (Lineage, Verdict, check_base, check_data, compare_adapter, environment_differences,
                                 read_lineage, rebased)
 from tasks.reporting import artifact_key
 

@@ -16,13 +16,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import DEFAULT
 
 from flows.concurrency import training_slot
-from qlora.config import DataConfig, EvalConfig, LoraSection, ModelConfig, PipelineConfig, QuantizationConfig, RegistryConfig, ReportConfig, TrackingConfig, TrainConfig
+from qlora.config.schema import DataConfig, EvalConfig, LoraSection, ModelConfig, PipelineConfig, QuantizationConfig, RegistryConfig, ReportConfig, TrackingConfig, TrainConfig
 from qlora.errors import retry_transient
-from qlora.loading import ModelCache
-from qlora.outage import required
-from qlora.records import log_config
+from qlora.models.loading import ModelCache
+from qlora.tracking.outage import required
+from qlora.tracking.records import log_config
 from qlora.refs import Adapter, EvalReport, MlflowRun, QuantizedModel, RegisteredVersion, TokenizedData
-from qlora.tracking import start_or_resume_run
+from qlora.tracking.runs import start_or_resume_run
 from registry.register import register_adapter
 from tasks import reporting
 from tasks.evaluate import evaluate_adapter

@@ -34,11 +34,11 @@ from prefect import flow, runtime
 from flows import sweep_stages
 from flows.device_slot import ensure_device_limit
 from flows.finetune import _fail_mlflow_runs, _notify_failure, register_and_report, train_and_evaluate
-from qlora.config import PipelineConfig
+from qlora.config.schema import PipelineConfig
 from qlora.errors import ConfigError, UserError
 from qlora.refs import MlflowRun, Trained
-from qlora.sweep import SweepConfig, SweepResult, Trial, TrialOutcome, best, grid_trials, ranking_metric, table
-from qlora.tracking import end_run
+from flows.sweep_plan import SweepConfig, SweepResult, Trial, TrialOutcome, best, grid_trials, ranking_metric, table
+from qlora.tracking.runs import end_run
 from registry.gate import gate_metric
 
 log = logging.getLogger("qlora.sweep")
@@ -101,7 +101,7 @@ def _ranking(config: PipelineConfig, outcomes: list[TrialOutcome]) -> str:
 
 def _search(config: PipelineConfig, sweep: SweepConfig):
     if sweep.sampler == "tpe":
-        from qlora.tpe import TpeSearch
+        from flows.tpe import TpeSearch
 
         return TpeSearch(config, sweep)
     return grid_trials(config, sweep)

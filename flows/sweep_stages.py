@@ -1,5 +1,5 @@
 """Prefect tasks of a sweep: the parent MLflow run, each trial's child run and its record, and the
-comparison table. Thin wrappers (the work is in ``qlora/records.py`` and ``qlora/sweep.py``), retried on
+comparison table. Thin wrappers (the work is in ``qlora/tracking/records.py`` and ``flows/sweep_plan.py``), retried on
 transient faults like every stage (``flows/stages.py``).
 """
 
@@ -10,12 +10,12 @@ import json
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
-from qlora.config import PipelineConfig
+from qlora.config.schema import PipelineConfig
 from qlora.errors import retry_transient
-from qlora.records import log_config, log_trial, read_trial, start_child_run
+from qlora.tracking.records import log_config, log_trial, read_trial, start_child_run
 from qlora.refs import MlflowRun, Trained
-from qlora.sweep import SweepConfig, Trial
-from qlora.tracking import ensure_experiment, start_run
+from flows.sweep_plan import SweepConfig, Trial
+from qlora.tracking.runs import ensure_experiment, start_run
 from tasks.reporting import artifact_key
 
 _common = dict(retry_condition_fn=retry_transient, retry_jitter_factor=0.5, retries=2, retry_delay_seconds=[2, 10])
@@ -68,7 +68,7 @@ def publish_sweep(parent: MlflowRun, rows: list[dict], metric: str, model_name: 
     """The comparison table as a Prefect table artifact and as an MLflow table on the parent run, plus its counts."""
     import mlflow
 
-    from qlora.tracking import active_run
+    from qlora.tracking.runs import active_run
 
     key = artifact_key(model_name, "sweep")
     create_table_artifact(rows, key=key, description=f"sweep trials, best by {metric} on the eval split")

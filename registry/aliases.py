@@ -22,7 +22,7 @@ import time
 import uuid
 
 from qlora.errors import UserError
-from qlora.names import filter_literal
+from qlora.tracking.names import filter_literal
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY = "champion_history"  # a JSON list of versions, written by earlier releases; read as the oldest events

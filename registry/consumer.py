@@ -44,9 +44,9 @@ def load(model_uri: str, tracking_uri: str | None = None):
         mlflow.set_tracking_uri(tracking_uri)
     base = (mlflow.models.Model.load(model_uri).metadata or {}).get(BASE_KEY) or {}
     if base.get("hub_id") and base.get("commit"):
-        from qlora.config import QuantizationConfig
+        from qlora.config.schema import QuantizationConfig
         from qlora.errors import ModelError
-        from qlora.loading import hub_base
+        from qlora.models.loading import hub_base
 
         try:
             built = hub_base(base["hub_id"], base["commit"], QuantizationConfig(**base.get("quantization") or {}),

@@ -24,7 +24,7 @@ import json
 
 from pydantic import BaseModel
 
-from qlora.config import RegistryConfig
+from qlora.config.schema import RegistryConfig
 
 SCORES_DIR = "registry/scores"
 

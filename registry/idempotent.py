@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qlora.names import filter_literal
+from qlora.tracking.names import filter_literal
 
 
 def version_of_run(client, name: str, run_id: str):

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 
-from qlora.loading import load_merged
+from qlora.models.loading import load_merged
 from qlora.refs import Adapter, MlflowRun, QuantizedModel
-from qlora.tracking import active_run
+from qlora.tracking.runs import active_run
 
 log = logging.getLogger("qlora.register")
 

@@ -11,11 +11,11 @@ import logging
 import time
 from pathlib import Path
 
-from qlora.config import ModelConfig, QuantizationConfig, stable_hash
+from qlora.config.schema import ModelConfig, QuantizationConfig, stable_hash
 from qlora.errors import ModelError
-from qlora.loading import fix_generation_config, hub_commit, load_base, load_tokenizer
-from qlora.model_source import check_reference
-from qlora.quant import count_4bit_layers, dtype_choice
+from qlora.models.loading import fix_generation_config, hub_commit, load_base, load_tokenizer
+from qlora.models.source import check_reference
+from qlora.models.quant import count_4bit_layers, dtype_choice
 from qlora.refs import QuantizedModel
 from qlora.storage import staged_dir
 
@@ -68,7 +68,7 @@ def prepare_quantized_model(model: ModelConfig, quant: QuantizationConfig, workd
         return QuantizedModel.model_validate_json(manifest.read_text())
 
     t0 = time.perf_counter()
-    m = load_base(model.name_or_path, quant, model)  # a bad model.name_or_path raises one ModelError (qlora/model_source.py)
+    m = load_base(model.name_or_path, quant, model)  # a bad model.name_or_path raises one ModelError (qlora/models/source.py)
     tok = load_tokenizer(model)  # saved with its pad token fixed: every later stage loads it from here
     fix_generation_config(m, tok)  # stop ids saved with the base: eval and MLflow consumers stop alike
     n4 = count_4bit_layers(m) if quant.load_in_4bit else 0

@@ -18,10 +18,10 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from qlora.config import ReportConfig
+from qlora.config.schema import ReportConfig
 from qlora.errors import UserError
 from qlora.refs import Adapter, EvalReport, MlflowRun, RegisteredVersion
-from qlora.secrets import redact_url, webhook_url
+from qlora.models.secrets import redact_url, webhook_url
 
 log = logging.getLogger("qlora.report")
 LOSS_PLOT = "plots/loss.png"

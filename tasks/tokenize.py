@@ -13,9 +13,9 @@ import json
 import logging
 from pathlib import Path
 
-from qlora.config import DataConfig, ModelConfig, stable_hash
+from qlora.config.schema import DataConfig, ModelConfig, stable_hash
 from qlora.errors import ConfigError, UserError
-from qlora.loading import context_length, load_tokenizer
+from qlora.models.loading import context_length, load_tokenizer
 from qlora.refs import MlflowRun, TokenizedData
 from qlora.storage import staged_dir
 from qlora.template import PROMPT_TEMPLATE, chat_template_of, template_kwargs
@@ -133,7 +133,7 @@ def tokenize_dataset(data: DataConfig, model: ModelConfig, workdir: str | Path, 
 
 def log_report(report: DataReport, run: MlflowRun | None, cache_hit: bool) -> None:
     """The data report into the flow's MLflow run: metrics ``data/*`` plus report.md and report.json."""
-    from qlora.outage import logging_to
+    from qlora.tracking.outage import logging_to
 
     with logging_to(run) as tracked:  # a tracking outage costs the report in MLflow, not the stage
         if tracked is None:

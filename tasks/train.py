@@ -15,7 +15,7 @@ import logging
 import time
 from pathlib import Path
 
-from qlora.config import LoraSection, TrainConfig, stable_hash
+from qlora.config.schema import LoraSection, TrainConfig, stable_hash
 from qlora.errors import is_disk_full
 from qlora.refs import Adapter, MlflowRun, QuantizedModel, TokenizedData
 from qlora.storage import disk_full_error

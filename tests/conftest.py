@@ -28,7 +28,7 @@ SHARED_DATA = REPO / "data" / "public"  # verbatim copies of ../shared/data, see
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """A 2-layer, 64-wide Llama with a BPE tokenizer trained on the demo corpus (random weights)."""
-    from qlora.demo import build_demo_base
+    from demo.build import build_demo_base
 
     out = tmp_path_factory.mktemp("tiny-base")
     # 2048 positions: the shared data's longest rows fit, as they would in a real base's context.
@@ -39,7 +39,7 @@ def tiny_base(tmp_path_factory) -> Path:
 def prepared(tiny_base, tmp_path_factory):
     """(workdir, model config, tokenized demo data, 4-bit base) for stage-level tests; one per module,
     so modules that corrupt or lock run directories do not see each other's."""
-    from qlora.config import DataConfig, ModelConfig, QuantizationConfig
+    from qlora.config.schema import DataConfig, ModelConfig, QuantizationConfig
     from tasks.quantize import prepare_quantized_model
     from tasks.tokenize import tokenize_dataset
 

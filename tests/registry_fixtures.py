@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora.config import DataConfig, EvalConfig, LoraSection, ModelConfig, QuantizationConfig, TrainConfig
+from qlora.config.schema import DataConfig, EvalConfig, LoraSection, ModelConfig, QuantizationConfig, TrainConfig
 
 from .conftest import REPO
 
@@ -78,7 +78,7 @@ def trained(tiny_base, tmp_path_factory):
     from tasks.tokenize import tokenize_dataset
     from tasks.train import train_adapter
 
-    from qlora.demo import write_demo_data
+    from demo.build import write_demo_data
 
     work = tmp_path_factory.mktemp("registry-work")
     rows = write_demo_data(work / "rows.jsonl", n=400)  # same task as the demo, fewer rows to tokenize

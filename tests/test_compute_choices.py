@@ -12,13 +12,13 @@ import sys
 import pytest
 import torch
 
-from qlora.config import QuantizationConfig, TrainConfig
-from qlora.quant import compute_dtype, dtype_choice
+from qlora.config.schema import QuantizationConfig, TrainConfig
+from qlora.models.quant import compute_dtype, dtype_choice
 from tasks.training.memory import activation_bytes, checkpoint_every
 
 from .conftest import REPO
 
-PROBE = "import json; from qlora.quant import cpu_compute_dtype as c; d, why = c(); print(json.dumps([str(d), why]))"
+PROBE = "import json; from qlora.models.quant import cpu_compute_dtype as c; d, why = c(); print(json.dumps([str(d), why]))"
 
 
 def _probe(**env) -> tuple[str, str]:
@@ -99,7 +99,7 @@ def test_one_in_n_checkpointing_reaches_the_layers_and_trains_the_same_adapter(p
     from safetensors.torch import load_file
     from transformers import TrainerCallback
 
-    from qlora.config import LoraSection
+    from qlora.config.schema import LoraSection
     from tasks.train import train_adapter
     from tasks.training import recipe
 

@@ -14,7 +14,7 @@ import uuid
 import prefect.main  # noqa: F401  Prefect configures logging on import: bind its console handler now, not to a test's capture
 import pytest
 
-from qlora.config import LoraSection, TrainConfig
+from qlora.config.schema import LoraSection, TrainConfig
 
 from .conftest import REPO
 
@@ -27,7 +27,7 @@ def test_threads_follow_the_cores_available_and_the_slots():
     code = (
         "import json, os\n"
         "import torch\n"
-        "from qlora.resources import available_cpus, set_threads\n"
+        "from qlora.locks import available_cpus, set_threads\n"
         "def fresh():\n"
         "    os.environ.pop('OMP_NUM_THREADS', None); os.environ.pop('MKL_NUM_THREADS', None)\n"
         "out = {'cpus': available_cpus(), 'one_slot': set_threads(1), 'torch': torch.get_num_threads()}\n"
@@ -55,9 +55,9 @@ def test_a_machine_slot_waits_for_its_holder_and_survives_a_sigkill(tmp_path):
     the moment the holder dies, even by SIGKILL (a Prefect lease would stay taken until it expires)."""
     import signal
 
-    from qlora.resources import machine_slot
+    from qlora.locks import machine_slot
 
-    code = (f"import time\nfrom pathlib import Path\nfrom qlora.resources import machine_slot\n"
+    code = (f"import time\nfrom pathlib import Path\nfrom qlora.locks import machine_slot\n"
             f"with machine_slot(1, Path({str(tmp_path)!r})):\n    print('held', flush=True)\n    time.sleep(600)\n")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                               env=dict(os.environ, PYTHONPATH=str(REPO)))

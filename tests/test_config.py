@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from qlora.config import PipelineConfig
-from qlora.config_file import load_config
+from qlora.config.schema import PipelineConfig
+from qlora.config.files import load_config
 from qlora.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -144,7 +144,7 @@ def test_training_choices_that_transformers_knows_load():
 
 
 def test_defaults_taken_unchecked_are_valid_for_transformers():
-    """qlora/trainer_args.py skips importing transformers (and torch) for default values; this is why that is safe."""
+    """qlora/config/checks.py skips importing transformers (and torch) for default values; this is why that is safe."""
     from transformers.trainer_utils import SchedulerType
     from transformers.training_args import OptimizerNames
 

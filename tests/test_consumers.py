@@ -15,9 +15,9 @@ import shutil
 import mlflow
 import pytest
 
-from qlora.config import DataConfig, EvalConfig, LoraSection, ModelConfig, QuantizationConfig, RegistryConfig, TrackingConfig, TrainConfig
-from qlora.loading import ModelCache, load_tuned
-from qlora.tracking import start_run
+from qlora.config.schema import DataConfig, EvalConfig, LoraSection, ModelConfig, QuantizationConfig, RegistryConfig, TrackingConfig, TrainConfig
+from qlora.models.loading import ModelCache, load_tuned
+from qlora.tracking.runs import start_run
 from registry import consumer
 from registry.register import ConsumerCheckError, register_adapter
 from tasks.evaluate import evaluate_adapter

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from bench.data import padding_efficiency
-from qlora.config import DataConfig, ModelConfig, TrainConfig
-from qlora.loading import load_tokenizer
+from qlora.config.schema import DataConfig, ModelConfig, TrainConfig
+from qlora.models.loading import load_tokenizer
 from tasks.data.encode import prepare
 from tasks.training.recipe import training_arguments
 
@@ -139,7 +139,7 @@ def test_training_with_bfd_packing_steps_through_the_bins(prepared, caplog):
     from datasets import load_from_disk
     from transformers import TrainerCallback
 
-    from qlora.config import LoraSection
+    from qlora.config.schema import LoraSection
     from tasks.train import train_adapter
     from tasks.training.packing import bfd_bins
 
@@ -198,7 +198,7 @@ def test_training_with_flex_attention_on_a_cpu_is_refused_before_loading(prepare
     before any model loads (not a NotImplementedError from the first backward); nothing is written."""
     import torch
 
-    from qlora.config import LoraSection
+    from qlora.config.schema import LoraSection
     from qlora.errors import ConfigError
     from tasks.train import run_dir_for, train_adapter
 

@@ -4,9 +4,9 @@ import random
 
 import pytest
 
-from qlora.config import DataConfig, ModelConfig
+from qlora.config.schema import DataConfig, ModelConfig
 from qlora.template import PROMPT_TEMPLATE, inference_prompt, prompt_template_for, render_turns
-from qlora.loading import load_tokenizer
+from qlora.models.loading import load_tokenizer
 from tasks.data.encode import IGNORE_INDEX, prepare
 
 from .test_tokenize import CHAT_TEMPLATE, trained_spans

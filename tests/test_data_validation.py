@@ -5,9 +5,9 @@ import json
 import pytest
 
 from flows.cli import main
-from qlora.config import DataConfig, ModelConfig
+from qlora.config.schema import DataConfig, ModelConfig
 from qlora.errors import DataError
-from qlora.loading import load_tokenizer
+from qlora.models.loading import load_tokenizer
 from tasks.data.encode import prepare
 
 GOOD = '{"instruction": "say hi", "output": "hi"}\n'

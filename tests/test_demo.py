@@ -1,6 +1,6 @@
 import json
 
-from qlora.demo import WORDS, reversal_rows
+from demo.build import WORDS, reversal_rows
 from qlora.template import PROMPT_TEMPLATE, format_prompt, user_message
 
 from .conftest import DEMO_DATA
@@ -21,7 +21,7 @@ def test_demo_rows_are_unique_reversals():
 
 
 def test_tiny_base_is_deterministic(tiny_base, tmp_path):
-    from qlora.demo import build_demo_base
+    from demo.build import build_demo_base
 
     again = build_demo_base(tmp_path / "again", DEMO_DATA, hidden_size=64, num_layers=2, num_heads=2, vocab_size=512)
     for name in ("model.safetensors", "tokenizer.json"):

@@ -13,7 +13,7 @@ import json
 import prefect.main  # noqa: F401  Prefect configures logging on import: bind its console handler now, not to a test's capture
 import pytest
 
-from qlora.config import DataConfig, ModelConfig, QuantizationConfig
+from qlora.config.schema import DataConfig, ModelConfig, QuantizationConfig
 from qlora.errors import UserError, is_transient
 
 from .conftest import DEMO_DATA, REPO

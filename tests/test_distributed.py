@@ -10,8 +10,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from qlora.config import DataConfig, LoraSection, ModelConfig, QuantizationConfig, TrackingConfig, TrainConfig
-from qlora.tracking import end_run, start_run
+from qlora.config.schema import DataConfig, LoraSection, ModelConfig, QuantizationConfig, TrackingConfig, TrainConfig
+from qlora.tracking.runs import end_run, start_run
 from tasks.quantize import prepare_quantized_model
 from tasks.tokenize import tokenize_dataset
 from tasks.train import train_adapter

@@ -10,8 +10,8 @@ import mlflow
 import prefect.main  # noqa: F401  Prefect configures logging on import: bind its console handler now, not to a test's capture
 import pytest
 
-from qlora.config import DataConfig, LoraSection, ModelConfig, QuantizationConfig, TrainConfig
-from qlora.config_file import load_config
+from qlora.config.schema import DataConfig, LoraSection, ModelConfig, QuantizationConfig, TrainConfig
+from qlora.config.files import load_config
 from qlora.errors import ConfigError, TrainingDiverged, is_transient
 from tasks.train import run_dir_for, train_adapter
 
@@ -124,7 +124,7 @@ def test_absurd_values_are_refused_at_load(override, key):
 
 
 def test_absurd_learning_rate_is_warned_about():
-    from qlora.sanity import config_warnings
+    from qlora.config.sanity import config_warnings
 
     assert config_warnings(load_config(None)) == []
     for lr in ("1e9", "1e-9"):

@@ -11,8 +11,8 @@ import math
 import mlflow
 import pytest
 
-from qlora.config import DataConfig, EvalConfig, LoraSection, ModelConfig, QuantizationConfig, RegistryConfig, TrackingConfig, TrainConfig
-from qlora.tracking import start_run
+from qlora.config.schema import DataConfig, EvalConfig, LoraSection, ModelConfig, QuantizationConfig, RegistryConfig, TrackingConfig, TrainConfig
+from qlora.tracking.runs import start_run
 from registry.gate import SCORES_DIR, gate_metric, stored_scores
 from registry.register import register_adapter
 from tasks.evaluate import evaluate_adapter, load_metric

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora.config import LoraSection, RegistryConfig, TrackingConfig, TrainConfig
+from qlora.config.schema import LoraSection, RegistryConfig, TrackingConfig, TrainConfig
 from qlora.errors import ConfigError, DataError
 from qlora.errors import TrackingUnavailable, TrainingDiverged, is_transient
 from qlora.refs import MlflowRun
@@ -106,7 +106,7 @@ def test_cuda_oom_retries_once_with_half_batch(prepared, monkeypatch, caplog, ml
     import torch
     from transformers import Trainer
 
-    from qlora.tracking import start_run
+    from qlora.tracking.runs import start_run
 
     work, _, data, base = prepared
     run = start_run(TrackingConfig(uri=mlflow_uri), "oom")
@@ -164,7 +164,7 @@ def test_same_config_twice_at_once_is_serialised_by_the_run_dir_lock(prepared, c
 
 
 def test_mlflow_down_training_completes_and_registration_fails_clearly(prepared, closed_port_uri, tmp_path):
-    from qlora.tracking import start_or_resume_run
+    from qlora.tracking.runs import start_or_resume_run
     from registry.register import register_adapter
 
     work, _, data, base = prepared
@@ -184,7 +184,7 @@ def test_mlflow_dying_mid_training_does_not_kill_it(prepared, mlflow_uri, monkey
     import mlflow
     import requests
 
-    from qlora.tracking import start_run
+    from qlora.tracking.runs import start_run
 
     work, _, data, base = prepared
     run = start_run(TrackingConfig(uri=mlflow_uri), "mid-run-outage")
@@ -204,7 +204,7 @@ def test_mlflow_dying_mid_training_does_not_kill_it(prepared, mlflow_uri, monkey
     with caplog.at_level(logging.WARNING, logger="qlora"):
         a = train_adapter(base, data, LORA, _train(max_steps=5, save_steps=5, learning_rate=4e-3), work, run=run)
     assert a.global_step == 5
-    assert caplog.text.count("the run goes on untracked") == 1  # one warning (qlora/outage.py), training goes on
+    assert caplog.text.count("the run goes on untracked") == 1  # one warning (qlora/tracking/outage.py), training goes on
     mlflow.flush_async_logging()
     steps = [m.step for m in mlflow.MlflowClient(mlflow_uri).get_metric_history(run.run_id, "loss")]
     assert steps == [1, 2]
@@ -213,8 +213,8 @@ def test_mlflow_dying_mid_training_does_not_kill_it(prepared, mlflow_uri, monkey
 def test_register_is_idempotent_per_run(prepared, mlflow_uri, tmp_path):
     import mlflow
 
-    from qlora.config import EvalConfig
-    from qlora.tracking import start_run
+    from qlora.config.schema import EvalConfig
+    from qlora.tracking.runs import start_run
     from registry.register import register_adapter
     from tasks.evaluate import evaluate_adapter
 
@@ -245,7 +245,7 @@ def test_early_stopping_on_eval_loss(prepared):
 def test_failed_flow_hook_marks_its_running_runs_failed(mlflow_uri, tmp_path):
     import mlflow
 
-    from qlora.tracking import fail_runs_of_flow_run, start_run
+    from qlora.tracking.runs import fail_runs_of_flow_run, start_run
 
     cfg = TrackingConfig(uri=mlflow_uri, artifact_location=str(tmp_path / "art"))
     mine = start_run(cfg, "crashed", tags={"prefect.flow_run_id": "fr-1"})

@@ -16,9 +16,9 @@ from collections import Counter
 
 import pytest
 
-from qlora.config import DataConfig, ModelConfig
+from qlora.config.schema import DataConfig, ModelConfig
 from qlora.errors import DataError
-from qlora.loading import load_tokenizer
+from qlora.models.loading import load_tokenizer
 from tasks.data.encode import IGNORE_INDEX, prepare
 
 from .conftest import SHARED_DATA
@@ -158,7 +158,7 @@ def test_whole_flow_per_family(name, family_base, prefect_server, tmp_path, mlfl
 
     from flows.cli import build_parser
     from flows.finetune import qlora_finetune
-    from qlora.config_file import load_config
+    from qlora.config.files import load_config
 
     model_name = "fam-" + name.replace(".", "")
     overrides = {

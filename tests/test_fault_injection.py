@@ -18,7 +18,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from qlora.config_file import load_config
+from qlora.config.files import load_config
 
 from .conftest import DEMO_DATA, REPO
 
@@ -194,9 +194,9 @@ def test_mlflow_down_whole_flow_trains_then_fails_clearly(prefect_server, tiny_b
 def test_hub_token_from_prefect_secret_block_or_env(prefect_server, monkeypatch):
     from prefect.blocks.system import Secret
 
-    from qlora.config import ModelConfig
+    from qlora.config.schema import ModelConfig
     from qlora.errors import ConfigError
-    from qlora.secrets import hf_token
+    from qlora.models.secrets import hf_token
 
     Secret(value=PLANTED_TOKEN).save("qlora-test-hf-token", overwrite=True)
     monkeypatch.setenv("HF_TOKEN", "hf_from_env")

@@ -10,7 +10,7 @@ import sys
 import mlflow
 import pytest
 
-from qlora.config_file import load_config
+from qlora.config.files import load_config
 from qlora.template import PROMPT_TEMPLATE
 
 from .conftest import DEMO_DATA, REPO
@@ -63,7 +63,7 @@ def test_flow_end_to_end(prefect_server, tiny_base, tmp_path, mlflow_uri):
 
     from flows.finetune import qlora_finetune
     from registry.consumer import predict
-    from qlora.loading import load_base
+    from qlora.models.loading import load_base
 
     cfg = _config(tiny_base, tmp_path)
     state = qlora_finetune(config=cfg, return_state=True)

@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from qlora.config import DataConfig, ModelConfig
+from qlora.config.schema import DataConfig, ModelConfig
 from qlora.errors import DataError
-from qlora.loading import load_tokenizer
+from qlora.models.loading import load_tokenizer
 from tasks.data.encode import encode, prepare
 
 from .conftest import REPO

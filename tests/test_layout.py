@@ -13,12 +13,13 @@ from pathlib import Path
 
 from .conftest import REPO
 
-PACKAGES = ("flows", "tasks", "registry", "qlora")
+PACKAGES = ("flows", "tasks", "registry", "qlora", "demo")
 ALLOWED = {
-    "flows": {"flows", "tasks", "registry", "qlora"},
+    "flows": {"flows", "tasks", "registry", "qlora", "demo"},
     "tasks": {"tasks", "qlora"},
     "registry": {"registry", "qlora"},
     "qlora": {"qlora"},
+    "demo": {"demo", "qlora"},
 }
 MAX_LINES = 350
 

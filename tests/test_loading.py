@@ -1,4 +1,4 @@
-"""``qlora/loading.py``: one place loads every model and tokenizer, so a base whose tokenizer has no pad
+"""``qlora/models/loading.py``: one place loads every model and tokenizer, so a base whose tokenizer has no pad
 token (Llama-3, Mistral) trains, evaluates and registers like any other."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import mlflow
 
-from qlora.config import DataConfig, EvalConfig, LoraSection, ModelConfig, QuantizationConfig, RegistryConfig, TrackingConfig, TrainConfig
-from qlora.demo import write_demo_data
-from qlora.loading import ModelCache, load_tokenizer
-from qlora.tracking import start_run
+from qlora.config.schema import DataConfig, EvalConfig, LoraSection, ModelConfig, QuantizationConfig, RegistryConfig, TrackingConfig, TrainConfig
+from demo.build import write_demo_data
+from qlora.models.loading import ModelCache, load_tokenizer
+from qlora.tracking.runs import start_run
 from registry.consumer import predict
 from registry.register import register_adapter
 from tasks.evaluate import evaluate_adapter

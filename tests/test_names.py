@@ -7,7 +7,7 @@ import mlflow
 import pytest
 import yaml
 
-from qlora.config_file import load_config
+from qlora.config.files import load_config
 from qlora.errors import ConfigError
 
 REFUSED = ["team/model", "model:v2", "..", ".", "..hidden", "", "  ", " padded", "both'and\"", "x" * 250]
@@ -30,7 +30,7 @@ def test_names_mlflow_refuses_fail_at_config_load_naming_the_key(tmp_path, name)
 def test_our_rules_agree_with_mlflows_own_check(tmp_path):
     from mlflow.utils.validation import _validate_model_name
 
-    from qlora.names import model_name_problem
+    from qlora.tracking.names import model_name_problem
 
     for name in REFUSED + ACCEPTED:
         try:
@@ -70,7 +70,7 @@ def test_names_with_quotes_work_in_every_registry_filter(mlflow_uri, tmp_path):
 
 
 def test_filter_literal_picks_the_quote_the_value_lacks():
-    from qlora.names import filter_literal
+    from qlora.tracking.names import filter_literal
 
     assert filter_literal("abc") == "'abc'"
     assert filter_literal("it's") == '"it\'s"'

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from qlora.config_file import load_config
+from qlora.config.files import load_config
 from tasks.quantize import prepare_quantized_model
 from tasks.tokenize import tokenize_dataset
 from tasks.train import train_adapter
@@ -29,7 +29,7 @@ TOLERANCE = 0.1  # absolute, nats/token: other CPUs' float32 kernels sum in othe
 
 @pytest.fixture(scope="module")
 def demo_base(tmp_path_factory):
-    from qlora.demo import build_demo_base
+    from demo.build import build_demo_base
 
     return build_demo_base(tmp_path_factory.mktemp("demo-base"), DEMO_DATA)
 

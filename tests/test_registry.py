@@ -16,8 +16,8 @@ import mlflow
 import pytest
 
 from flows.cli import main as cli
-from qlora.config import RegistryConfig, TrackingConfig
-from qlora.tracking import start_run
+from qlora.config.schema import RegistryConfig, TrackingConfig
+from qlora.tracking.runs import start_run
 from registry import aliases
 from registry.gate import decide, eval_set_fingerprint, paired_bootstrap
 from registry.register import ConsumerCheckError, register_adapter
@@ -287,8 +287,8 @@ def test_register_logs_the_model_evaluate_loaded_then_releases_it(trained, mlflo
     loading the 4-bit base and adapter again, and frees it once logged."""
     import logging
 
-    from qlora.config import EvalConfig
-    from qlora.loading import ModelCache
+    from qlora.config.schema import EvalConfig
+    from qlora.models.loading import ModelCache
     from registry.register import log_adapter
     from tasks.evaluate import evaluate_adapter
 

@@ -16,8 +16,8 @@ import traceback
 import mlflow
 import pytest
 
-from qlora.config import RegistryConfig, TrackingConfig
-from qlora.tracking import start_run
+from qlora.config.schema import RegistryConfig, TrackingConfig
+from qlora.tracking.runs import start_run
 from registry import aliases
 
 from .postgres import Postgres, ensure_installed
@@ -120,7 +120,7 @@ def _flow(args) -> tuple[str, str]:
     cfg_overrides, i = args
     try:
         from flows.finetune import qlora_finetune
-        from qlora.config_file import load_config
+        from qlora.config.files import load_config
 
         return qlora_finetune(config=load_config(None, cfg_overrides)).version, ""
     except Exception:
@@ -130,7 +130,7 @@ def _flow(args) -> tuple[str, str]:
 def test_four_concurrent_flow_runs_register_on_postgres(prefect_server, tiny_base, pg_mlflow_server, tmp_path, monkeypatch):
     from prefect.settings import PREFECT_API_URL
 
-    from qlora.demo import write_demo_data
+    from demo.build import write_demo_data
 
     name = "tiny-concurrent-flows"
     rows = write_demo_data(tmp_path / "rows.jsonl", n=200)

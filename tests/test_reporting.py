@@ -6,9 +6,9 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import mlflow
 
-from qlora.config import ReportConfig, TrackingConfig
+from qlora.config.schema import ReportConfig, TrackingConfig
 from qlora.refs import Adapter, EvalReport, RegisteredVersion
-from qlora.tracking import start_run
+from qlora.tracking.runs import start_run
 from tasks.reporting import artifact_key, example_rows, log_loss_plot, mlflow_links, notify, render_report
 
 REPORT = EvalReport(
@@ -80,7 +80,7 @@ class _Hook:
 
 def test_failed_flow_run_notifies_the_webhook(prefect_server, tiny_base, tmp_path, mlflow_uri):
     from flows.finetune import qlora_finetune
-    from qlora.config_file import load_config
+    from qlora.config.files import load_config
 
     hook = _Hook()
     try:

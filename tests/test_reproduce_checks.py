@@ -1,4 +1,4 @@
-"""The lineage checks of `qlora reproduce` (registry/reproduce.py) on their own: what each refusal and warning
+"""The lineage checks of `qlora reproduce` (registry/rebuild.py) on their own: what each refusal and warning
 says. The whole command runs in tests/test_sweep.py on a version a sweep registered."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from qlora.config import PipelineConfig
+from qlora.config.schema import PipelineConfig
 from qlora.errors import UserError
 from qlora.refs import MlflowRun, QuantizedModel, TokenizedData
 from registry.lineage import git_commit, library_versions
-from registry.reproduce import Lineage, NotReproducible, check_base, check_data, environment_differences, read_lineage, rebased
+from registry.rebuild import Lineage, NotReproducible, check_base, check_data, environment_differences, read_lineage, rebased
 
 
 def _lineage(tmp_path, config=None, report=None, **tags) -> Lineage:

@@ -14,7 +14,7 @@ from .conftest import DEMO_DATA, REPO
 
 TRAIN = """
 import hashlib, json, sys
-from qlora.config import DataConfig, LoraSection, ModelConfig, QuantizationConfig, TrainConfig
+from qlora.config.schema import DataConfig, LoraSection, ModelConfig, QuantizationConfig, TrainConfig
 from tasks.quantize import prepare_quantized_model
 from tasks.tokenize import tokenize_dataset
 from tasks.train import train_adapter

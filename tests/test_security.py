@@ -10,8 +10,8 @@ import prefect.main  # noqa: F401  Prefect configures logging on import: bind it
 import yaml
 
 from flows.cli import main
-from qlora.config import DataConfig, ModelConfig, ReportConfig
-from qlora.config_file import load_config
+from qlora.config.schema import DataConfig, ModelConfig, ReportConfig
+from qlora.config.files import load_config
 
 from .conftest import DEMO_DATA
 from .test_reporting import _Hook
@@ -45,7 +45,7 @@ def test_failed_flow_notifies_through_the_secret_and_keeps_the_url_out_of_its_pa
     from prefect.client.orchestration import get_client
 
     from flows.finetune import qlora_finetune
-    from qlora.sanity import config_warnings
+    from qlora.config.sanity import config_warnings
 
     hook = _Hook()
     try:

@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from qlora.config import PipelineConfig
-from qlora.config_file import load_config
+from qlora.config.schema import PipelineConfig
+from qlora.config.files import load_config
 from qlora.errors import ConfigError
 from qlora.refs import Adapter, EvalReport, MlflowRun, QuantizedModel, TokenizedData, Trained
-from qlora.sweep import (SweepConfig, TrialOutcome, best, grid_trials, key_problem, markdown, parse_grid, ranking_metric,
+from flows.sweep_plan import (SweepConfig, TrialOutcome, best, grid_trials, key_problem, markdown, parse_grid, ranking_metric,
                          sweep_config, table)
 
 from .conftest import REPO
@@ -158,7 +158,7 @@ def test_demo_config_loads_with_a_grid():
 
 def test_tpe_asks_in_batches_within_the_grid_and_learns_from_told_scores():
     pytest.importorskip("optuna")
-    from qlora.tpe import TpeSearch
+    from flows.tpe import TpeSearch
 
     sweep = SweepConfig(grid={"lora.r": [4, 8, 16], "lora.target_modules": [["q_proj"], "all-linear"]}, sampler="tpe",
                         trials=5, max_parallel=2)

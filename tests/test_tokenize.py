@@ -6,10 +6,10 @@ from collections import Counter
 import pytest
 from datasets import load_from_disk
 
-from qlora.config import DataConfig, ModelConfig
+from qlora.config.schema import DataConfig, ModelConfig
 from qlora.errors import DataError
 from qlora.template import format_prompt, user_message
-from qlora.loading import load_tokenizer
+from qlora.models.loading import load_tokenizer
 from tasks.data.encode import IGNORE_INDEX
 from tasks.tokenize import tokenize_dataset
 
@@ -136,8 +136,8 @@ def test_overlength_truncate_drop_error(tmp_path, tiny_base):
 def test_report_reaches_mlflow_and_duplicates_overlap_are_counted(tmp_path, tiny_base, mlflow_uri):
     import mlflow
 
-    from qlora.config import TrackingConfig
-    from qlora.tracking import end_run, start_run
+    from qlora.config.schema import TrackingConfig
+    from qlora.tracking.runs import end_run, start_run
 
     rows = [{"instruction": f"say {i}", "output": str(i)} for i in range(20)]
     train = tmp_path / "train.jsonl"

@@ -11,7 +11,7 @@ import mlflow
 import prefect.main  # noqa: F401  Prefect configures logging on import: before caplog and capture streams exist
 import pytest
 
-from qlora.config import TrackingConfig
+from qlora.config.schema import TrackingConfig
 
 pytestmark = pytest.mark.slow  # MLflow servers killed and SIGTERMed runs: ~95 s
 
@@ -31,7 +31,7 @@ def test_locked_sqlite_store_is_retried_when_opening_the_run(prefect_server, tmp
     from prefect.client.orchestration import get_client
 
     from flows import stages
-    from qlora.tracking import start_or_resume_run
+    from qlora.tracking.runs import start_or_resume_run
 
     db = tmp_path / "mlflow.db"
     cfg = TrackingConfig(uri=f"sqlite:///{db}", artifact_location=str(tmp_path / "art"))
@@ -55,7 +55,7 @@ def test_a_live_runs_mlflow_run_is_never_continued_by_a_second_run(tmp_path):
     import os
     import signal
 
-    from qlora.tracking import release_run_record, start_or_resume_run
+    from qlora.tracking.runs import release_run_record, start_or_resume_run
 
     from .conftest import REPO
 
@@ -63,8 +63,8 @@ def test_a_live_runs_mlflow_run_is_never_continued_by_a_second_run(tmp_path):
     cfg = TrackingConfig(uri=uri, artifact_location=str(tmp_path / "art"))
     code = (
         "import sys, time\n"
-        "from qlora.config import TrackingConfig\n"
-        "from qlora.tracking import start_or_resume_run\n"
+        "from qlora.config.schema import TrackingConfig\n"
+        "from qlora.tracking.runs import start_or_resume_run\n"
         f"cfg = TrackingConfig(uri={uri!r}, artifact_location={str(tmp_path / 'art')!r})\n"
         f"r = start_or_resume_run(cfg, {str(work)!r}, 'key', 'A', {{'prefect.flow_run_id': 'flow-A'}})\n"
         "print(r.run_id, flush=True)\n"
@@ -156,7 +156,7 @@ def test_mlflow_server_dying_mid_training(prefect_server, tiny_base, tmp_path, m
 
     from flows import stages
     from flows.finetune import qlora_finetune
-    from qlora.config_file import load_config
+    from qlora.config.files import load_config
     from qlora.errors import TrackingUnavailable
 
     for k in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):

@@ -12,7 +12,7 @@ import logging
 import random
 from dataclasses import dataclass, field
 
-from qlora.config import DataConfig
+from qlora.config.schema import DataConfig
 from qlora.errors import DataError
 from qlora.template import Segment, TemplateError, prompt_template_for, render_examples, template_kwargs
 from tasks.data.formats import first_exchange

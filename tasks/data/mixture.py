@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from qlora.config import DataConfig, DataSource, stable_hash
+from qlora.config.schema import DataConfig, DataSource, stable_hash
 from qlora.template import prompt_template_for
 from tasks.data.encode import Prepared, encode_source, hold_out, prepare, select_rows
 from tasks.data.report import DataReport, SourceStats

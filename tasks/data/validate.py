@@ -10,7 +10,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 
-from qlora.config import DataConfig
+from qlora.config.schema import DataConfig
 from qlora.errors import DataError
 from qlora.template import Turn
 from tasks.data.formats import RowProblem, detect_format, row_turns

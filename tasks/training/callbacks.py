@@ -11,7 +11,7 @@ import math
 from transformers import TrainerCallback
 
 from qlora.errors import TrainingDiverged, is_transient
-from qlora.outage import mark_down
+from qlora.tracking.outage import mark_down
 from qlora.refs import MlflowRun
 
 log = logging.getLogger("qlora.train")
@@ -163,7 +163,7 @@ def safe_mlflow_callback():
                 log.warning("MLflow logging failed (%s: %s); training continues without tracking",
                             type(e).__name__, str(e).splitlines()[0][:200])
                 return
-            # The outage's one warning for the whole run: evaluation then skips tracking too (qlora/outage.py).
+            # The outage's one warning for the whole run: evaluation then skips tracking too (qlora/tracking/outage.py).
             mark_down(MlflowRun(tracking_uri=self._ml_flow.get_tracking_uri(), run_id=active.info.run_id), e)
 
         def _guard(self, fn, *a, **kw):

@@ -26,10 +26,10 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from qlora.config import LoraSection, TrainConfig
+from qlora.config.schema import LoraSection, TrainConfig
 from qlora.errors import ConfigError
 from qlora.refs import MlflowRun, QuantizedModel, TokenizedData
-from qlora.resources import threads_per_run
+from qlora.locks import threads_per_run
 
 log = logging.getLogger("qlora.distributed")
 REPO = Path(__file__).resolve().parents[2]
@@ -94,7 +94,7 @@ def run_launcher(spec: LaunchSpec) -> None:
     env = dict(os.environ)
     # The ranks import this checkout's packages whatever the worker's working directory is.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    # This run's threads (qlora/resources.py: cores available / training slots) shared by its n ranks.
+    # This run's threads (qlora/locks.py: cores available / training slots) shared by its n ranks.
     run_threads = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else threads_per_run(1)
     env["OMP_NUM_THREADS"] = str(max(1, run_threads // n))
     log.info("launching %d training processes (%s): %s", n, spec.train.distributed, " ".join(cmd))

@@ -11,10 +11,10 @@ import logging
 import time
 from pathlib import Path
 
-from qlora.config import LoraSection, TrainConfig
+from qlora.config.schema import LoraSection, TrainConfig
 from qlora.errors import ConfigError
-from qlora.loading import load_base, load_tokenizer
-from qlora.outage import logging_to
+from qlora.models.loading import load_base, load_tokenizer
+from qlora.tracking.outage import logging_to
 from qlora.refs import Adapter, MlflowRun, QuantizedModel, TokenizedData
 from tasks.training.callbacks import DivergenceGuard, safe_mlflow_callback
 from tasks.training.checkpoints import gather_fsdp_adapter, latest_valid_checkpoint, save_adapter_tensors

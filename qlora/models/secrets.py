@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from urllib.parse import urlsplit
 
-from qlora.config import ModelConfig, ReportConfig
+from qlora.config.schema import ModelConfig, ReportConfig
 from qlora.errors import ConfigError
 
 

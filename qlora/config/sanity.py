@@ -2,13 +2,13 @@
 
 Refusing them would break legitimate experiments (the tests diverge a run on purpose with
 ``learning_rate=1e37``); the divergence guard in training stops a run that such a value ruins.
-Values that cannot work are refused where they are known: ranges in ``qlora/config.py``, the base's
+Values that cannot work are refused where they are known: ranges in ``qlora/config/schema.py``, the base's
 context length when its tokenizer loads (``tasks/tokenize.py``).
 """
 
 from __future__ import annotations
 
-from qlora.config import PipelineConfig
+from qlora.config.schema import PipelineConfig
 
 LEARNING_RATE_RANGE = (1e-6, 1e-1)  # QLoRA uses 1e-4..3e-4; full fine-tuning 1e-5..5e-5
 LONG_GENERATION = 4096  # eval.max_new_tokens above this makes evaluation (two passes) very slow

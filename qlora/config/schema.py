@@ -10,9 +10,9 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from qlora.names import model_name_problem
-from qlora.section import Section, stable_hash  # noqa: F401  (stable_hash: imported from here by the tasks)
-from qlora.train_config import TrainConfig
+from qlora.tracking.names import model_name_problem
+from qlora.config.section import Section, stable_hash  # noqa: F401  (stable_hash: imported from here by the tasks)
+from qlora.config.train import TrainConfig
 
 DEMO_BASE_DIR = ".qlora/demo-base"
 
@@ -198,7 +198,7 @@ class RegistryConfig(Section):
     @field_validator("model_name")
     @classmethod
     def _name_mlflow_accepts(cls, v: str) -> str:
-        # Checked now, not when registering after training (qlora/names.py has MLflow's rules).
+        # Checked now, not when registering after training (qlora/tracking/names.py has MLflow's rules).
         problem = model_name_problem(v)
         if problem:
             raise ValueError(problem)

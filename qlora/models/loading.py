@@ -11,11 +11,11 @@ import contextlib
 import logging
 from pathlib import Path
 
-from qlora.config import ModelConfig, QuantizationConfig
-from qlora.model_source import loading
-from qlora.quant import bnb_config, compute_dtype, device_map
+from qlora.config.schema import ModelConfig, QuantizationConfig
+from qlora.models.source import loading
+from qlora.models.quant import bnb_config, compute_dtype, device_map
 from qlora.refs import Adapter, QuantizedModel
-from qlora.secrets import hf_token
+from qlora.models.secrets import hf_token
 
 log = logging.getLogger("qlora.loading")
 
@@ -141,7 +141,7 @@ def hub_base(hub_id: str, commit: str, quant: QuantizationConfig, attn: str = "s
     training run's ``.qlora/quantized`` folder."""
     import os
 
-    from qlora.config import stable_hash
+    from qlora.config.schema import stable_hash
     from qlora.storage import staged_dir
 
     root = Path(cache or os.environ.get("QLORA_BASE_CACHE") or Path.home() / ".cache" / "qlora" / "bases")

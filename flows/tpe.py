@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 
-from qlora.config import PipelineConfig
+from qlora.config.schema import PipelineConfig
 from qlora.errors import ConfigError
-from qlora.sweep import SweepConfig, Trial, TrialOutcome, trial_config
+from flows.sweep_plan import SweepConfig, Trial, TrialOutcome, trial_config
 
 
 class TpeSearch:

@@ -1,6 +1,6 @@
 """How the batching choices train one epoch of real data: padded, length-grouped, flattened, bfd bins.
 
-    make bench-packing          (= python -m bench.packing; BENCH_ROUNDS, PACKING_ROWS to change its size)
+    make bench-packing          (= python -m bench.batching; BENCH_ROUNDS, PACKING_ROWS to change its size)
 
 The training stage (``tasks.train.train_adapter``: 4-bit demo base, LoRA r=16 all-linear, paged 8-bit
 AdamW, the compute dtype ``auto`` picks) on the first PACKING_ROWS training rows of Code Alpaca
@@ -38,7 +38,7 @@ def main() -> None:
     from datasets import DatasetDict, load_from_disk
 
     from bench.run import cpu_name
-    from qlora.config import DataConfig, LoraSection, ModelConfig, QuantizationConfig, TrainConfig
+    from qlora.config.schema import DataConfig, LoraSection, ModelConfig, QuantizationConfig, TrainConfig
     from qlora.refs import TokenizedData
     from tasks.quantize import prepare_quantized_model
     from tasks.tokenize import tokenize_dataset

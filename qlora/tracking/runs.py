@@ -7,10 +7,10 @@ import logging
 import os
 from pathlib import Path
 
-from qlora.config import TrackingConfig
+from qlora.config.schema import TrackingConfig
 from qlora.errors import TrackingUnavailable, is_transient
-from qlora.names import filter_literal
-from qlora.outage import mark_up
+from qlora.tracking.names import filter_literal
+from qlora.tracking.outage import mark_up
 from qlora.refs import MlflowRun
 
 log = logging.getLogger("qlora.tracking")

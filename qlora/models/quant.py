@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from qlora.config import QuantizationConfig
+from qlora.config.schema import QuantizationConfig
 
 log = logging.getLogger("qlora.quant")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from qlora.config import PipelineConfig
+from qlora.config.schema import PipelineConfig
 from qlora.refs import MlflowRun, Trained
 
 CONFIG_ARTIFACT = "config.json"

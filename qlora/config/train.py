@@ -1,6 +1,6 @@
-"""The ``train:`` section of the config (``qlora.config.PipelineConfig.train``): Trainer hyperparameters,
-the pipeline's own training switches, and the worker's training slots. Split from ``qlora/config.py`` to
-keep each file readable; import it from ``qlora.config`` like every other section."""
+"""The ``train:`` section of the config (``qlora.config.schema.PipelineConfig.train``): Trainer hyperparameters,
+the pipeline's own training switches, and the worker's training slots. Split from ``qlora/config/schema.py`` to
+keep each file readable; import it from ``qlora.config.schema`` like every other section."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from qlora.section import Section
-from qlora.trainer_args import check_train_field
+from qlora.config.section import Section
+from qlora.config.checks import check_train_field
 
 
 class TrainConfig(Section):
@@ -103,7 +103,7 @@ class TrainConfig(Section):
     @field_validator("optim", "lr_scheduler_type", "report_to", "extra_args")
     @classmethod
     def _known_to_transformers(cls, v, info):
-        """Checked against transformers when the config loads, not when training starts (qlora/trainer_args.py)."""
+        """Checked against transformers when the config loads, not when training starts (qlora/config/checks.py)."""
         return check_train_field(info.field_name, v, cls.model_fields[info.field_name].get_default(call_default_factory=True),
                                  set(cls.model_fields))
 

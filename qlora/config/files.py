@@ -1,4 +1,4 @@
-"""A YAML file plus ``--set dotted.key=value`` overrides, validated into ``qlora.config.PipelineConfig``;
+"""A YAML file plus ``--set dotted.key=value`` overrides, validated into ``qlora.config.schema.PipelineConfig``;
 every problem is reported as ``file: key: message`` (a ``ConfigError``, exit 1, never retried)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from qlora.config import PipelineConfig
+from qlora.config.schema import PipelineConfig
 from qlora.errors import ConfigError
 
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from qlora.config import PipelineConfig
+from qlora.config.schema import PipelineConfig
 from qlora.errors import UserError
-from qlora.records import CWD_TAG, read_config
+from qlora.tracking.records import CWD_TAG, read_config
 from qlora.refs import MlflowRun, QuantizedModel, TokenizedData
 from registry.lineage import git_commit, library_versions
 

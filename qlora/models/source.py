@@ -15,7 +15,7 @@ import logging
 import os
 from pathlib import Path
 
-from qlora.config import DEMO_BASE_DIR, ModelConfig
+from qlora.config.schema import DEMO_BASE_DIR, ModelConfig
 from qlora.errors import ModelError
 
 log = logging.getLogger("qlora.loading")

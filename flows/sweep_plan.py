@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from qlora.config import PipelineConfig
+from qlora.config.schema import PipelineConfig
 from qlora.errors import ConfigError
 from qlora.refs import MlflowRun, RegisteredVersion, Trained
 

@@ -76,7 +76,7 @@ def cmd_sweep(args) -> int:
     if sweep.sampler == "grid":
         grid_trials(cfg, sweep)  # every trial's config checked before any server starts
     else:
-        from flows.tpe import TpeSearch
+        from flows.sweep_plan import TpeSearch
 
         TpeSearch(cfg, sweep)  # Optuna installed, every value valid
     result = _flows("flows.sweep").qlora_sweep(config=cfg, sweep=sweep)

@@ -25,13 +25,13 @@ from prefect import flow, runtime
 
 from flows import stages
 from flows.approval import await_approval
-from flows.device_slot import device_slot
+from qlora.locks import device_slot
 from qlora.config.schema import PipelineConfig
 from qlora.models.loading import ModelCache
 from qlora.tracking.outage import bounded_requests, hurry, is_down_at
 from qlora.refs import MlflowRun, RegisteredVersion, Trained
 from qlora.locks import set_threads
-from qlora.config.sanity import config_warnings
+from qlora.config.schema import config_warnings
 from qlora.tracking.runs import end_run, fail_runs_of_flow_run, release_run_record, resolve_uri
 from tasks.reporting import notify
 
@@ -75,7 +75,7 @@ def qlora_finetune(config: PipelineConfig = PipelineConfig()) -> RegisteredVersi
 
 
 def _run(config: PipelineConfig) -> RegisteredVersion:
-    for warning in config_warnings(config):  # legal but suspicious values (qlora/config/sanity.py)
+    for warning in config_warnings(config):  # legal but suspicious values (qlora/config/schema.py)
         log.warning(warning)
     set_threads(config.train.slots_per_worker)  # cores available / training slots of this worker (qlora/locks.py)
     opening = dict(
@@ -106,7 +106,7 @@ def _run(config: PipelineConfig) -> RegisteredVersion:
 
 def train_and_evaluate(config: PipelineConfig, run: MlflowRun | None, models: ModelCache | None = None) -> Trained:
     """Stages 1-4, what one sweep trial runs too (``flows/sweep.py``). Training and evaluation hold this
-    machine's device slot (``flows/device_slot.py``): concurrent flow runs queue there instead of sharing a GPU."""
+    machine's device slot (``qlora/locks.py``): concurrent flow runs queue there instead of sharing a GPU."""
     data = stages.tokenize(config.data, config.model, config.workdir, run)
     base = stages.quantize(config.model, config.quantization, config.workdir)
     with device_slot():

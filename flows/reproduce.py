@@ -23,7 +23,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows import stages
-from flows.device_slot import device_slot
+from qlora.locks import device_slot
 from qlora.config.schema import TrackingConfig
 from qlora.errors import UserError, retry_transient
 from qlora.tracking.runs import resolve_uri

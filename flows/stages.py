@@ -15,13 +15,13 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import DEFAULT
 
-from flows.concurrency import training_slot
 from qlora.config.schema import DataConfig, EvalConfig, LoraSection, ModelConfig, PipelineConfig, QuantizationConfig, RegistryConfig, ReportConfig, TrackingConfig, TrainConfig
 from qlora.errors import retry_transient
+from qlora.locks import one_writer, training_slot
 from qlora.models.loading import ModelCache
+from qlora.refs import Adapter, EvalReport, MlflowRun, QuantizedModel, RegisteredVersion, TokenizedData
 from qlora.tracking.outage import required
 from qlora.tracking.records import log_config
-from qlora.refs import Adapter, EvalReport, MlflowRun, QuantizedModel, RegisteredVersion, TokenizedData
 from qlora.tracking.runs import start_or_resume_run
 from registry.register import register_adapter
 from tasks import reporting
@@ -41,15 +41,6 @@ def _markdown(key: str, markdown: str) -> None:
     create_markdown_artifact(markdown=markdown, key=reporting.artifact_key(key, ""))
 
 
-def _one_writer(workdir: str, cache: str):
-    """Flow runs that need the same cache entry at once (sweep trials): one writes it, the others wait and then
-    hit it, instead of racing on the same ``<key>.tmp`` folder. One lock per cache folder, across processes."""
-    from filelock import FileLock
-
-    Path(workdir, cache).mkdir(parents=True, exist_ok=True)
-    return FileLock(str(Path(workdir, cache, ".lock")))
-
-
 @task(name="open-mlflow-run", retries=2, retry_delay_seconds=[2, 10], **_common)
 def open_run(cfg: TrackingConfig, workdir: str, key: str, run_name: str | None, tags: dict[str, str] | None = None,
              config: PipelineConfig | None = None) -> MlflowRun:
@@ -63,7 +54,7 @@ def open_run(cfg: TrackingConfig, workdir: str, key: str, run_name: str | None, 
 @task(name="tokenize", retries=2, retry_delay_seconds=5, **_common)
 def tokenize(data: DataConfig, model: ModelConfig, workdir: str, run: MlflowRun | None = None) -> TokenizedData:
     """Tokenize, then show the data report (drops by reason, lengths, examples) in the Prefect UI."""
-    with _one_writer(workdir, "tokenized"):
+    with one_writer(workdir, "tokenized"):
         ref = tokenize_dataset(data, model, workdir, run)
     if ref.report_path:
         create_markdown_artifact(markdown=Path(ref.report_path).read_text(), key="data-report", description="tokenize: data report")
@@ -72,14 +63,14 @@ def tokenize(data: DataConfig, model: ModelConfig, workdir: str, run: MlflowRun 
 
 @task(name="quantize", retries=2, retry_delay_seconds=10, **_common)
 def quantize(model: ModelConfig, quant: QuantizationConfig, workdir: str) -> QuantizedModel:
-    with _one_writer(workdir, "quantized"):
+    with one_writer(workdir, "quantized"):
         return prepare_quantized_model(model, quant, workdir)
 
 
 @task(name="train", retries=1, retry_delay_seconds=30, **_common)
 def train(base: QuantizedModel, data: TokenizedData, lora: LoraSection, cfg: TrainConfig, workdir: str,
           run: MlflowRun | None = None) -> Adapter:
-    """Holds a training slot of the worker (and of the Prefect limit) while it trains: flows/concurrency.py."""
+    """Holds a training slot of the worker (and of the Prefect limit) while it trains: qlora/locks.py."""
     with training_slot(cfg):
         return train_adapter(base, data, lora, cfg, workdir, run)
 

@@ -11,7 +11,7 @@ Stages:
                      workers pick up, so trials spread over machines.
                    Trials share tokenize/quantize through the content-keyed caches under ``workdir`` (the
                    first writes, the others wait and hit), and train + evaluate one at a time per device
-                   (``flows/device_slot.py``)
+                   (``qlora/locks.py``)
 4. sweep-report  - comparison table (Prefect table artifact, MLflow table on the parent run)
 5. register      - only the best trial (by the gate metric on the eval split) goes through the same
                    register stage and promotion gate as ``qlora run``; the other trials stay runs
@@ -20,26 +20,32 @@ Why both ways of running a trial: ``run_deployment`` is what spreads trials over
 needs a server, a deployment and a worker; a bare ``qlora sweep`` has none of those (Prefect's temporary
 server only), and subflows need nothing. Both are real flow runs, linked to the sweep's flow run in the UI.
 A worker running trials needs the same ``workdir`` as the sweep (registering reads the best adapter there).
+
+Prefect tasks of a sweep: the parent MLflow run, each trial's child run and its record, and the
+comparison table. Thin wrappers (the work is in ``qlora/tracking/records.py`` and ``flows/sweep_plan.py``), retried on
+transient faults like every stage (``flows/stages.py``).
 """
 
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from prefect import flow, runtime
+from prefect import flow, runtime, task
+from prefect.artifacts import create_table_artifact
 
-from flows import sweep_stages
-from flows.device_slot import ensure_device_limit
 from flows.finetune import _fail_mlflow_runs, _notify_failure, register_and_report, train_and_evaluate
-from qlora.config.schema import PipelineConfig
-from qlora.errors import ConfigError, UserError
-from qlora.refs import MlflowRun, Trained
 from flows.sweep_plan import SweepConfig, SweepResult, Trial, TrialOutcome, best, grid_trials, ranking_metric, table
-from qlora.tracking.runs import end_run
+from qlora.config.schema import PipelineConfig
+from qlora.errors import ConfigError, UserError, retry_transient
+from qlora.refs import MlflowRun, Trained
+from qlora.tracking.records import log_config, log_trial, read_trial, start_child_run
+from qlora.tracking.runs import end_run, ensure_experiment, start_run
 from registry.gate import gate_metric
+from tasks.reporting import artifact_key
 
 log = logging.getLogger("qlora.sweep")
 
@@ -47,14 +53,13 @@ log = logging.getLogger("qlora.sweep")
 @flow(name="qlora-trial", log_prints=True, on_failure=[_fail_mlflow_runs], on_crashed=[_fail_mlflow_runs])
 def qlora_trial(config: PipelineConfig = PipelineConfig(), run: MlflowRun | None = None) -> Trained:
     """One sweep trial: tokenize -> quantize -> train -> evaluate into the child MLflow run ``run``; never registers."""
-    ensure_device_limit()  # this worker's trainings queue on its own device
     status = "FAILED"
     if run is not None:
-        sweep_stages.attach_trial_run(run, config, str(runtime.flow_run.id))
+        attach_trial_run(run, config, str(runtime.flow_run.id))
     try:
         trained = train_and_evaluate(config, run)
         if run is not None:
-            sweep_stages.record_trial(run, trained)  # read back by a sweep in another process
+            record_trial(run, trained)  # read back by a sweep in another process
         status = "FINISHED"
         return trained
     finally:
@@ -69,17 +74,15 @@ def qlora_sweep(config: PipelineConfig = PipelineConfig(), sweep: SweepConfig = 
     search = _search(config, sweep)  # every trial config validated before anything starts
     if sweep.trial_deployment:
         _check_deployment(sweep.trial_deployment)
-    else:
-        ensure_device_limit()
     me = runtime.flow_run
-    parent = sweep_stages.open_parent_run(config, sweep, me.name, str(me.id))
+    parent = open_parent_run(config, sweep, me.name, str(me.id))
     status = "FAILED"
     try:
         outcomes = _run_all(search, config, sweep, parent, me.name, str(me.id))
         metric = _ranking(config, outcomes)
         winner = best(outcomes, metric)
         rows = table(outcomes, metric, winner)
-        sweep_stages.publish_sweep(parent, rows, metric, config.registry.model_name, winner.run if winner else None)
+        publish_sweep(parent, rows, metric, config.registry.model_name, winner.run if winner else None)
         if winner is None:
             raise UserError(f"all {len(outcomes)} trials failed, nothing to register: "
                             + "; ".join(f"trial {o.index}: {o.message}" for o in outcomes))
@@ -101,7 +104,7 @@ def _ranking(config: PipelineConfig, outcomes: list[TrialOutcome]) -> str:
 
 def _search(config: PipelineConfig, sweep: SweepConfig):
     if sweep.sampler == "tpe":
-        from flows.tpe import TpeSearch
+        from flows.sweep_plan import TpeSearch
 
         return TpeSearch(config, sweep)
     return grid_trials(config, sweep)
@@ -128,7 +131,7 @@ def _run_all(search, config, sweep, parent, name, sweep_id) -> list[TrialOutcome
 
 def _run_trial(trial: Trial, config, sweep: SweepConfig, parent: MlflowRun, name: str, sweep_id: str) -> TrialOutcome:
     run_name = f"{name}-trial-{trial.index}"
-    run = sweep_stages.open_trial_run(parent, config, trial, run_name, sweep_id)
+    run = open_trial_run(parent, config, trial, run_name, sweep_id)
     t0 = time.perf_counter()
     if sweep.trial_deployment:
         from prefect.deployments import run_deployment
@@ -136,7 +139,7 @@ def _run_trial(trial: Trial, config, sweep: SweepConfig, parent: MlflowRun, name
         fr = run_deployment(sweep.trial_deployment, parameters={"config": trial.config.model_dump(mode="json"),
                             "run": run.model_dump()}, flow_run_name=run_name, timeout=None, poll_interval=2)
         state, flow_run_id = fr.state, str(fr.id)
-        trained = sweep_stages.read_trial_record(run) if state.is_completed() else None
+        trained = read_trial_record(run) if state.is_completed() else None
     else:
         state = qlora_trial.with_options(flow_run_name=run_name)(config=trial.config, run=run, return_state=True)
         flow_run_id = str(state.state_details.flow_run_id)
@@ -158,3 +161,67 @@ def _check_deployment(name: str) -> None:
     except ObjectNotFound:
         raise ConfigError(f"sweep.trial_deployment: no deployment '{name}' on this Prefect server "
                           "(`make deploy` creates qlora-trial/trial)") from None
+
+
+_common = dict(retry_condition_fn=retry_transient, retry_jitter_factor=0.5, retries=2, retry_delay_seconds=[2, 10])
+
+
+@task(name="open-sweep-run", **_common)
+def open_parent_run(config: PipelineConfig, sweep: SweepConfig, run_name: str | None, flow_run_id: str) -> MlflowRun:
+    """The sweep's MLflow run: the base config, the sweep spec, and later the comparison table and the winner."""
+    import mlflow
+
+    tags = {"prefect.flow_run_id": flow_run_id, "sweep.role": "parent", "sweep.sampler": sweep.sampler,
+            "sweep.grid": json.dumps(sweep.grid)[:5000]}
+    run = start_run(config.tracking, run_name, tags)
+    log_config(run, config)
+    mlflow.MlflowClient(run.tracking_uri).log_dict(run.run_id, sweep.model_dump(mode="json"), "sweep.json")
+    return run
+
+
+@task(name="open-trial-run", **_common)
+def open_trial_run(parent: MlflowRun, config: PipelineConfig, trial: Trial, run_name: str, sweep_flow_run_id: str) -> MlflowRun:
+    """A child run per trial, its swept values as flat ``sweep.<key>`` params (MLflow's parallel coordinates)."""
+    params = {f"sweep.{k}": json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in trial.values.items()}
+    tags = {"sweep.role": "trial", "sweep.trial": str(trial.index), "prefect.sweep_flow_run_id": sweep_flow_run_id,
+            "config_hash": trial.config.fingerprint()}
+    return start_child_run(parent, ensure_experiment(config.tracking), run_name, params | {"sweep.trial": trial.index}, tags)
+
+
+@task(name="attach-trial-run", **_common)
+def attach_trial_run(run: MlflowRun, config: PipelineConfig, flow_run_id: str) -> None:
+    """The trial flow run takes its child run: its id (failure hooks find the run by it) and its config."""
+    import mlflow
+
+    mlflow.MlflowClient(run.tracking_uri).set_tag(run.run_id, "prefect.flow_run_id", flow_run_id)
+    log_config(run, config)
+
+
+@task(name="record-trial", **_common)
+def record_trial(run: MlflowRun, trained: Trained) -> None:
+    log_trial(run, trained)
+
+
+@task(name="read-trial", **_common)
+def read_trial_record(run: MlflowRun) -> Trained | None:
+    """What a trial that ran in another process (a deployment's flow run) recorded in its child run."""
+    return read_trial(run)
+
+
+@task(name="sweep-report", **_common)
+def publish_sweep(parent: MlflowRun, rows: list[dict], metric: str, model_name: str, best_run: MlflowRun | None) -> str:
+    """The comparison table as a Prefect table artifact and as an MLflow table on the parent run, plus its counts."""
+    import mlflow
+
+    from qlora.tracking.runs import active_run
+
+    key = artifact_key(model_name, "sweep")
+    create_table_artifact(rows, key=key, description=f"sweep trials, best by {metric} on the eval split")
+    completed = [r for r in rows if r["status"] == "COMPLETED"]
+    with active_run(parent):
+        mlflow.log_table({c: [r[c] for r in rows] for c in rows[0]}, artifact_file="sweep/trials.json")
+        mlflow.log_metrics({"sweep/trials": len(rows), "sweep/completed": len(completed), "sweep/failed": len(rows) - len(completed)})
+        if best_run is not None:
+            mlflow.log_metric(f"best/{metric}", next(r[metric] for r in rows if r["best"]))
+            mlflow.set_tags({"sweep.best_run_id": best_run.run_id, "sweep.metric": metric})
+    return key

@@ -5,6 +5,8 @@ promotion gate (``registry.gate``: paired bootstrap CI against the champion, or 
 is none) passes and the version, loaded through the registry as a consumer loads it, reproduces the
 evaluation's outputs. Every version carries lineage tags and a Markdown description
 (``registry.lineage``).
+
+Registering is idempotent per MLflow run: a retried or re-run register task finds its version.
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ from qlora.errors import ModelError
 from qlora.models.loading import GENERATION_DEFAULTS, ModelCache, tuned
 from qlora.refs import Adapter, EvalReport, MlflowRun, QuantizedModel, RegisteredVersion, TokenizedData
 from qlora.template import PROMPT_TEMPLATE
+from qlora.tracking.names import filter_literal
 from qlora.tracking.runs import active_run
 from registry import aliases
 from registry.aliases import CHALLENGER, CHAMPION
 from registry.consumer import BASE_KEY, consumer_check
 from registry.gate import Decision, decide, eval_set_fingerprint, gate_metric, log_scores, stored_scores
-from registry.idempotent import version_of_run
 from registry.lineage import description, lineage_tags
 from registry.merged import merged_name, register_merged
 
@@ -189,3 +191,16 @@ def register_adapter(
         register_merged(base, adapter, name, version, out, run, consumer_log_kwargs(template, example_of(report.samples)))
     return RegisteredVersion(name=name, version=version, model_uri=mv.source, aliases=out, decision=decision.reason,
                              awaiting_approval=decision.promote and cfg.require_approval, consumer_checked=checked)
+
+
+def version_of_run(client, name: str, run_id: str):
+    """The newest version of ``name`` logged from ``run_id``, or None (then it is safe to register)."""
+    import mlflow
+
+    try:
+        found = client.search_model_versions(f"name = {filter_literal(name)} and run_id = {filter_literal(run_id)}")
+    except mlflow.exceptions.MlflowException as e:
+        if "RESOURCE_DOES_NOT_EXIST" in str(e.error_code):
+            return None
+        raise
+    return max(found, key=lambda mv: int(mv.version)) if found else None

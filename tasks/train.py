@@ -17,9 +17,10 @@ from pathlib import Path
 
 from qlora.config.schema import LoraSection, TrainConfig, stable_hash
 from qlora.errors import is_disk_full
+from qlora.locks import locked_run_dir
 from qlora.refs import Adapter, MlflowRun, QuantizedModel, TokenizedData
 from qlora.storage import disk_full_error
-from tasks.training.checkpoints import finished_adapter, locked_run_dir
+from tasks.training.checkpoints import finished_adapter
 from tasks.training.launch import LaunchSpec, run_launcher
 from tasks.training.recipe import fit_with_oom_retry
 

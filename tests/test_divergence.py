@@ -124,7 +124,7 @@ def test_absurd_values_are_refused_at_load(override, key):
 
 
 def test_absurd_learning_rate_is_warned_about():
-    from qlora.config.sanity import config_warnings
+    from qlora.config.schema import config_warnings
 
     assert config_warnings(load_config(None)) == []
     for lr in ("1e9", "1e-9"):

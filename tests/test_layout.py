@@ -3,7 +3,9 @@
 - ``flows/`` wires and may import everything;
 - ``tasks/`` and ``registry/`` import ``qlora/`` (and themselves), never each other or ``flows/``;
 - ``qlora/`` imports nothing of the project above it;
-- no import cycle between product files; no product file over ~350 lines.
+- ``demo/`` (the demo builder) imports ``qlora/`` only;
+- no import cycle between product files. A file holds one concern, whatever its length: the cap (800 lines)
+  only catches a file that has become a drawer.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ ALLOWED = {
     "qlora": {"qlora"},
     "demo": {"demo", "qlora"},
 }
-MAX_LINES = 350
+MAX_LINES = 800
 
 
 def product_files() -> list[Path]:
@@ -90,7 +92,7 @@ def test_no_import_cycles_between_files():
 def test_product_files_stay_small():
     big = [f"{f.relative_to(REPO)} ({n} lines)" for f in product_files()
            if (n := len(f.read_text(encoding="utf-8").splitlines())) > MAX_LINES]
-    assert not big, f"product files over {MAX_LINES} lines (one concern each?): {big}"
+    assert not big, f"product files over {MAX_LINES} lines (more than one concern?): {big}"
 
 
 def test_every_package_says_what_it_is():

@@ -49,7 +49,7 @@ def test_our_rules_agree_with_mlflows_own_check(tmp_path):
 def test_names_with_quotes_work_in_every_registry_filter(mlflow_uri, tmp_path):
     """A real sqlite store: idempotent registration, challenger, list and rollback all search by name."""
     from registry import aliases
-    from registry.idempotent import version_of_run
+    from registry.register import version_of_run
 
     client = mlflow.MlflowClient(mlflow_uri)
     exp = client.create_experiment("names", artifact_location=(tmp_path / "art").as_uri())

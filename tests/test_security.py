@@ -45,7 +45,7 @@ def test_failed_flow_notifies_through_the_secret_and_keeps_the_url_out_of_its_pa
     from prefect.client.orchestration import get_client
 
     from flows.finetune import qlora_finetune
-    from qlora.config.sanity import config_warnings
+    from qlora.config.schema import config_warnings
 
     hook = _Hook()
     try:

@@ -158,7 +158,7 @@ def test_demo_config_loads_with_a_grid():
 
 def test_tpe_asks_in_batches_within_the_grid_and_learns_from_told_scores():
     pytest.importorskip("optuna")
-    from flows.tpe import TpeSearch
+    from flows.sweep_plan import TpeSearch
 
     sweep = SweepConfig(grid={"lora.r": [4, 8, 16], "lora.target_modules": [["q_proj"], "all-linear"]}, sampler="tpe",
                         trials=5, max_parallel=2)

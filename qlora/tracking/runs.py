@@ -7,11 +7,12 @@ import logging
 import os
 from pathlib import Path
 
+from qlora import locks
 from qlora.config.schema import TrackingConfig
 from qlora.errors import TrackingUnavailable, is_transient
+from qlora.refs import MlflowRun
 from qlora.tracking.names import filter_literal
 from qlora.tracking.outage import mark_up
-from qlora.refs import MlflowRun
 
 log = logging.getLogger("qlora.tracking")
 
@@ -57,37 +58,9 @@ def _run_id_file(workdir: str | Path, key: str) -> Path:
     return Path(workdir) / "mlflow-runs" / f"{key}.json"
 
 
-# Run-id files this process owns, with the lock held for the life of the flow run that opened them.
-_OWNED: dict[Path, tuple[object, str | None]] = {}
-
-
-def _own_run_record(saved: Path, owner: str | None) -> bool:
-    """Hold ``<key>.lock`` next to the run-id file: only its holder may continue or replace the saved run.
-
-    A flock, so the OS releases it when the holder dies (SIGKILL included): a re-run after a kill
-    continues the killed attempt's run, while a second run started beside a live one gets its own
-    run instead of logging into the first one's (issue 13, item 3). ``owner`` (the Prefect flow run id)
-    tells a second flow run in this same process from the owner re-opening its run before registering.
-    """
-    from filelock import FileLock, Timeout
-
-    if saved in _OWNED:
-        return _OWNED[saved][1] == owner
-    saved.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(saved.with_suffix(".lock")), thread_local=False)  # released by the flow, maybe another thread
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        return False
-    _OWNED[saved] = (lock, owner)
-    return True
-
-
 def release_run_record(workdir: str | Path, key: str) -> None:
     """At the end of a flow run: let a later run of the same config continue or replace its MLflow run."""
-    held = _OWNED.pop(_run_id_file(workdir, key), None)
-    if held is not None:
-        held[0].release()
+    locks.release_run_record(_run_id_file(workdir, key))
 
 
 def start_or_resume_run(
@@ -120,7 +93,7 @@ def _start_or_resume_run(cfg, workdir, key, run_name, tags) -> MlflowRun:
     uri = resolve_uri(cfg)
     client = mlflow.MlflowClient(uri)
     saved = _run_id_file(workdir, key)
-    if not _own_run_record(saved, (tags or {}).get("prefect.flow_run_id")):
+    if not locks.own_run_record(saved, (tags or {}).get("prefect.flow_run_id")):
         log.info("another run of this config is in progress (it holds %s): this one gets its own MLflow run",
                  saved.with_suffix(".lock"))
         return start_run(cfg, run_name, tags)

@@ -4,7 +4,6 @@ selection (a truncated or half-written newest checkpoint is skipped), and the FS
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
@@ -17,7 +16,6 @@ log = logging.getLogger("qlora.train")
 # the torch files are checked as intact zip archives without unpickling anything.
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 REQUIRED = (ADAPTER_WEIGHTS, "optimizer.pt", "scheduler.pt", "trainer_state.json")
-LOCK_NAME = ".lock"
 # What the Trainer writes instead under FSDP (accelerate's save_fsdp_model / save_fsdp_optimizer).
 FSDP_MODEL, FSDP_OPTIMIZER = "pytorch_model_fsdp_0", "optimizer_0"
 
@@ -84,28 +82,6 @@ def latest_valid_checkpoint(run_dir: Path) -> str | None:
             return str(d)
         log.warning("skipping checkpoint %s: %s; falling back to the previous checkpoint", d, problem)
     return None
-
-
-@contextlib.contextmanager
-def locked_run_dir(run_dir: Path):
-    """Exclusive lock on a training run dir: a second flow run of the same config waits, then reuses the result.
-
-    A file lock (not the deployment's concurrency limit) because it also covers ``qlora run`` from two
-    shells and Prefect task retries, and it is released by the OS when the holder is SIGKILLed.
-    """
-    from filelock import FileLock, Timeout
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(run_dir / LOCK_NAME))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log.warning("run dir %s is locked by another run of the same config; waiting for it to finish", run_dir)
-        lock.acquire()
-    try:
-        yield run_dir
-    finally:
-        lock.release()
 
 
 def finished_adapter(run_dir: Path):

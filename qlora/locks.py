@@ -51,7 +51,8 @@ log = logging.getLogger("qlora.locks")
 SLOT_DIR = Path(os.environ.get("QLORA_LOCK_DIR") or
                 Path(tempfile.gettempdir()) / f"qlora-train-slots-{os.getuid() if hasattr(os, 'getuid') else 0}")
 POLL_S = 0.5  # how often a waiter tries again; a freed lock is taken within this
-LEASE_S = 30.0  # Prefect slot lease: renewed while the holder lives, the server's again this long after a kill
+LEASE_S = 60.0  # Prefect slot lease (its server's minimum): renewed while the holder lives; after a kill the
+# slot is the server's again within this plus the repossessor's loop (15 s)
 _IN_PROCESS = threading.Lock()  # the device slot between threads of one process (a sweep's in-process trials)
 
 

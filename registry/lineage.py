@@ -69,50 +69,63 @@ def read_lock(path: Path = REPO / "requirements.lock") -> dict[str, str] | None:
                                           if line and not line.startswith("#"))}
 
 
-def torch_closure(env: Environment, *, build_only: bool = False) -> set[str]:
-    """What torch's installed metadata pulls in, transitively, with markers evaluated here: the CPU build's
-    handful (sympy, networkx, ...) or the CUDA build's ~20 more (nvidia-*, cuda-*, triton). The lock is
-    made on one build and used on either, so these are torch's: its exact pin fixes them.
-
-    ``build_only``: only what torch's marker-conditioned requirements add (``platform_system == "Linux"``
-    on PyPI's CUDA build; none on the CPU build), the part that differs between builds and that
-    ``make lock`` leaves out."""
+def closure(env: Environment, roots: list[str]) -> set[str]:
+    """Canonical names reachable from ``roots`` (requirement strings) through installed metadata, with markers
+    evaluated here and extras followed; a package that is not installed is named but ends the walk."""
     from packaging.requirements import InvalidRequirement, Requirement
 
-    def walk(roots: list[tuple[str, set[str]]]) -> set[str]:
-        seen: set[tuple[str, frozenset[str]]] = set()  # a package again with other extras adds their requirements
-        todo = roots
-        while todo:
-            name, extras = todo.pop()
-            if name not in env or (name, frozenset(extras)) in seen:
+    seen: set[tuple[str, frozenset[str]]] = set()  # a package again with other extras adds their requirements
+    todo = list(roots)
+    while todo:
+        try:
+            req = Requirement(todo.pop())
+        except InvalidRequirement:
+            continue
+        name, extras = _canonical(req.name), frozenset(req.extras)
+        if (name, extras) in seen:
+            continue
+        seen.add((name, extras))
+        if name not in env:
+            continue
+        for line in env[name][1]:
+            try:
+                marker = Requirement(line).marker
+            except InvalidRequirement:
                 continue
-            seen.add((name, frozenset(extras)))
-            for line in env[name][1]:
-                try:
-                    req = Requirement(line)
-                except InvalidRequirement:
-                    continue
-                if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in extras | {""}):
-                    todo.append((_canonical(req.name), set(req.extras)))
-        return {name for name, _ in seen}
+            if marker is None or any(marker.evaluate({"extra": e}) for e in extras | {""}):
+                todo.append(line.split(";")[0])
+    return {name for name, _ in seen}
+
+
+def torch_closure(env: Environment, *, build_only: bool = False) -> set[str]:
+    """What torch's installed metadata pulls in, transitively: the CPU build's handful (sympy, networkx, ...) or
+    the CUDA build's ~20 more (nvidia-*, cuda-*, triton). The lock is made on one build and used on either, so
+    these are torch's: its exact pin fixes them.
+
+    ``build_only``: only what torch's marker-conditioned requirements add (``platform_system == "Linux"``
+    on the index's CUDA build; nothing on the CPU build), the part that differs between builds and that
+    ``make lock`` leaves out."""
+    from packaging.requirements import Requirement
 
     if "torch" not in env:
         return set()
-    reqs = [Requirement(line) for line in env["torch"][1]]
-    everything = walk([("torch", set())]) - {"torch"}
+    everything = closure(env, ["torch"]) - {"torch"}
     if not build_only:
         return everything
-    common = walk([(_canonical(r.name), set(r.extras)) for r in reqs if r.marker is None])
-    return everything - common
+    return everything - closure(env, [line for line in env["torch"][1] if Requirement(line).marker is None])
 
 
 def lock_differences(locked: dict[str, str], env: Environment) -> list[str]:
-    """One line per package whose installed version is not the lock's. A package the lock does not name is
-    accepted only when torch's own closure holds it (the CUDA build's nvidia-*, cuda-*, triton)."""
+    """One line per package whose installed version is not the lock's. Accepted: a package the lock does not
+    name that torch's own closure holds (the CUDA build's nvidia-*, cuda-*, triton), and a locked package
+    left out because it serves only an extra that was not installed (a worker without dev, bench, sweep;
+    known when this project is installed, so its metadata says which requirements are extras)."""
     torchs = torch_closure(env)
+    needed = closure(env, ["qlora-pipeline", "torch"]) if "qlora-pipeline" in env else locked.keys()
     installed = {k: v for k, (v, _) in env.items()}
     return sorted(f"{k}: locked {locked.get(k)}, installed {installed.get(k)}" for k in locked.keys() | installed.keys()
-                  if k not in _NOT_LOCKED and locked.get(k) != installed.get(k) and not (k not in locked and k in torchs))
+                  if k not in _NOT_LOCKED and locked.get(k) != installed.get(k)
+                  and not (k not in locked and k in torchs) and not (k not in installed and k not in needed))
 
 
 def install_is_locked() -> bool | None:

@@ -107,6 +107,22 @@ def test_the_lock_check_still_catches_what_torch_did_not_bring():
     assert lock_differences(locked, env) == [f"sympy: locked {locked['sympy']}, installed None"]
 
 
+def test_a_worker_without_the_extras_is_still_the_lock():
+    """`make install EXTRAS=` (a worker that only runs flows) leaves out pytest, trl, optuna and what only they
+    need; leaving out anything the pipeline itself needs is still a difference."""
+    from registry.lineage import closure, installed_environment, lock_differences
+
+    locked, env = _canonical(_locked()), installed_environment()
+    if "qlora-pipeline" not in env:
+        pytest.skip("the project is not installed here: its metadata says which requirements are extras")
+    extras_only = locked.keys() - closure(env, ["qlora-pipeline", "torch"])
+    assert {"pytest", "trl", "optuna"} <= extras_only and "transformers" not in extras_only
+    worker = {k: v for k, v in env.items() if k not in extras_only}
+    assert lock_differences(locked, worker) == []
+    del worker["peft"]
+    assert lock_differences(locked, worker) == [f"peft: locked {locked['peft']}, installed None"]
+
+
 @pytest.mark.slow  # two trainings in fresh processes: ~17 s
 def test_same_seed_and_config_train_the_same_adapter_on_this_cpu(tiny_base, tmp_path):
     """Two processes, same machine, same seed and config: bit-identical adapter files (float32 compute, so

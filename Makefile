@@ -27,31 +27,49 @@ INSTALL := $(if $(NO_INSTALL),,install)
 LOCK  := requirements.lock
 TORCH := torch==2.13.0
 PIP   := pip==26.3
+comma := ,
+
+# Which torch build: unset, pip's own configuration decides (the package index's torch==2.13.0 is the
+# CUDA 13 build on Linux, ~20 nvidia-*/cuda-*/triton packages, several GB; this machine's pip config
+# finds a local CPU wheel). A CPU-only machine sets TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# (or a mirror of it) and gets the ~200 MB CPU build. Either build passes `make test`: the lock leaves
+# torch's own dependencies to torch's pin (registry/lineage.py: lock_differences).
+TORCH_INDEX_URL ?=
+TORCH_INSTALL := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL) )$(TORCH)
+
+# The project's extras: dev (pytest, psycopg2 for the PostgreSQL test), bench (trl, the peer `make bench`
+# measures against), sweep (optuna, for `qlora sweep --sampler tpe`). All three by default, as a checkout is
+# for developing; a worker that only runs flows needs none: `make install EXTRAS=` (EXTRAS=sweep if it runs
+# TPE sweeps). Its stamp differs, so changing EXTRAS installs again.
+EXTRAS ?= dev,bench,sweep
+STAMP  := $(VENV)/.installed$(if $(filter dev$(comma)bench$(comma)sweep,$(EXTRAS)),,-$(or $(subst $(comma),-,$(EXTRAS)),core))
 
 install: $(STAMP)
 
-# torch first, pinned: that wheel is the CPU build here (CUDA on a GPU machine). The project's own
-# range admits it, so the second pip call never swaps it for a multi-GB CUDA download; the lock
-# constrains everything else.
+# torch first, pinned: the build TORCH_INDEX_URL (or pip's configuration) gives. The project's own range
+# admits it, so the second pip call never swaps it for another build; the lock constrains everything else.
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(PIP)
-	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -c $(LOCK) -e ".[dev,bench,sweep]"
+	$(BIN)/python -m pip install -q $(TORCH_INSTALL)
+	$(BIN)/python -m pip install -q -c $(LOCK) -e ".$(if $(EXTRAS),[$(EXTRAS)])"
 	touch $(STAMP)
 
 # pip's own resolver, in a throwaway venv, then `pip freeze` of what it installed. Not pip-compile or
 # uv: neither sees the local CPU torch wheel (uv ignores pip's find-links; both resolve PyPI's torch and
-# lock its CUDA dependencies), while a freeze records exactly the set CI installs.
+# lock its CUDA dependencies), while a freeze records exactly the set CI installs. What only one torch
+# build brings (the CUDA build's nvidia-*, cuda-*, triton) stays out, so the lock holds on either build.
 lock:
 	rm -rf .lock-venv build
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install -q $(PIP)
-	.lock-venv/bin/python -m pip install -q $(TORCH)
+	.lock-venv/bin/python -m pip install -q $(TORCH_INSTALL)
 	.lock-venv/bin/python -m pip install -q ".[dev,bench,sweep]"
 	{ echo "# make lock: every package \`make install\` installs, from pyproject.toml's ranges on $$(date -u +%F)."; \
-	  echo "# $(TORCH) is installed first by its own pin (the CPU build here); not constrained here."; \
-	  .lock-venv/bin/python -m pip freeze --exclude qlora-pipeline --exclude torch; } > $(LOCK)
+	  echo "# $(TORCH) is installed first by its own pin; it and what only its build needs are not constrained here."; \
+	  .lock-venv/bin/python -m pip freeze --exclude qlora-pipeline --exclude torch $$(.lock-venv/bin/python -c \
+	    'from registry.lineage import installed_environment as env, torch_closure; print(*(f"--exclude {n}" for n in sorted(torch_closure(env(), build_only=True))))'); \
+	} > $(LOCK)
 	rm -rf .lock-venv build
 
 $(DEMO_BASE)/config.json: demo/build.py data/demo/reverse_words.jsonl | $(STAMP)

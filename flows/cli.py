@@ -2,7 +2,8 @@
 build the demo base.
 
 User errors (bad config, bad data, missing model) print one line per problem and exit 1, with no
-traceback; anything else is a bug or a fault and keeps its traceback.
+traceback; anything else is a bug or a fault and keeps its traceback. Exit codes are ``EXIT_CODES``
+(printed by ``qlora --help``); each means one thing in every command.
 """
 
 from __future__ import annotations
@@ -15,6 +16,19 @@ import sys
 import time
 
 from flows.ephemeral import start_ephemeral_prefect_server as _start_ephemeral_prefect_server
+
+# One meaning per code, so a script or a retry policy can branch on it. 2 is argparse's (a usage error) and
+# nothing else; a fault worth retrying takes sysexits' EX_TEMPFAIL.
+EXIT_OK, EXIT_USER, EXIT_USAGE, EXIT_DIFFERS, EXIT_REFUSED, EXIT_TRY_AGAIN = 0, 1, 2, 3, 4, 75
+EXIT_CODES = {
+    EXIT_OK: "success (reproduce: the rebuilt adapter is identical)",
+    EXIT_USER: "bad input (config, data, model, model URI, registry name), or a promotion another one overtook; "
+               "the message says what to do",
+    EXIT_USAGE: "bad command line (unknown option, missing argument)",
+    EXIT_DIFFERS: "reproduce: rebuilt, but the adapter differs from the registered one",
+    EXIT_REFUSED: "reproduce: refused, the base or data no longer match the version's fingerprints; nothing trained",
+    EXIT_TRY_AGAIN: "the tracking server did not answer; what finished is kept, re-run the same command",
+}
 
 
 class _UserErrorsWithoutTraceback(logging.Filter):
@@ -87,11 +101,18 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    """Exit 0 when the rebuilt adapter is identical to the registered one, 1 when it differs (or cannot be rebuilt)."""
-    verdict = _flows("flows.reproduce").qlora_reproduce(model_uri=args.model_uri, workdir=args.workdir,
-                                                         tracking_uri=args.tracking_uri)
+    """Exit 0 when the rebuilt adapter is identical to the registered one, 3 when it differs, 4 when the base or
+    data no longer match the version's fingerprints (refused before training)."""
+    from registry.reproduce import NotReproducible
+
+    try:
+        verdict = _flows("flows.reproduce").qlora_reproduce(model_uri=args.model_uri, workdir=args.workdir,
+                                                             tracking_uri=args.tracking_uri)
+    except NotReproducible as e:
+        print(f"refused: {e}", file=sys.stderr)
+        return EXIT_REFUSED
     print(verdict.line)
-    return 0 if verdict.identical else 1
+    return EXIT_OK if verdict.identical else EXIT_DIFFERS
 
 
 def cmd_validate_data(args) -> int:
@@ -115,7 +136,7 @@ def cmd_validate_data(args) -> int:
 @contextlib.contextmanager
 def _registry_errors(what: str):
     """MLflow's answer to a name, version or URI that does not exist is the user's to fix: one line, exit 1.
-    A tracking server that does not answer is a fault: exit 2."""
+    A tracking server that does not answer is a fault: exit 75, try again."""
     import mlflow
 
     from qlora.errors import TrackingUnavailable, UserError, is_transient
@@ -176,7 +197,7 @@ def cmd_promote(args) -> int:
     if v != str(args.version):
         print(f"{args.name}: v{args.version} recorded as promoted, but a promotion of v{v} landed after it and "
               f"holds champion (see `qlora registry list {args.name}`)", file=sys.stderr)
-        return 1
+        return EXIT_USER
     print(f"{args.name}: champion -> v{v}")
     return 0
 
@@ -198,11 +219,24 @@ def cmd_build_demo(args) -> int:
     return 0
 
 
+def _version() -> str:
+    """The installed distribution's version; a checkout run without installing says so."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qlora-pipeline")
+    except PackageNotFoundError:
+        return "(not installed: run `make install`)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from qlora.config.schema import DEMO_BASE_DIR
     from demo.build import DEMO_DATA
 
-    p = argparse.ArgumentParser(prog="qlora", description="Prefect-orchestrated QLoRA fine-tuning.")
+    p = argparse.ArgumentParser(prog="qlora", description="Prefect-orchestrated QLoRA fine-tuning.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="exit codes:\n" + "\n".join(f"  {c:<3} {what}" for c, what in EXIT_CODES.items()))
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run the fine-tuning flow on a config")
@@ -223,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run trials on a work pool via this deployment (e.g. qlora-trial/trial; needs PREFECT_API_URL)")
     sw.set_defaults(func=cmd_sweep)
 
-    rp = sub.add_parser("reproduce", help="rebuild a registered version from its lineage, compare the adapters")
+    rp = sub.add_parser("reproduce", help="rebuild a registered version from its lineage, compare the adapters",
+                        description="Rebuild a registered version from its lineage and compare the adapters. Exit 0: "
+                        "identical; 3: rebuilt but different; 4: refused (base or data changed), nothing trained.")
     rp.add_argument("model_uri", help="models:/NAME/VERSION (or models:/NAME@ALIAS)")
     rp.add_argument("--workdir", default=None, help="a new folder to train in (default: <workdir>/reproduce/NAME-vN-<time>)")
     rp.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
@@ -293,10 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_USER
     except TrackingUnavailable as e:  # a fault, not a bug: say what was kept and what to do
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_TRY_AGAIN
 
 
 def entry() -> None:

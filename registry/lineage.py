@@ -46,23 +46,93 @@ def _canonical(name: str) -> str:
     return name.lower().replace("_", "-").replace(".", "-")
 
 
-def install_is_locked() -> bool | None:
-    """Whether the installed packages are exactly ``requirements.lock`` (what ``make install`` installs);
-    None without a lock file (an installed wheel, not a checkout). torch has its own pin; pip's own
-    tooling and this project are not in the lock."""
+# A package's canonical name -> (its version, its Requires-Dist lines): what installed metadata says.
+Environment = dict[str, tuple[str, list[str]]]
+
+# pip's own tooling and this project are never in the lock.
+_NOT_LOCKED = {"torch", "pip", "setuptools", "wheel", "distribute", "qlora-pipeline"}
+
+
+def installed_environment() -> Environment:
+    """The environment's site-packages only, not all of sys.path: torch.compile (inductor) appends setuptools'
+    _vendor folder, whose vendored packaging/wheel/zipp metadata would shadow the installed versions."""
     import site
     from importlib.metadata import distributions
 
-    lock = REPO / "requirements.lock"
-    if not lock.is_file():
+    return {_canonical(d.metadata["Name"]): (d.version, d.requires or []) for d in distributions(path=site.getsitepackages())}
+
+
+def read_lock(path: Path = REPO / "requirements.lock") -> dict[str, str] | None:
+    if not path.is_file():
         return None
-    locked = {_canonical(k): v for k, v in (line.split("==", 1) for line in lock.read_text().splitlines()
-                                           if line and not line.startswith("#"))}
-    skip = {"torch", "pip", "setuptools", "wheel", "distribute", "qlora-pipeline"}
-    # The environment's site-packages only, not all of sys.path: torch.compile (inductor) appends setuptools'
-    # _vendor folder, whose vendored packaging/wheel/zipp metadata would shadow the installed versions.
-    installed = {_canonical(d.metadata["Name"]): d.version for d in distributions(path=site.getsitepackages())}
-    return locked == {k: v for k, v in installed.items() if k not in skip}
+    return {_canonical(k): v for k, v in (line.split("==", 1) for line in path.read_text().splitlines()
+                                          if line and not line.startswith("#"))}
+
+
+def closure(env: Environment, roots: list[str]) -> set[str]:
+    """Canonical names reachable from ``roots`` (requirement strings) through installed metadata, with markers
+    evaluated here and extras followed; a package that is not installed is named but ends the walk."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    seen: set[tuple[str, frozenset[str]]] = set()  # a package again with other extras adds their requirements
+    todo = list(roots)
+    while todo:
+        try:
+            req = Requirement(todo.pop())
+        except InvalidRequirement:
+            continue
+        name, extras = _canonical(req.name), frozenset(req.extras)
+        if (name, extras) in seen:
+            continue
+        seen.add((name, extras))
+        if name not in env:
+            continue
+        for line in env[name][1]:
+            try:
+                marker = Requirement(line).marker
+            except InvalidRequirement:
+                continue
+            if marker is None or any(marker.evaluate({"extra": e}) for e in extras | {""}):
+                todo.append(line.split(";")[0])
+    return {name for name, _ in seen}
+
+
+def torch_closure(env: Environment, *, build_only: bool = False) -> set[str]:
+    """What torch's installed metadata pulls in, transitively: the CPU build's handful (sympy, networkx, ...) or
+    the CUDA build's ~20 more (nvidia-*, cuda-*, triton). The lock is made on one build and used on either, so
+    these are torch's: its exact pin fixes them.
+
+    ``build_only``: only what torch's marker-conditioned requirements add (``platform_system == "Linux"``
+    on the index's CUDA build; nothing on the CPU build), the part that differs between builds and that
+    ``make lock`` leaves out."""
+    from packaging.requirements import Requirement
+
+    if "torch" not in env:
+        return set()
+    everything = closure(env, ["torch"]) - {"torch"}
+    if not build_only:
+        return everything
+    return everything - closure(env, [line for line in env["torch"][1] if Requirement(line).marker is None])
+
+
+def lock_differences(locked: dict[str, str], env: Environment) -> list[str]:
+    """One line per package whose installed version is not the lock's. Accepted: a package the lock does not
+    name that torch's own closure holds (the CUDA build's nvidia-*, cuda-*, triton), and a locked package
+    left out because it serves only an extra that was not installed (a worker without dev, bench, sweep;
+    known when this project is installed, so its metadata says which requirements are extras)."""
+    torchs = torch_closure(env)
+    needed = closure(env, ["qlora-pipeline", "torch"]) if "qlora-pipeline" in env else locked.keys()
+    installed = {k: v for k, (v, _) in env.items()}
+    return sorted(f"{k}: locked {locked.get(k)}, installed {installed.get(k)}" for k in locked.keys() | installed.keys()
+                  if k not in _NOT_LOCKED and locked.get(k) != installed.get(k)
+                  and not (k not in locked and k in torchs) and not (k not in installed and k not in needed))
+
+
+def install_is_locked() -> bool | None:
+    """Whether the installed packages are exactly ``requirements.lock`` (what ``make install`` installs) plus
+    torch's own closure, whichever build; None without a lock file (an installed wheel, not a checkout)."""
+    locked = read_lock()
+    return None if locked is None else not lock_differences(locked, installed_environment())
 
 
 def prefect_ui_url(flow_run_id: str | None) -> str | None:

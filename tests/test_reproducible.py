@@ -3,6 +3,7 @@ CPU, the adapter a seed and a config train to."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -43,21 +44,83 @@ def _canonical(pins: dict[str, str]) -> dict[str, str]:
     return {k.lower().replace("_", "-").replace(".", "-"): v for k, v in pins.items()}
 
 
+def _torch_closure() -> set[str]:
+    from registry.lineage import installed_environment, torch_closure
+
+    return torch_closure(installed_environment())
+
+
 @pytest.mark.skipif(os.environ.get("QLORA_UNLOCKED") == "1", reason="QLORA_UNLOCKED=1: a hand-made environment")
 def test_the_environment_is_exactly_the_lock():
-    """`make install` (and so .ci/run) installs the lock's versions and nothing else (torch has its own pin)."""
-    locked, installed = _canonical(_locked()), _canonical(_installed())
+    """`make install` (and so .ci/run) installs the lock's versions and nothing else, but for torch's own closure
+    (torch has its own pin; the CUDA build adds nvidia-*, cuda-*, triton). pip freeze is the independent reading."""
+    locked, installed, torchs = _canonical(_locked()), _canonical(_installed()), _torch_closure()
     differ = sorted(f"{k}: locked {locked.get(k)}, installed {installed.get(k)}" for k in locked.keys() | installed.keys()
-                    if locked.get(k) != installed.get(k))
+                    if locked.get(k) != installed.get(k) and not (k not in locked and k in torchs))
     assert not differ, "environment differs from requirements.lock (run `make install`, or `make lock` after " \
                        "changing pyproject.toml):\n" + "\n".join(differ)
     assert torch.__version__.split("+")[0] == "2.13.0"
 
 
+def _freeze_is_the_lock() -> bool:
+    locked, installed, torchs = _canonical(_locked()), _canonical(_installed()), _torch_closure()
+    return all(locked.get(k) == installed.get(k) or (k not in locked and k in torchs) for k in locked.keys() | installed.keys())
+
+
 def test_lineage_says_whether_the_install_is_the_lock():
     from registry.lineage import install_is_locked
 
-    assert install_is_locked() == (_canonical(_locked()) == _canonical(_installed()))
+    assert install_is_locked() == _freeze_is_the_lock()
+
+
+# What a plain Linux machine resolves for torch==2.13.0 from the package index (the CUDA 13 build), recorded with
+# pip's --dry-run --report: metadata only, no GB download. See the fixture's _about.
+CUDA_CLOSURE = json.loads((REPO / "tests" / "fixtures" / "torch-2.13.0-cuda-closure.json").read_text())
+
+
+def _cuda_environment() -> dict[str, tuple[str, list[str]]]:
+    """The lock's packages plus the CUDA build of torch and everything its metadata pulls in."""
+    from registry.lineage import _canonical as canon
+
+    env = {k: (v, []) for k, v in _canonical(_locked()).items()}
+    return env | {canon(n): (p["version"], p["requires_dist"]) for n, p in CUDA_CLOSURE["packages"].items()}
+
+
+def test_the_lock_holds_with_the_cuda_build_of_torch():
+    from registry.lineage import lock_differences, torch_closure
+
+    env = _cuda_environment()
+    build = torch_closure(env, build_only=True)
+    assert len(build) == 19 and "triton" in build and "nvidia-cublas" in build and "cuda-toolkit" in build, sorted(build)
+    assert not build & _canonical(_locked()).keys(), "the lock, made on the CPU build, holds none of the CUDA closure"
+    assert lock_differences(_canonical(_locked()), env) == []
+
+
+def test_the_lock_check_still_catches_what_torch_did_not_bring():
+    from registry.lineage import lock_differences
+
+    locked, env = _canonical(_locked()), _cuda_environment()
+    stray = env | {"nvidia-cudnn-cu12": ("9.1.0.70", []), "requests": ("0.0.1", [])}
+    assert lock_differences(locked, stray) == ["nvidia-cudnn-cu12: locked None, installed 9.1.0.70",
+                                               f"requests: locked {locked['requests']}, installed 0.0.1"]
+    del env["sympy"]  # torch's, but the lock names it: still the lock's to check
+    assert lock_differences(locked, env) == [f"sympy: locked {locked['sympy']}, installed None"]
+
+
+def test_a_worker_without_the_extras_is_still_the_lock():
+    """`make install EXTRAS=` (a worker that only runs flows) leaves out pytest, trl, optuna and what only they
+    need; leaving out anything the pipeline itself needs is still a difference."""
+    from registry.lineage import closure, installed_environment, lock_differences
+
+    locked, env = _canonical(_locked()), installed_environment()
+    if "qlora-pipeline" not in env:
+        pytest.skip("the project is not installed here: its metadata says which requirements are extras")
+    extras_only = locked.keys() - closure(env, ["qlora-pipeline", "torch"])
+    assert {"pytest", "trl", "optuna"} <= extras_only and "transformers" not in extras_only
+    worker = {k: v for k, v in env.items() if k not in extras_only}
+    assert lock_differences(locked, worker) == []
+    del worker["peft"]
+    assert lock_differences(locked, worker) == [f"peft: locked {locked['peft']}, installed None"]
 
 
 @pytest.mark.slow  # two trainings in fresh processes: ~17 s
@@ -81,4 +144,4 @@ def test_lock_check_ignores_folders_added_to_sys_path():
     from registry.lineage import install_is_locked
 
     assert any(p.endswith("_vendor") for p in sys.path)
-    assert install_is_locked() == (_canonical(_locked()) == _canonical(_installed()))
+    assert install_is_locked() == _freeze_is_the_lock()

@@ -103,7 +103,7 @@ def cmd_sweep(args) -> int:
 def cmd_reproduce(args) -> int:
     """Exit 0 when the rebuilt adapter is identical to the registered one, 3 when it differs, 4 when the base or
     data no longer match the version's fingerprints (refused before training)."""
-    from registry.reproduce import NotReproducible
+    from registry.rebuild import NotReproducible
 
     try:
         verdict = _flows("flows.reproduce").qlora_reproduce(model_uri=args.model_uri, workdir=args.workdir,

@@ -58,7 +58,7 @@ def _reproduce_returning(monkeypatch, outcome):
 
 @pytest.mark.parametrize("identical, code", [(True, EXIT_OK), (False, EXIT_DIFFERS)])
 def test_reproduce_says_identical_or_differs_by_its_code(monkeypatch, capsys, identical, code):
-    from registry.reproduce import Verdict
+    from registry.rebuild import Verdict
 
     word = "identical" if identical else "different"
     _reproduce_returning(monkeypatch, Verdict(identical=identical, registered_sha256="a", new_sha256="a" if identical else "b",
@@ -68,7 +68,7 @@ def test_reproduce_says_identical_or_differs_by_its_code(monkeypatch, capsys, id
 
 
 def test_reproduce_refused_is_its_own_code(monkeypatch, capsys):
-    from registry.reproduce import NotReproducible
+    from registry.rebuild import NotReproducible
 
     _reproduce_returning(monkeypatch, NotReproducible("data d.jsonl: no longer matches v1's data.fingerprint"))
     assert main(["reproduce", "models:/demo/1"]) == EXIT_REFUSED

@@ -146,7 +146,7 @@ def test_same_config_twice_at_once_is_serialised_by_the_run_dir_lock(prepared, c
         except BaseException as e:  # noqa: BLE001 - surfaced below
             errors.append(e)
 
-    with caplog.at_level(logging.INFO, logger="qlora.train"):
+    with caplog.at_level(logging.INFO, logger="qlora.train"), caplog.at_level(logging.INFO, logger="qlora.locks"):
         threads = [threading.Thread(target=go, args=(n,)) for n in ("a", "b")]
         for t in threads:
             t.start()
@@ -154,7 +154,7 @@ def test_same_config_twice_at_once_is_serialised_by_the_run_dir_lock(prepared, c
             t.join()
     assert not errors, errors
     assert results["a"] == results["b"]  # one trained, the other waited and reused the finished adapter
-    assert "is locked by another run of the same config" in caplog.text
+    assert "another run of the same config is training in it): held by pid" in caplog.text
     assert caplog.text.count("already trained for this exact config") == 1
     run_dir = Path(results["a"].run_dir)
     for c in ("checkpoint-2", "checkpoint-4"):

@@ -146,7 +146,7 @@ def test_reproduce_refuses_when_data_or_base_changed(swept):
         proc = _cli(swept.env, swept.tmp, "reproduce", "models:/tiny-sweep/1", "--workdir", str(swept.tmp / "r-data"))
     finally:
         swept.data.write_bytes(original)
-    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.returncode == 4, proc.stderr[-3000:]  # refused, not "differs" (3)
     assert f"error: data {swept.data}: no longer matches v1's data.fingerprint" in proc.stderr
     assert "nothing was trained" in proc.stderr and "Traceback" not in proc.stderr
     assert not list((swept.tmp / "r-data").glob("runs/*"))
@@ -158,7 +158,7 @@ def test_reproduce_refuses_when_data_or_base_changed(swept):
         proc = _cli(swept.env, swept.tmp, "reproduce", "models:/tiny-sweep/1", "--workdir", str(swept.tmp / "r-base"))
     finally:
         gen.write_text(kept)
-    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.returncode == 4, proc.stderr[-3000:]
     assert f"error: model.name_or_path {swept.base}: the base no longer matches v1's base.fingerprint" in proc.stderr
     assert "Traceback" not in proc.stderr
 

@@ -146,7 +146,7 @@ def _kill_group(proc) -> None:
 def test_mlflow_server_dying_mid_training(prefect_server, tiny_base, tmp_path, monkeypatch, caplog):
     """A real `mlflow server`, SIGKILLed once training has written a checkpoint: training and evaluation
     finish untracked after one warning, registering is retried and then fails with TrackingUnavailable
-    (exit 2 in the CLI), and every MLflow call on the way costs seconds, not MLflow's default minutes."""
+    (exit 75 in the CLI), and every MLflow call on the way costs seconds, not MLflow's default minutes."""
     import logging
     import threading
     import time

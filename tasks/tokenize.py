@@ -69,10 +69,12 @@ def check_context(data: DataConfig, model: ModelConfig) -> None:
         )
 
 
-def _tokenizer_and_inputs(data: DataConfig, model: ModelConfig, local) -> tuple[object, Inputs | None]:
-    """The tokenizer, and the inputs parsed only where the cache key needs them first: a hub dataset's revision
+def _tokenizer_and_inputs(data: DataConfig, model: ModelConfig):
+    """(local contents, tokenizer, inputs). Every local input is read once: its digest for the key, its bytes
+    for parsing. The inputs are parsed only where the cache key needs them first: a hub dataset's revision
     is known once loaded; and a tokenizer that does not load is said after the data's own problems. Warm
     re-runs of local data parse nothing: the same bytes were validated when the cache entry was written."""
+    local = local_inputs(data)
     try:
         tok, err = load_tokenizer(model), None
     except (OSError, ValueError, UserError) as e:
@@ -82,15 +84,14 @@ def _tokenizer_and_inputs(data: DataConfig, model: ModelConfig, local) -> tuple[
     if err is not None:
         raise err
     check_context(data, model)
-    return tok, inputs
+    return local, tok, inputs
 
 
 def tokenize_dataset(data: DataConfig, model: ModelConfig, workdir: str | Path, run: MlflowRun | None = None) -> TokenizedData:
     """Validate and tokenize ``data``; reuse the cached result when every input's content is unchanged."""
     from datasets import DatasetDict
 
-    local = local_inputs(data)  # every local input read once: its digest for the key, its bytes for parsing
-    tok, inputs = _tokenizer_and_inputs(data, model, local)
+    local, tok, inputs = _tokenizer_and_inputs(data, model)
     key = cache_key(data, tok, local, inputs)
     out = Path(workdir) / "tokenized" / key
     if (out / "manifest.json").is_file():
@@ -98,7 +99,7 @@ def tokenize_dataset(data: DataConfig, model: ModelConfig, workdir: str | Path, 
         log_report(DataReport.model_validate_json((out / "report.json").read_text()), run, cache_hit=True)
         return TokenizedData.model_validate_json((out / "manifest.json").read_text())
 
-    prep = prepare_data(data, tok, inputs or validate_data(data, local))
+    prep = prepare_data(data, tok, inputs, local)
     r = prep.report
     ref = TokenizedData(
         path=str(out.resolve()), fingerprint=key, train_rows=len(prep.train), eval_rows=len(prep.eval),

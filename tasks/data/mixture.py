@@ -65,12 +65,13 @@ def validate_data(data: DataConfig, local: tuple[list[LocalContent | None], Loca
     return Inputs(parsed[:len(views)], parsed[len(views)] if data.eval_path else None)
 
 
-def prepare_data(data: DataConfig, tok, inputs: Inputs | None = None) -> Prepared:
-    """Render, encode, account, split, mix and report every input; writes nothing."""
+def prepare_data(data: DataConfig, tok, inputs: Inputs | None = None, local=None) -> Prepared:
+    """Render, encode, account, split, mix and report every input (read and parsed here unless ``inputs`` are
+    given; ``local`` as for ``validate_data``); writes nothing."""
     from datasets import concatenate_datasets
 
+    inputs = inputs or validate_data(data, local)
     views = source_views(data)
-    inputs = inputs or validate_data(data)
     encoded = []
     for (view, _), parsed in zip(views + [(data, 1.0)], inputs.sources + [inputs.eval] * bool(inputs.eval)):
         enc = encode_rendered(render(parsed, view, tok), view, tok)

@@ -80,14 +80,15 @@ def render(parsed: Parsed, data: DataConfig, tok) -> Rendered:
     cannot render is dropped with its reason (``template_error``), like any other broken row."""
     cap = char_cap(tok, data.max_length)
     rows = [(where, *_cap_row(turns, cap)) for where, turns in parsed.rows]
+    halves = [_text_halves(turns) if isinstance(turns, str) else None for _, turns, _ in rows]  # plain text's eval prompt
     kwargs = template_kwargs(tok, data.chat_template, data.chat_template_kwargs)
     template = "{prompt}" if parsed.fmt == "text" else prompt_template_for(tok, data.chat_template, kwargs)
     out = Rendered(name=parsed.src.name, fmt=parsed.fmt, prompt_template=template, cap=cap, hint=parsed.hint,
                    problems=list(parsed.problems), rows_read=parsed.rows_read)
-    for where, turns, cut in rows:
+    for (where, turns, cut), half in zip(rows, halves):
         group = len(out.items)
-        if isinstance(turns, str):
-            prompt, reference = _text_halves(turns)
+        if half is not None:
+            prompt, reference = half
             out.items.append(Item(where, [(turns, True)], prompt, reference, prompt, True, group, cut))
             continue
         try:

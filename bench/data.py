@@ -55,13 +55,16 @@ def run(data_path: str, model_path: str, max_length: int = 1024, batch_sizes=(4,
 
     from qlora.config.schema import DataConfig, ModelConfig
     from qlora.models.loading import load_tokenizer
-    from tasks.data.encode import prepare, render_source, tokenize_items
-    from tasks.data.validate import parse
+    from tasks.data.encode import tokenize_items
+    from tasks.data.mixture import prepare_data
+    from tasks.data.parse import parse
+    from tasks.data.read import read_source
+    from tasks.data.render import render
 
     datasets.disable_progress_bars()
     data = DataConfig(path=data_path, max_length=max_length)
     tok = load_tokenizer(ModelConfig(name_or_path=model_path))
-    prep = prepare(data, tok)
+    prep = prepare_data(data, tok)
     lengths = [len(x) for x in prep.train["input_ids"]]
     out: dict = {"data": data_path, "rows": len(lengths), "max_length": max_length}
     for bs in batch_sizes:
@@ -69,7 +72,7 @@ def run(data_path: str, model_path: str, max_length: int = 1024, batch_sizes=(4,
         out[f"padding_efficiency_grouped_bs{bs}"] = round(padding_efficiency(lengths, bs, grouped=True), 4)
     out["padding_efficiency_packed"] = 1.0  # train.packing: one flattened row per batch, no pad tokens at all
 
-    rendered = render_source(parse(data_path, data), data, tok)
+    rendered = render(parse(read_source(data_path), data), data, tok)
     texts = ["".join(t for t, _ in it.segments) for it in rendered.items]
     backend = tok.backend_tokenizer
     t = _best_of(
@@ -82,7 +85,7 @@ def run(data_path: str, model_path: str, max_length: int = 1024, batch_sizes=(4,
         repeats,
     )
     bare, bare_fast, ours = t["bare"], t["bare_fast"], t["ours"]
-    whole = _best_of({"prepare": lambda: prepare(data, tok)}, 1)["prepare"]
+    whole = _best_of({"prepare": lambda: prepare_data(data, tok)}, 1)["prepare"]
     out.update(
         bare_tokenizer_s=round(bare, 4), bare_backend_fast_s=round(bare_fast, 4), ours_tokenize_s=round(ours, 4),
         throughput_ratio=round(bare / ours, 3), throughput_ratio_vs_backend_fast=round(bare_fast / ours, 3),

@@ -14,24 +14,12 @@ from pathlib import Path
 from qlora.config.schema import ModelConfig, QuantizationConfig, stable_hash
 from qlora.errors import ModelError
 from qlora.models.loading import fix_generation_config, hub_commit, load_base, load_tokenizer
-from qlora.models.source import check_reference
+from qlora.models.source import check_reference, is_hub_id
 from qlora.models.quant import count_4bit_layers, dtype_choice
 from qlora.refs import QuantizedModel
 from qlora.storage import staged_dir
 
 log = logging.getLogger("qlora.quantize")
-
-
-def is_hub_id(name: str) -> bool:
-    """huggingface_hub's own repo-id rule, and not a file name. (Not ``Path(name).suffix``: that is '.1-8B-Instruct'
-    for meta-llama/Llama-3.1-8B-Instruct, which refused nearly every real hub id with a version in its name.)"""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return not name.startswith(".") and not name.endswith((".safetensors", ".bin", ".json", ".yaml", ".yml", ".gguf", ".pt"))
 
 
 def base_identity(model: ModelConfig) -> dict:

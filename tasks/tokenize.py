@@ -2,8 +2,9 @@
 
 Order matters: everything here runs on CPU with the tokenizer only, before any model is loaded,
 so bad data fails in seconds instead of after a GPU was allocated. The data path itself is in
-``tasks/data/`` (sources -> formats -> validate -> encode -> report); this module decides whether it
-has to run at all, writes its result atomically and logs the data report to MLflow.
+``tasks/data/`` (read -> parse -> render -> encode -> drops -> split -> mix -> report, driven by
+``tasks/data/mixture.py``); this module decides whether it has to run at all, writes its result
+atomically and logs the data report to MLflow.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from qlora.models.loading import context_length, load_tokenizer
 from qlora.refs import MlflowRun, TokenizedData
 from qlora.storage import staged_dir
 from qlora.template import PROMPT_TEMPLATE, chat_template_of, template_kwargs
-from tasks.data.mixture import mixture_digest, parsed_digests, prepare_data, validate_data
+from tasks.data.mixture import Inputs, prepare_data, validate_data
+from tasks.data.read import LocalContent, local_inputs
 from tasks.data.report import DataReport
-from tasks.data.sources import local_content
 
 log = logging.getLogger("qlora.tokenize")
 
@@ -33,12 +34,17 @@ def tokenizer_fingerprint(tok) -> str:
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
-def cache_key(data: DataConfig, tok, fmt_hint: str, digests: tuple[str, str]) -> str:
-    """Content, not names: data bytes (or hub revision), tokenizer, template, length, format, mapping."""
+def cache_key(data: DataConfig, tok, local: tuple[list[LocalContent | None], LocalContent | None], inputs: Inputs | None) -> str:
+    """Content, not names: data bytes (or hub revision), tokenizer, template, length, format, mapping.
+    The contents come from the inputs as parsed, or, when nothing had to be parsed yet, as read."""
+    train = [p.src.digest for p in inputs.sources] if inputs else [c.digest for c in local[0]]
+    evals = (inputs.eval.src.digest if inputs.eval else "") if inputs else (local[1].digest if local[1] else "")
     return stable_hash(
         {
-            "data": digests[0],
-            "eval_data": digests[1],
+            # A mixture: every source's content and how it is read and weighted; not its path (a moved file is the same data).
+            "data": "mix:" + stable_hash([{"content": d, **s.model_dump(exclude={"path"})} for s, d in zip(data.sources, train)])
+            if data.sources else train[0],
+            "eval_data": evals,
             "tokenizer": tokenizer_fingerprint(tok),
             "template": [PROMPT_TEMPLATE, chat_template_of(tok, data.chat_template),
                          template_kwargs(tok, data.chat_template, data.chat_template_kwargs)],
@@ -46,7 +52,7 @@ def cache_key(data: DataConfig, tok, fmt_hint: str, digests: tuple[str, str]) ->
             "layout": 2,
             "max_length": data.max_length,
             "overlength": data.overlength,
-            "format": fmt_hint,
+            "format": data.format,
             "columns": data.columns,
             "split": [data.eval_fraction, data.seed, data.max_drop_fraction],
         }
@@ -63,55 +69,37 @@ def check_context(data: DataConfig, model: ModelConfig) -> None:
         )
 
 
-def _cache_hit(out: Path, run: MlflowRun | None) -> TokenizedData | None:
-    manifest = out / "manifest.json"
-    if not manifest.is_file():
-        return None
-    log.info("tokenized data cache hit: %s (key %s), not re-tokenizing", out, out.name)
-    log_report(DataReport.model_validate_json((out / "report.json").read_text()), run, cache_hit=True)
-    return TokenizedData.model_validate_json(manifest.read_text())
-
-
-def _probe_cache(data: DataConfig, model: ModelConfig, workdir, run):
-    """Warm re-runs: the same bytes were validated when the cache entry was written, so skip parsing them.
-
-    Only for local data (a hub dataset's revision is known once loaded). A tokenizer that does not load
-    is no hit: the full path then reports data problems first, before any tokenizer error.
-    Returns (hit or None, the tokenizer if it loaded, the local contents read): a miss reuses both, so
-    neither the tokenizer nor the data file is loaded twice.
-    """
-    sources = [(s.path, s.split) for s in data.sources] or [(data.path, data.split)]
-    local = ([local_content(p, split) for p, split in sources], local_content(data.eval_path, data.split) if data.eval_path else None)
-    if None in local[0] or (data.eval_path and local[1] is None):
-        return None, None, local
+def _tokenizer_and_inputs(data: DataConfig, model: ModelConfig):
+    """(local contents, tokenizer, inputs). Every local input is read once: its digest for the key, its bytes
+    for parsing. The inputs are parsed only where the cache key needs them first: a hub dataset's revision
+    is known once loaded; and a tokenizer that does not load is said after the data's own problems. Warm
+    re-runs of local data parse nothing: the same bytes were validated when the cache entry was written."""
+    local = local_inputs(data)
     try:
-        tok = load_tokenizer(model)
-    except (OSError, ValueError, UserError):
-        return None, None, local
+        tok, err = load_tokenizer(model), None
+    except (OSError, ValueError, UserError) as e:
+        tok, err = None, e
+    complete = None not in local[0] and (local[1] is not None or not data.eval_path)
+    inputs = None if tok is not None and complete else validate_data(data, local)
+    if err is not None:
+        raise err
     check_context(data, model)
-    train = mixture_digest(data, [c.digest for c in local[0]]) if data.sources else local[0][0].digest
-    digests = (train, local[1].digest if local[1] else "")
-    return _cache_hit(Path(workdir) / "tokenized" / cache_key(data, tok, data.format, digests), run), tok, local
+    return local, tok, inputs
 
 
 def tokenize_dataset(data: DataConfig, model: ModelConfig, workdir: str | Path, run: MlflowRun | None = None) -> TokenizedData:
     """Validate and tokenize ``data``; reuse the cached result when every input's content is unchanged."""
     from datasets import DatasetDict
 
-    hit, tok, local = _probe_cache(data, model, workdir, run)
-    if hit is not None:
-        return hit
-    parsed = validate_data(data, local)  # structure first: a broken file fails here, before any tokenizer or model
-    if tok is None:
-        tok = load_tokenizer(model)
-        check_context(data, model)
-    key = cache_key(data, tok, data.format, parsed_digests(data, parsed))
+    local, tok, inputs = _tokenizer_and_inputs(data, model)
+    key = cache_key(data, tok, local, inputs)
     out = Path(workdir) / "tokenized" / key
-    hit = _cache_hit(out, run)
-    if hit is not None:
-        return hit
+    if (out / "manifest.json").is_file():
+        log.info("tokenized data cache hit: %s (key %s), not re-tokenizing", out, out.name)
+        log_report(DataReport.model_validate_json((out / "report.json").read_text()), run, cache_hit=True)
+        return TokenizedData.model_validate_json((out / "manifest.json").read_text())
 
-    prep = prepare_data(data, tok, parsed)
+    prep = prepare_data(data, tok, inputs, local)
     r = prep.report
     ref = TokenizedData(
         path=str(out.resolve()), fingerprint=key, train_rows=len(prep.train), eval_rows=len(prep.eval),

@@ -7,7 +7,7 @@ import pytest
 from bench.data import padding_efficiency
 from qlora.config.schema import DataConfig, ModelConfig, TrainConfig
 from qlora.models.loading import load_tokenizer
-from tasks.data.encode import prepare
+from tasks.data.mixture import prepare_data
 from tasks.training.recipe import training_arguments
 
 from .conftest import DEMO_DATA, SHARED_DATA
@@ -15,7 +15,7 @@ from .conftest import DEMO_DATA, SHARED_DATA
 
 def test_length_grouping_reaches_095_padding_efficiency_on_code_alpaca(tiny_base):
     tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_base)))
-    prep = prepare(DataConfig(path=str(SHARED_DATA / "code_alpaca_2k.json"), max_length=1024), tok)
+    prep = prepare_data(DataConfig(path=str(SHARED_DATA / "code_alpaca_2k.json"), max_length=1024), tok)
     lengths = [len(x) for x in prep.train["input_ids"]]
     for bs in (4, 8):  # the default per-device batch and configs/gpu-example.yaml's
         random_eff = padding_efficiency(lengths, bs, grouped=False)
@@ -64,7 +64,7 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_base, packing):
     from tasks.training.recipe import collator
 
     tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_base)))
-    prep = prepare(DataConfig(path=str(SHARED_DATA / "sharegpt_dummy_conversation.json"), max_length=160), tok)
+    prep = prepare_data(DataConfig(path=str(SHARED_DATA / "sharegpt_dummy_conversation.json"), max_length=160), tok)
     feats = [{k: prep.train[i][k] for k in ("input_ids", "labels")} for i in range(6)]
     if packing == "bfd":
         bins = pack_bfd(Dataset.from_list(feats), 320)
@@ -102,7 +102,7 @@ def test_bfd_packs_every_code_alpaca_row_once_into_full_bins(tiny_base):
     from tasks.training.packing import bin_fill, pack_bfd
 
     tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_base)))
-    prep = prepare(DataConfig(path=str(SHARED_DATA / "code_alpaca_2k.json"), max_length=1024), tok)
+    prep = prepare_data(DataConfig(path=str(SHARED_DATA / "code_alpaca_2k.json"), max_length=1024), tok)
     rows = prep.train.select_columns(["input_ids", "labels"])
     packed = pack_bfd(rows, 1024)
     lengths = [len(x) for x in rows["input_ids"]]
@@ -180,7 +180,7 @@ def test_flex_attention_keeps_packed_examples_apart_like_sdpa(tiny_base):
     from tasks.training.recipe import collator
 
     tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_base)))
-    prep = prepare(DataConfig(path=str(SHARED_DATA / "sharegpt_dummy_conversation.json"), max_length=160), tok)
+    prep = prepare_data(DataConfig(path=str(SHARED_DATA / "sharegpt_dummy_conversation.json"), max_length=160), tok)
     bins = pack_bfd(Dataset.from_list([{k: prep.train[i][k] for k in ("input_ids", "labels")} for i in range(6)]), 320)
     batch = collator(tok, "bfd")([bins[i] for i in range(len(bins))])
     logits = {}

@@ -7,7 +7,8 @@ import pytest
 from qlora.config.schema import DataConfig, ModelConfig
 from qlora.template import PROMPT_TEMPLATE, inference_prompt, prompt_template_for, render_turns
 from qlora.models.loading import load_tokenizer
-from tasks.data.encode import IGNORE_INDEX, prepare
+from tasks.data.encode import IGNORE_INDEX
+from tasks.data.mixture import prepare_data
 
 from .test_tokenize import CHAT_TEMPLATE, trained_spans
 
@@ -59,7 +60,7 @@ def test_trained_tokens_are_exactly_each_answer_plus_eos(tmp_path, tok, fmt, tem
     convs = [_conversation(rng) for _ in range(40)]
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(_row(fmt, c)) + "\n" for c in convs))
-    prep = prepare(DataConfig(path=str(path), max_length=256, chat_template=template, eval_fraction=0.5, seed=1), tok)
+    prep = prepare_data(DataConfig(path=str(path), max_length=256, chat_template=template, eval_fraction=0.5, seed=1), tok)
     assert prep.report.format == fmt and prep.report.rows_dropped == 0
     expected = sorted(
         [[tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for a in _answers(fmt, c)] for c in convs]
@@ -82,7 +83,7 @@ def test_training_prompt_is_the_consumers_prompt(tmp_path, tok, template):
     """What training feeds before an answer is what a registry consumer sends for the same message."""
     path = tmp_path / "pc.jsonl"
     path.write_text('{"prompt": "reverse: apple river", "completion": "river apple"}\n' * 4)
-    prep = prepare(DataConfig(path=str(path), max_length=64, chat_template=template, eval_fraction=0.25), tok)
+    prep = prepare_data(DataConfig(path=str(path), max_length=64, chat_template=template, eval_fraction=0.25), tok)
     ex = prep.eval[0]
     consumer_text = prep.prompt_template.format(prompt="reverse: apple river")  # MLflow's prompt_template
     assert consumer_text == ex["prompt"] == inference_prompt("reverse: apple river", tok, template)

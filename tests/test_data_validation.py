@@ -8,7 +8,7 @@ from flows.cli import main
 from qlora.config.schema import DataConfig, ModelConfig
 from qlora.errors import DataError
 from qlora.models.loading import load_tokenizer
-from tasks.data.encode import prepare
+from tasks.data.mixture import prepare_data
 
 GOOD = '{"instruction": "say hi", "output": "hi"}\n'
 
@@ -19,7 +19,7 @@ def tok(tiny_base):
 
 
 def _prepare(tok, path, **kw):
-    return prepare(DataConfig(path=str(path), max_length=kw.pop("max_length", 64), **kw), tok)
+    return prepare_data(DataConfig(path=str(path), max_length=kw.pop("max_length", 64), **kw), tok)
 
 
 # (file name, bytes, the exact line expected in the error; {p} is the file's path)
@@ -87,7 +87,7 @@ def test_explicit_format_that_does_not_match_says_what_the_rows_look_like(tok):
     from .conftest import SHARED_DATA
 
     with pytest.raises(DataError) as e:
-        prepare(DataConfig(path=str(SHARED_DATA / "sharegpt_dummy_conversation.json"), format="alpaca"), tok)
+        prepare_data(DataConfig(path=str(SHARED_DATA / "sharegpt_dummy_conversation.json"), format="alpaca"), tok)
     assert str(e.value).splitlines()[-1] == (
         f"{SHARED_DATA / 'sharegpt_dummy_conversation.json'}: all 500 rows dropped; nothing to train on "
         "(data.format is alpaca, but the rows look like sharegpt: set data.format=sharegpt or auto)"
@@ -133,7 +133,7 @@ def test_sources_csv_parquet_saved_dir_and_json_lines_in_json(tmp_path, tok):
 def test_hub_dataset_id_uses_load_dataset_and_fails_clearly_offline(tok, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DataError, match=r"^someone/some-dataset: cannot load hub dataset \(split=train, subset=None, revision=v1\)"):
-        prepare(DataConfig(path="someone/some-dataset", revision="v1"), tok)
+        prepare_data(DataConfig(path="someone/some-dataset", revision="v1"), tok)
 
 
 def test_validate_data_cli_prints_report_or_one_line_per_problem(tmp_path, tiny_base, capsys):

@@ -19,7 +19,8 @@ import pytest
 from qlora.config.schema import DataConfig, ModelConfig
 from qlora.errors import DataError
 from qlora.models.loading import load_tokenizer
-from tasks.data.encode import IGNORE_INDEX, prepare
+from tasks.data.encode import IGNORE_INDEX
+from tasks.data.mixture import prepare_data
 
 from .conftest import SHARED_DATA
 from .families import FAMILIES, NAMES, family_base  # noqa: F401
@@ -77,7 +78,7 @@ def test_sharegpt_trains_each_answer_once_with_the_consumers_prompt(family_base,
     is what a consumer gets by sending its message through the logged prompt template."""
     tok = _tok(family_base, name)
     n = 90
-    prep = prepare(DataConfig(path=_subset(tmp_path, n), format="sharegpt", max_length=512, eval_fraction=0.1), tok)
+    prep = prepare_data(DataConfig(path=_subset(tmp_path, n), format="sharegpt", max_length=512, eval_fraction=0.1), tok)
     r = prep.report
     multi = sum(len(row["conversations"]) > 2 for row in ROWS[:n])
     assert r.rows_dropped == 0 and r.rows_read == n
@@ -104,7 +105,7 @@ def test_qwen3_multi_turn_and_thinking(family_base, tmp_path):
     an empty <think></think> block no consumer prompt ever leads into."""
     tok = _tok(family_base, "qwen3")
     path = _subset(tmp_path, 12)
-    prep = prepare(DataConfig(path=path, format="sharegpt", max_length=512, eval_fraction=0.25), tok)
+    prep = prepare_data(DataConfig(path=path, format="sharegpt", max_length=512, eval_fraction=0.25), tok)
     assert prep.report.rows_dropped == 0 and prep.report.rows_expanded == 8
     assert "enable_thinking" not in prep.prompt_template and prep.prompt_template.endswith("<think>\n\n</think>\n\n")
     assert all(len(trained_spans(lab)) == 1 for lab in prep.train["labels"])  # one answer per example, history untrained
@@ -112,7 +113,7 @@ def test_qwen3_multi_turn_and_thinking(family_base, tmp_path):
     later = next(e for e in prep.eval if not e["standalone"])
     assert later["prompt"].count("<think>") == 1 and later["prompt"].endswith("<think>\n\n</think>\n\n")
     # Asked for: data.chat_template_kwargs {enable_thinking: true} trains the (empty) think block with the answer.
-    asked = prepare(DataConfig(path=path, format="sharegpt", max_length=512, eval_fraction=0.25,
+    asked = prepare_data(DataConfig(path=path, format="sharegpt", max_length=512, eval_fraction=0.25,
                                chat_template_kwargs={"enable_thinking": True}), tok)
     spans = [tok.decode(s) for lab in asked.train["labels"] for s in trained_spans(lab)]
     assert spans and all(s.startswith("<think>\n\n</think>\n\n") for s in spans)
@@ -127,7 +128,7 @@ def test_a_row_the_template_refuses_is_dropped_with_its_line(family_base, tiny_b
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     # Mistral writes the system message into the *last* user turn only: with the answer after it, the
     # prompt renders differently, so the answer cannot be cut from it.
-    prep = prepare(DataConfig(path=str(path), max_length=64, max_drop_fraction=0.1), _tok(family_base, "mistral"))
+    prep = prepare_data(DataConfig(path=str(path), max_length=64, max_drop_fraction=0.1), _tok(family_base, "mistral"))
     assert prep.report.dropped_by_reason == {"template_error": 1}
     assert prep.report.problem_lines[0].startswith(f"{path}:8: the chat template renders the prompt")
     # A template that refuses a row outright (raise_exception, as Gemma's does for a system turn)
@@ -135,14 +136,14 @@ def test_a_row_the_template_refuses_is_dropped_with_its_line(family_base, tiny_b
                  "{% endif %}<{{ m['role'] }}>{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
                  "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
     tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_base)))
-    prep = prepare(DataConfig(path=str(path), max_length=64, chat_template=no_system, max_drop_fraction=0.1), tok)
+    prep = prepare_data(DataConfig(path=str(path), max_length=64, chat_template=no_system, max_drop_fraction=0.1), tok)
     assert prep.report.problem_lines == [f"{path}:8: the chat template refuses this conversation: System role not supported"]
     assert prep.report.rows_read == 30 and prep.report.train_rows + prep.report.eval_rows == 29
 
 
 def test_sharegpt_file_needs_format_sharegpt_not_messages(family_base):
     with pytest.raises(DataError, match="rows look like sharegpt"):
-        prepare(DataConfig(path=str(SHAREGPT), format="messages"), _tok(family_base, "qwen2.5"))
+        prepare_data(DataConfig(path=str(SHAREGPT), format="messages"), _tok(family_base, "qwen2.5"))
 
 
 # ------------------------------------------------------------------ the whole flow, per family

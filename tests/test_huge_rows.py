@@ -16,7 +16,8 @@ import pytest
 from qlora.config.schema import DataConfig, ModelConfig
 from qlora.errors import DataError
 from qlora.models.loading import load_tokenizer
-from tasks.data.encode import encode, prepare
+from tasks.data.encode import encode
+from tasks.data.mixture import prepare_data
 
 from .conftest import REPO
 
@@ -41,7 +42,7 @@ def _file_with_a_huge_row(path, chars: int, line: int = 6):
 def test_a_long_row_is_cut_before_tokenizing_with_the_same_tokens_kept(tok, tmp_path, caplog):
     p = _file_with_a_huge_row(tmp_path / "long.jsonl", chars=300_000)
     with caplog.at_level(logging.WARNING, logger="qlora.tokenize"):
-        prep = prepare(DataConfig(path=str(p), max_length=64, eval_fraction=0.1, seed=1), tok)
+        prep = prepare_data(DataConfig(path=str(p), max_length=64, eval_fraction=0.1, seed=1), tok)
     assert f"{p}:6: 300,000 characters in one text" in caplog.text and "characters in one text" in caplog.text
     assert prep.report.truncated_rows == 1
     rows = [r for r in prep.train.to_list() + prep.eval.to_list() if len(r["input_ids"]) == 64]
@@ -56,10 +57,10 @@ def test_a_long_row_is_cut_before_tokenizing_with_the_same_tokens_kept(tok, tmp_
 
 def test_a_long_row_dropped_or_refused_names_its_line(tok, tmp_path):
     p = _file_with_a_huge_row(tmp_path / "long.jsonl", chars=300_000)
-    prep = prepare(DataConfig(path=str(p), max_length=64, overlength="drop", max_drop_fraction=0.1), tok)
+    prep = prepare_data(DataConfig(path=str(p), max_length=64, overlength="drop", max_drop_fraction=0.1), tok)
     assert prep.report.problem_lines == [f"{p}:6: 300,000 characters, more than data.max_length=64 tokens (data.overlength=drop)"]
     with pytest.raises(DataError, match=rf"{p}:6: 300,000 characters, more than data.max_length=64 tokens"):
-        prepare(DataConfig(path=str(p), max_length=64, overlength="error"), tok)
+        prepare_data(DataConfig(path=str(p), max_length=64, overlength="error"), tok)
 
 
 def _rss_mb(pid: int) -> float:

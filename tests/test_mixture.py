@@ -16,7 +16,7 @@ import pytest
 from qlora.config.schema import DataConfig, ModelConfig
 from qlora.config.files import load_config
 from qlora.errors import ConfigError
-from tasks.data.mixture import draw, shares
+from tasks.data.split import draw, shares
 
 from .conftest import REPO, SHARED_DATA
 
@@ -91,12 +91,12 @@ def test_two_source_mixture_report_counts_and_cache_key(tiny_base, tmp_path, mlf
 
 def test_the_mixture_is_the_same_every_time(tiny_base):
     from qlora.models.loading import load_tokenizer
-    from tasks.data.mixture import prepare_mixture
+    from tasks.data.mixture import prepare_data
 
     tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_base)))
-    a, b = prepare_mixture(_mix(), tok), prepare_mixture(_mix(), tok)
+    a, b = prepare_data(_mix(), tok), prepare_data(_mix(), tok)
     assert a.train["input_ids"] == b.train["input_ids"] and a.eval["input_ids"] == b.eval["input_ids"]
-    c = prepare_mixture(_mix(seed=7), tok)
+    c = prepare_data(_mix(seed=7), tok)
     assert c.train["input_ids"] != a.train["input_ids"]  # data.seed drives the draws
 
 

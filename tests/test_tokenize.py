@@ -164,12 +164,14 @@ def test_arrow_columns_are_exactly_the_encoded_rows(tiny_base, monkeypatch, chun
     """The single-process path writes Arrow from numpy buffers (in chunks), the multi-process path runs
     ``Dataset.map``: both hold exactly what ``encode`` computes, row for row, with narrow int types."""
     import tasks.data.encode as T
-    from tasks.data.validate import parse
+    from tasks.data.parse import parse
+    from tasks.data.read import read_source
+    from tasks.data.render import render
 
     monkeypatch.setattr(T, "CHUNK_ROWS", chunk_rows)
     data = DataConfig(path=str(SHARED_DATA / "code_alpaca_2k.json"), max_length=128, num_proc=num_proc)
     tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_base)))
-    items = T.render_source(parse(data.path, data), data, tok).items[:40]
+    items = render(parse(read_source(data.path), data), data, tok).items[:40]
     if num_proc > 1:  # below 2000 rows per worker the map would run in one process
         items = items * 100
     ds = T.tokenize_items(items, tok, data)
@@ -192,11 +194,13 @@ def test_tokenizing_inside_a_prefect_task_logs_no_bytecode(tiny_base, prefect_se
     from prefect import flow, task
 
     import tasks.data.encode as T
-    from tasks.data.validate import parse
+    from tasks.data.parse import parse
+    from tasks.data.read import read_source
+    from tasks.data.render import render
 
     data = DataConfig(path=str(SHARED_DATA / "code_alpaca_2k.json"), max_length=128, num_proc=num_proc)
     tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_base)))
-    items = T.render_source(parse(data.path, data), data, tok).items[:40] * (100 if num_proc > 1 else 1)
+    items = render(parse(read_source(data.path), data), data, tok).items[:40] * (100 if num_proc > 1 else 1)
 
     @task(log_prints=True)
     def tokenize_in_task():

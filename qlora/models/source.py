@@ -23,9 +23,26 @@ KEY = "model.name_or_path"
 DEMO_HINT = "for the demo base run `make demo` or `qlora build-demo` first"
 
 
-def _looks_local(name: str) -> bool:
-    """A path, not a hub id: hub ids are 'name' or 'org/name', never absolute, dotted or deeper."""
-    return name.startswith((".", "/", "~")) or os.path.isabs(name) or name.count("/") > 1 or "\\" in name
+# A name ending so is a file someone meant to point at, not a repo (hub ids may hold dots: Llama-3.1-8B, OpenHermes-2.5).
+FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".jsonl", ".ndjson", ".csv", ".parquet", ".arrow", ".txt",
+                 ".yaml", ".yml", ".gguf", ".pt")
+
+
+def is_hub_id(name: str, owner_required: bool = False) -> bool:
+    """The one rule for data and models: an existing local path wins; otherwise huggingface_hub's own repo-id
+    rule (``owner/name`` or ``name``, letters, digits, ``-``, ``_``, ``.``), not starting with a dot and not
+    ending like a file. ``owner_required``: datasets need ``owner/name`` (a bare ``name`` there is far more
+    often a mistyped local file than a legacy hub dataset); models accept ``gpt2``.
+    Not ``Path(name).suffix``: that is '.1-8B-Instruct' for meta-llama/Llama-3.1-8B-Instruct."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if Path(name).expanduser().exists() or (owner_required and name.count("/") != 1):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return not name.startswith(".") and not name.lower().endswith(FILE_SUFFIXES)
 
 
 def _hint(name: str) -> str:
@@ -44,8 +61,10 @@ def check_reference(model: ModelConfig) -> None:
             raise ModelError(f"{KEY}: '{name}' is a folder but not a Hugging Face model (no config.json in it); {_hint(name)}")
     elif p.exists():
         raise ModelError(f"{KEY}: '{name}' is a file; expected a model directory or a hub id like org/name")
-    elif _looks_local(name):
+    elif name.startswith((".", "/", "~")) or os.path.isabs(name) or name.count("/") > 1 or "\\" in name:
         raise ModelError(f"{KEY}: '{name}' does not exist (resolved from {Path.cwd()}); {_hint(name)}")
+    elif not is_hub_id(name):
+        raise ModelError(f"{KEY}: '{name}' is neither an existing local directory nor a valid hub id; {_hint(name)}")
 
 
 def _chain(exc: BaseException):

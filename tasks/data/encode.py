@@ -1,34 +1,21 @@
-"""Rows -> rendered template segments -> ``input_ids`` and completion-only ``labels``, written to Arrow.
+"""Encode: rendered segments -> ``input_ids`` and completion-only ``labels``, written to Arrow.
 
 Labels are -100 everywhere except assistant turns and the EOS/end-of-turn token that closes each of
-them. ``prepare`` runs the whole data path in memory (validate, render, tokenize, split, report) and
-writes nothing; ``tasks/tokenize.py`` caches its result.
+them. A row too long for ``data.max_length`` (or whose prompt alone fills it) becomes a problem of its
+source, counted with the others by ``tasks/data/drops.py``.
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
-import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from qlora.config.schema import DataConfig
-from qlora.errors import DataError
-from qlora.template import Segment, TemplateError, prompt_template_for, render_examples, template_kwargs
-from tasks.data.formats import first_exchange
-from tasks.data.report import DataReport
-from tasks.data.validate import Parsed, Problem, check_drops, shown_lines, validate
+from qlora.template import Segment, adds_bos
+from tasks.data.render import Item, Rendered
 
-log = logging.getLogger("qlora.tokenize")
 IGNORE_INDEX = -100
 CHUNK_ROWS = 10_000  # rows per tokenizer call and Arrow record batch on the single-process path
-
-
-def _bos(tok) -> list[int]:
-    """[bos] when the tokenizer adds one by itself (so prompts match ``tok(prompt)`` at inference)."""
-    if tok.bos_token_id is None:
-        return []
-    return [tok.bos_token_id] if tok("a")["input_ids"][:1] == [tok.bos_token_id] else []
 
 
 def token_ids(tok, texts: list[str]) -> list[list[int]]:
@@ -41,81 +28,6 @@ def token_ids(tok, texts: list[str]) -> list[list[int]]:
     return tok(texts, add_special_tokens=False)["input_ids"]
 
 
-# ---------------------------------------------------------------- rendering
-
-
-@dataclass
-class Item:
-    where: str
-    segments: list[Segment]
-    prompt: str  # rendered prompt up to the answer scored by generation eval
-    reference: str  # that answer
-    message: str = ""  # the user message a consumer sends for it (the logged prompt template makes the prompt)
-    standalone: bool = True  # ``prompt`` is what a consumer gets for ``message`` alone (no history, no system turn)
-    group: int = -1  # index of the row's first item: a row split into several examples stays in one split
-    chars_cut: int = 0  # length of the longest text cut to the character cap before tokenizing, else 0
-
-
-def char_cap(tok, max_length: int) -> int:
-    """Characters of one text that can matter for ``max_length`` tokens: beyond them a row is too long for sure.
-
-    No token covers more characters than the longest string in the vocabulary (byte-level BPE spells each
-    byte as one character, so it over-counts multi-byte characters: still a bound), hence a text longer than
-    ``max_length * longest`` has more than ``max_length`` tokens. Cutting there before tokenizing keeps every
-    token that truncation keeps; the factor 2 leaves room for normalizers that drop characters and for BPE
-    merges across the cut. Without the cap, one 50 MB row was tokenized whole: 5 GB of memory here, 15.5 GB
-    with the reporter's tokenizer (issue 13, item 1).
-    """
-    longest = max((len(t) for t in tok.get_vocab()), default=1)
-    return 2 * max_length * max(longest, 1) + 64
-
-
-def _capped(text: str, cap: int) -> tuple[str, int]:
-    return (text, 0) if len(text) <= cap else (text[:cap], len(text))
-
-
-@dataclass
-class Rendered:
-    fmt: str
-    items: list[Item] = field(default_factory=list)
-    problems: list[Problem] = field(default_factory=list)
-    rows_read: int = 0
-    rows_expanded: int = 0  # conversations split into one example per assistant turn
-
-
-def render_source(parsed: Parsed, data: DataConfig, tok) -> Rendered:
-    """Render every parsed row with the template; problems so far are carried over. A row the template
-    cannot render is dropped with its reason (``template_error``), like any other broken row."""
-    out = Rendered(fmt=parsed.fmt, problems=list(parsed.problems), rows_read=parsed.rows_read)
-    kwargs = template_kwargs(tok, data.chat_template, data.chat_template_kwargs)
-    cap = char_cap(tok, data.max_length)
-    for where, turns in parsed.rows:
-        group = len(out.items)
-        if isinstance(turns, str):
-            turns, cut = _capped(turns, cap)
-            prompt_turns, reference = first_exchange(turns)
-            prompt = prompt_turns[0][1]
-            out.items.append(Item(where, [(turns, True)], prompt, reference, prompt, True, group, cut))
-            continue
-        capped = [(role, *_capped(text, cap)) for role, text in turns]
-        cut = max(c for _, _, c in capped)
-        turns = [(role, text) for role, text, _ in capped]
-        try:
-            examples = render_examples(turns, tok, data.chat_template, kwargs)
-        except TemplateError as e:
-            out.problems.append((where, "template_error", f"{where}: {e}"))
-            continue
-        out.rows_expanded += len(examples) > 1
-        for ex in examples:
-            out.items.append(Item(where, ex.segments, ex.segments[0][0], turns[ex.answer_turn][1].strip(), ex.message,
-                                  ex.standalone, group, cut))
-    cut = list(dict.fromkeys(f"{it.where}: {it.chars_cut:,} characters in one text" for it in out.items if it.chars_cut))
-    if cut:
-        log.warning("%s\n%d rows hold a text longer than data.max_length=%d tokens can hold: only its first %s characters "
-                    "were tokenized (data.overlength=%s)", shown_lines(cut), len(cut), data.max_length, f"{cap:,}", data.overlength)
-    return out
-
-
 # ---------------------------------------------------------------- tokenizing
 
 
@@ -126,7 +38,7 @@ def encode(tok, segs_batch: list[list[Segment]], max_length: int, overlength: st
     """
     flat = [text for segs in segs_batch for text, _ in segs]
     ids_flat = token_ids(tok, flat)
-    bos, eos = _bos(tok), tok.eos_token_id
+    bos, eos = [tok.bos_token_id] if adds_bos(tok) else [], tok.eos_token_id  # prompts must match ``tok(prompt)`` at inference
     cols: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], "problem": [], "n_tokens": []}
     i = 0
     for segs in segs_batch:
@@ -241,85 +153,28 @@ def tokenize_items(items: list[Item], tok, data: DataConfig):
     )
 
 
-def _token_problems(ds, rendered: Rendered, data: DataConfig) -> list[int]:
-    """Indices of rows that survive tokenization; the others become counted problems."""
-    keep, errors = [], []
-    for i, p in enumerate(ds["problem"]):
+@dataclass
+class Encoded:
+    """One source tokenized: its rendered items (whose problems now include the token ones), the Dataset of
+    every item (None when there is none) and the indices of the items that are usable."""
+
+    rendered: Rendered
+    ds: object | None
+    keep: list[int]
+
+
+def encode_rendered(rendered: Rendered, data: DataConfig, tok) -> Encoded:
+    """Tokenize every rendered item; a row too long (or all prompt) joins the source's problems with its line."""
+    ds = tokenize_items(rendered.items, tok, data) if rendered.items else None
+    keep = []
+    for i, p in enumerate(ds["problem"] if ds is not None else []):
         if not p:
             keep.append(i)
             continue
         reason, msg = p.split("|", 1)
-        if reason == "too_long" and rendered.items[i].chars_cut:  # tokenized only up to the cap: say what is known
-            msg = (f"{rendered.items[i].chars_cut:,} characters, more than data.max_length={data.max_length} tokens "
+        item = rendered.items[i]
+        if reason == "too_long" and item.chars_cut:  # tokenized only up to the cap: say what is known
+            msg = (f"{item.chars_cut:,} characters, more than data.max_length={data.max_length} tokens "
                    f"(data.overlength={data.overlength})")
-        line = f"{rendered.items[i].where}: {msg}"
-        if reason == "too_long" and data.overlength == "error":
-            errors.append(line)
-        rendered.problems.append((rendered.items[i].where, reason, line))
-    if errors:
-        raise DataError(shown_lines(errors) + f"\n{len(errors)} rows longer than data.max_length={data.max_length}; "
-                        "raise data.max_length or set data.overlength to truncate or drop")
-    return keep
-
-
-# ---------------------------------------------------------------- the whole data path, in memory
-
-
-@dataclass
-class Prepared:
-    train: object  # datasets.Dataset
-    eval: object
-    report: DataReport
-    prompt_template: str
-
-
-def encode_source(parsed: Parsed, data: DataConfig, tok) -> tuple[Rendered, object, list[int]]:
-    """One source rendered and tokenized: (rendered rows with their problems, Dataset, usable row indices)."""
-    rendered = render_source(parsed, data, tok)
-    ds = tokenize_items(rendered.items, tok, data) if rendered.items else None
-    keep = _token_problems(ds, rendered, data) if ds is not None else []
-    check_drops(rendered.problems, rendered.rows_read, parsed.src.name, data.max_drop_fraction)
-    return rendered, ds, keep
-
-
-def hold_out(keep: list[int], items: list[Item], data: DataConfig, name: str) -> tuple[list[int], list[int]]:
-    """Seeded hold-out of ``data.eval_fraction`` of the usable rows: (train indices, eval indices). A row
-    split into one example per assistant turn is held out whole: its later examples contain the earlier
-    answers as history, which must not be trained on while the eval scores them."""
-    groups = list(dict.fromkeys(items[i].group for i in keep))  # rows, in order (a row's first item index)
-    random.Random(data.seed).shuffle(groups)
-    n_eval = max(1, round(len(groups) * data.eval_fraction))
-    if n_eval >= len(groups):
-        raise DataError(f"{name}: {len(groups)} usable rows leave nothing to train on with data.eval_fraction={data.eval_fraction}")
-    held = set(groups[:n_eval])
-    return [i for i in keep if items[i].group not in held], [i for i in keep if items[i].group in held]
-
-
-def select_rows(items: list[Item], ds, keep: list[int], with_text: bool):
-    ds = ds.select(keep).remove_columns(["problem"])
-    ds = ds.rename_column("n_tokens", "n_tokens_full")
-    if with_text:  # what generation eval scores, and what the consumer check sends (message) for the same prompt
-        for col in ("prompt", "reference", "message", "standalone"):
-            ds = ds.add_column(col, [getattr(items[i], col) for i in keep])
-    return ds
-
-
-def prepare(data: DataConfig, tok, parsed: tuple[Parsed, Parsed | None] | None = None) -> Prepared:
-    """Read, validate, render and tokenize ``data`` (train and eval splits) plus the report; writes nothing."""
-    tparsed, eparsed = parsed or validate(data)
-    train_r, train_ds, train_idx = encode_source(tparsed, data, tok)
-    if eparsed is None:  # hold out part of the training source
-        train_idx, eval_idx = hold_out(train_idx, train_r.items, data, tparsed.src.name)
-        eval_r, eval_ds, problems, rows_read = train_r, train_ds, train_r.problems, train_r.rows_read
-    else:
-        eval_r, eval_ds, eval_idx = encode_source(eparsed, data, tok)
-        problems, rows_read = train_r.problems + eval_r.problems, train_r.rows_read + eval_r.rows_read
-    train = select_rows(train_r.items, train_ds, train_idx, with_text=False)
-    evals = select_rows(eval_r.items, eval_ds, eval_idx, with_text=True)
-    expanded = train_r.rows_expanded + (eval_r.rows_expanded if eparsed is not None else 0)
-    report = DataReport.build(tparsed.src.name, tparsed.fmt, data, rows_read, problems, train, evals,
-                              [train_r.items[i] for i in train_idx], [eval_r.items[i] for i in eval_idx], tok, expanded)
-    train, evals = train.remove_columns(["n_tokens_full"]), evals.remove_columns(["n_tokens_full"])
-    kwargs = template_kwargs(tok, data.chat_template, data.chat_template_kwargs)
-    template = prompt_template_for(tok, data.chat_template, kwargs) if tparsed.fmt != "text" else "{prompt}"
-    return Prepared(train, evals, report, template)
+        rendered.problems.append((item.where, reason, f"{item.where}: {msg}"))
+    return Encoded(rendered, ds, keep)

@@ -63,7 +63,7 @@ class DataReport(BaseModel):
 
     @classmethod
     def build(cls, source, fmt, data, rows_read, problems, train, evals, train_items, eval_items, tok,
-              rows_expanded: int = 0) -> "DataReport":
+              rows_expanded: int = 0, sources: list[SourceStats] = ()) -> "DataReport":
         lengths = sorted([len(x) for x in train["input_ids"]] + [len(x) for x in evals["input_ids"]])
         trained = total = 0
         for split in (train, evals):
@@ -86,7 +86,7 @@ class DataReport(BaseModel):
             truncated_rows=sum(1 for n in full if n > data.max_length), max_length=data.max_length,
             duplicate_rows=duplicates, train_eval_overlap=sum(1 for k in eval_keys if k in seen),
             token_length={"p50": _pct(lengths, 0.5), "p90": _pct(lengths, 0.9), "p99": _pct(lengths, 0.99), "max": lengths[-1] if lengths else 0},
-            trainable_token_share=round(trained / max(total, 1), 4), examples=examples,
+            trainable_token_share=round(trained / max(total, 1), 4), examples=examples, sources=list(sources),
         )
 
     def metrics(self) -> dict[str, float]:

@@ -17,7 +17,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qlora.config.schema import DataConfig
 from qlora.errors import DataError
+from qlora.models.source import is_hub_id
 
 
 @dataclass
@@ -28,11 +30,6 @@ class Source:
     digest: str = ""  # content hash (bytes, or hub id + revision) for the cache key
 
 
-def looks_like_hub_id(path: str) -> bool:
-    p = Path(path)
-    return not p.exists() and path.count("/") == 1 and not path.startswith((".", "/")) and p.suffix == ""
-
-
 def read_source(path: str, split: str = "train", subset: str | None = None, revision: str | None = None,
                 local: LocalContent | None = None) -> Source:
     """All rows of ``path``; ``local`` is its content when the caller already read it (``local_content``)."""
@@ -40,7 +37,7 @@ def read_source(path: str, split: str = "train", subset: str | None = None, revi
     if p.is_dir():
         return _read_saved_dataset(p, split, local.digest if local else None)
     if not p.exists():
-        if looks_like_hub_id(path):
+        if is_hub_id(path, owner_required=True):
             return _read_hub(path, split, subset, revision)
         raise DataError(
             f"{p}: data file not found (data.path is resolved from the directory you run in; "
@@ -200,6 +197,13 @@ def local_content(path: str, split: str) -> LocalContent | None:
         except PermissionError as e:
             raise DataError(f"{e.filename or p}: cannot read the dataset (permission denied); make it readable by this user") from None
     return None
+
+
+def local_inputs(data: DataConfig) -> tuple[list[LocalContent | None], LocalContent | None]:
+    """Every local input read once, before anything is parsed: one per source (``data.path`` is a mixture of
+    one) and the eval file; None where it is a hub dataset."""
+    train = [local_content(s.path, s.split) for s in (data.sources or [data])]
+    return train, local_content(data.eval_path, data.split) if data.eval_path else None
 
 
 def dir_digest(p: Path, split: str) -> str:

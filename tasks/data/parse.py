@@ -1,4 +1,4 @@
-"""Row formats -> conversation turns, with one clear reason per bad row.
+"""Parse: a source's rows -> conversation turns, with one clear reason per bad row (no tokenizer yet).
 
 Formats: ``alpaca`` (instruction/input/output), ``sharegpt`` (conversations of {from, value}),
 ``messages`` (OpenAI-style {role, content}), ``prompt_completion`` and plain ``text``. All but
@@ -9,8 +9,13 @@ Pure Python: importable without torch or Prefect.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+from qlora.config.schema import DataConfig
 from qlora.errors import DataError
 from qlora.template import Turn
+from tasks.data.drops import Problem
+from tasks.data.read import Source
 
 FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
 # Canonical field names per format; data.columns maps these to the user's names.
@@ -122,12 +127,48 @@ def check_order(turns: list[Turn], where: str, key: str) -> None:
         raise RowProblem(where, "no_assistant_turn", f"'{key}' has no assistant turn to train on")
 
 
-def first_exchange(turns: list[Turn] | str) -> tuple[list[Turn], str]:
-    """Conversation up to the first assistant answer and that answer (generation eval's prompt/reference)."""
-    if isinstance(turns, str):
-        # Plain text: continue the second half from the first, split at a space.
-        cut = turns.rfind(" ", 0, max(1, len(turns) // 2))
-        cut = cut if cut > 0 else len(turns) // 2
-        return [("text", turns[:cut])], turns[cut:]
-    k = next(i for i, (r, _) in enumerate(turns) if r == "assistant")
-    return turns[:k], turns[k][1].strip()
+@dataclass
+class Parsed:
+    """One source's rows checked for structure (fields, types, roles): everything that needs no tokenizer.
+    Unusable rows are carried as problems; they are counted once, after tokenizing (``tasks/data/drops.py``)."""
+
+    src: Source
+    fmt: str
+    rows: list[tuple[str, list[Turn] | str]] = field(default_factory=list)  # (where, turns or plain text)
+    problems: list[Problem] = field(default_factory=list)
+    rows_read: int = 0
+    hint: str = ""  # said when rows are dropped: the format the rows look like when data.format does not match
+
+
+def parse(src: Source, data: DataConfig, fmt: str | None = None) -> Parsed:
+    """Every row of ``src`` as turns in ``fmt`` (detected from the first row when data.format is auto)."""
+    fmt = fmt or first_format(src, data)
+    out = Parsed(src=src, fmt=fmt, problems=list(src.problems), rows_read=len(src.rows) + len(src.problems),
+                 hint=format_hint(src, fmt, data))
+    for where, row in src.rows:
+        try:
+            out.rows.append((where, row_turns(row, fmt, where, data.columns)))
+        except RowProblem as e:
+            out.problems.append((e.where, e.reason, str(e)))
+    return out
+
+
+def first_format(src: Source, data: DataConfig) -> str:
+    if data.format != "auto":
+        return data.format
+    first = next(((w, r) for w, r in src.rows if isinstance(r, dict)), None)
+    if first is None:
+        raise DataError(f"{src.name}: no row is a JSON object; cannot detect the format")
+    return detect_format(first[1], first[0], data.columns)
+
+
+def format_hint(src: Source, fmt: str, data: DataConfig) -> str:
+    """When an explicit data.format does not match the rows, say which format they look like."""
+    first = next((r for _, r in src.rows if isinstance(r, dict)), None)
+    if data.format == "auto" or first is None:
+        return ""
+    try:
+        seen = detect_format(first, src.name, data.columns)
+    except DataError:
+        return ""
+    return f" (data.format is {fmt}, but the rows look like {seen}: set data.format={seen} or auto)" if seen != fmt else ""

@@ -3,7 +3,7 @@
 Order matters: everything here runs on CPU with the tokenizer only, before any model is loaded,
 so bad data fails in seconds instead of after a GPU was allocated. The data path itself is in
 ``tasks/data/`` (read -> parse -> render -> encode -> drops -> split -> mix -> report, driven by
-``tasks/data/mixture.py``); this module decides whether it has to run at all, writes its result
+``tasks/data/pipeline.py``); this module decides whether it has to run at all, writes its result
 atomically and logs the data report to MLflow.
 """
 
@@ -20,7 +20,7 @@ from qlora.models.loading import context_length, load_tokenizer
 from qlora.refs import MlflowRun, TokenizedData
 from qlora.storage import staged_dir
 from qlora.template import PROMPT_TEMPLATE, chat_template_of, template_kwargs
-from tasks.data.mixture import Inputs, prepare_data, validate_data
+from tasks.data.pipeline import Inputs, prepare_data, validate_data
 from tasks.data.read import LocalContent, local_inputs
 from tasks.data.report import DataReport
 

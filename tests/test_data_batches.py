@@ -7,7 +7,7 @@ import pytest
 from bench.data import padding_efficiency
 from qlora.config.schema import DataConfig, ModelConfig, TrainConfig
 from qlora.models.loading import load_tokenizer
-from tasks.data.mixture import prepare_data
+from tasks.data.pipeline import prepare_data
 from tasks.training.recipe import training_arguments
 
 from .conftest import DEMO_DATA, SHARED_DATA

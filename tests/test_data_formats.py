@@ -8,7 +8,7 @@ from qlora.config.schema import DataConfig, ModelConfig
 from qlora.template import PROMPT_TEMPLATE, inference_prompt, prompt_template_for, render_turns
 from qlora.models.loading import load_tokenizer
 from tasks.data.encode import IGNORE_INDEX
-from tasks.data.mixture import prepare_data
+from tasks.data.pipeline import prepare_data
 
 from .test_tokenize import CHAT_TEMPLATE, trained_spans
 

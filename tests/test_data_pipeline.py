@@ -8,7 +8,7 @@ from qlora.config.schema import DataConfig, DataSource, ModelConfig
 from qlora.errors import DataError
 from qlora.models.loading import load_tokenizer
 from qlora.models.source import is_hub_id
-from tasks.data.mixture import prepare_data
+from tasks.data.pipeline import prepare_data
 
 from .conftest import SHARED_DATA
 from .families import family_base  # noqa: F401

@@ -8,7 +8,7 @@ from flows.cli import main
 from qlora.config.schema import DataConfig, ModelConfig
 from qlora.errors import DataError
 from qlora.models.loading import load_tokenizer
-from tasks.data.mixture import prepare_data
+from tasks.data.pipeline import prepare_data
 
 GOOD = '{"instruction": "say hi", "output": "hi"}\n'
 

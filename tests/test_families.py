@@ -20,7 +20,7 @@ from qlora.config.schema import DataConfig, ModelConfig
 from qlora.errors import DataError
 from qlora.models.loading import load_tokenizer
 from tasks.data.encode import IGNORE_INDEX
-from tasks.data.mixture import prepare_data
+from tasks.data.pipeline import prepare_data
 
 from .conftest import SHARED_DATA
 from .families import FAMILIES, NAMES, family_base  # noqa: F401

@@ -17,7 +17,7 @@ from qlora.config.schema import DataConfig, ModelConfig
 from qlora.errors import DataError
 from qlora.models.loading import load_tokenizer
 from tasks.data.encode import encode
-from tasks.data.mixture import prepare_data
+from tasks.data.pipeline import prepare_data
 
 from .conftest import REPO
 

@@ -107,17 +107,18 @@ def _run(config: PipelineConfig) -> RegisteredVersion:
 def train_and_evaluate(config: PipelineConfig, run: MlflowRun | None, models: ModelCache | None = None) -> Trained:
     """Stages 1-4, what one sweep trial runs too (``flows/sweep.py``). Training and evaluation hold this
     machine's device slot (``qlora/locks.py``): concurrent flow runs queue there instead of sharing a GPU."""
-    data = stages.tokenize(config.data, config.model, config.workdir, run)
-    base = stages.quantize(config.model, config.quantization, config.workdir)
+    limit = config.timeouts
+    data = stages.within(stages.tokenize, limit)(config.data, config.model, config.workdir, run)
+    base = stages.within(stages.quantize, limit)(config.model, config.quantization, config.workdir)
     with device_slot():
-        adapter = stages.train(base, data, config.lora, config.train, config.workdir, run)
-        report = stages.evaluate(base, adapter, data, config.eval, run, models)
+        adapter = stages.within(stages.train, limit)(base, data, config.lora, config.train, config.workdir, run)
+        report = stages.within(stages.evaluate, limit)(base, adapter, data, config.eval, run, models)
     return Trained(data=data, base=base, adapter=adapter, report=report)
 
 
 def register_and_report(config: PipelineConfig, trained: Trained, run: MlflowRun, models: ModelCache | None = None) -> RegisteredVersion:
     """Stages 5-6: the registry (gate, consumer check, approval) and the run report; a sweep's best trial too."""
-    version = stages.register(trained.base, trained.adapter, trained.report, config.registry, run, trained.data, models)
+    version = stages.within(stages.register, config.timeouts)(trained.base, trained.adapter, trained.report, config.registry, run, trained.data, models)
     if version.awaiting_approval:  # registry.require_approval: pause for a human (must run in the flow)
         version = await_approval(version, config.registry, run)
     stages.publish_report(trained.report, trained.adapter, version, run, config.report)

@@ -65,12 +65,12 @@ def qlora_reproduce(model_uri: str, workdir: str | None = None, tracking_uri: st
         log.warning("%s (the adapter may differ for that reason)", warning)
     cfg = rebased(lineage.config, lineage.cwd).model_copy(update={"workdir": fresh_workdir(workdir, lineage)})
     log.info("rebuilding %s v%s in %s", lineage.name, lineage.version, cfg.workdir)
-    base = stages.quantize(cfg.model, cfg.quantization, cfg.workdir)
+    base = stages.within(stages.quantize, cfg.timeouts)(cfg.model, cfg.quantization, cfg.workdir)
     check_base(lineage, base)
-    data = stages.tokenize(cfg.data, cfg.model, cfg.workdir)
+    data = stages.within(stages.tokenize, cfg.timeouts)(cfg.data, cfg.model, cfg.workdir)
     check_data(lineage, data, cfg)
     with device_slot():
-        adapter = stages.train(base, data, cfg.lora, cfg.train, cfg.workdir)
+        adapter = stages.within(stages.train, cfg.timeouts)(base, data, cfg.lora, cfg.train, cfg.workdir)
     verdict = compare(lineage, adapter.path)
     create_markdown_artifact(f"# Reproduce {model_uri}\n\n**{verdict.line}**\n\nRebuilt in `{cfg.workdir}`.",
                              key=artifact_key(lineage.name, f"v{lineage.version}-reproduce"), description=verdict.line[:200])

@@ -15,8 +15,9 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import DEFAULT
 
-from qlora.config.schema import DataConfig, EvalConfig, LoraSection, ModelConfig, PipelineConfig, QuantizationConfig, RegistryConfig, ReportConfig, TrackingConfig, TrainConfig
-from qlora.errors import retry_transient
+from qlora.config.schema import (DataConfig, EvalConfig, LoraSection, ModelConfig, PipelineConfig, QuantizationConfig, RegistryConfig,
+                                 ReportConfig, TimeoutsConfig, TrackingConfig, TrainConfig)
+from qlora.errors import StageTimeout, retry_transient
 from qlora.locks import one_writer, training_slot
 from qlora.models.loading import ModelCache
 from qlora.refs import Adapter, EvalReport, MlflowRun, QuantizedModel, RegisteredVersion, TokenizedData
@@ -99,3 +100,25 @@ def publish_report(report: EvalReport, adapter: Adapter, version: RegisteredVers
     create_table_artifact(reporting.example_rows(report, cfg.examples), key=keys[1], description="held-out prompts, base vs tuned")
     reporting.notify_promotion(cfg, version)
     return keys
+
+
+def within(stage, timeouts: TimeoutsConfig):
+    """``stage`` (tokenize, quantize, train, evaluate or register) under its ``timeouts.<stage>`` limit (``timeouts.registry``
+    for register), each
+    retry afresh; past it, the flow fails with a ``StageTimeout`` naming the stage and the key."""
+    key = "registry" if stage.name == "register" else stage.name  # a field named register would shadow pydantic's
+    seconds = getattr(timeouts, key)
+    limited = stage.with_options(timeout_seconds=seconds)
+
+    def call(*args, **kwargs):
+        try:
+            return limited(*args, **kwargs)
+        except TimeoutError as e:  # Prefect's TaskRunTimeoutError, after the stage's retries
+            raise StageTimeout(
+                f"stage {stage.name} did not finish within timeouts.{key}={seconds:g} s (on every try): something it "
+                "waited for hung (a hub download, a server that accepts the connection and never answers, a collective "
+                f"waiting for a dead rank); its log says what it was doing last. Raise timeouts.{key} if the stage "
+                "is only slow; finished stages are reused on a re-run"
+            ) from e
+
+    return call

@@ -42,6 +42,10 @@ class DiskFull(UserError):
     """The disk filled up while writing an output. Not retried: the same write fails again until someone frees space."""
 
 
+class StageTimeout(RuntimeError):
+    """A stage ran past its ``timeouts.<stage>`` limit: something it waited for hung. Retried like any fault."""
+
+
 class TrackingUnavailable(RuntimeError):
     """The MLflow tracking server could not be reached; transient, so the task that needs it retries."""
 

@@ -368,6 +368,20 @@ class ReportConfig(Section):
     )
 
 
+class TimeoutsConfig(Section):
+    """Wall-clock limits per stage: a hung hub download, a server that accepts the connection and never
+    answers, or a collective waiting for a dead rank fails its stage with a message naming the stage and
+    this key, instead of waiting forever. Each retry of a stage gets the limit afresh. Generous by default
+    (sized for a 70B base on a slow link); null turns a limit off. Not part of the run's fingerprint: a
+    limit changes when a run gives up, never what it computes."""
+
+    tokenize: float | None = Field(3600, gt=0, description="Seconds for stage 1 (reading, a hub dataset download included, and tokenizing).")
+    quantize: float | None = Field(4 * 3600, gt=0, description="Seconds for stage 2 (a hub base download included: ~140 GB for a 70B at 10 MB/s).")
+    train: float | None = Field(72 * 3600, gt=0, description="Seconds for stage 3. A stalled collective inside it is bounded sooner by train.extra_args.ddp_timeout (transformers' default 1800 s).")
+    evaluate: float | None = Field(6 * 3600, gt=0, description="Seconds for stage 4 (generation on the eval split, base and tuned).")
+    registry: float | None = Field(3600, gt=0, description="Seconds for stage 5, register (logging the adapter, the consumer check, the aliases).")
+
+
 class PipelineConfig(Section):
     """Everything one fine-tuning run needs. Sections map one-to-one onto pipeline stages."""
 
@@ -381,6 +395,11 @@ class PipelineConfig(Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="MLflow Model Registry target.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking server or local store.")
     report: ReportConfig = Field(default_factory=ReportConfig, description="Run report, links and notifications.")
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig, description="Wall-clock limit per stage; a stage that exceeds it fails naming itself.")
+
+    def fingerprint(self) -> str:
+        """The run's identity (its MLflow run record, cache keys): what it computes, so not its time limits."""
+        return stable_hash(self.model_dump(mode="json", exclude={"timeouts"}))
 
     @model_validator(mode="after")
     def _gate_metric_is_evaluated(self) -> "PipelineConfig":

@@ -56,8 +56,8 @@ def run(data_path: str, model_path: str, max_length: int = 1024, batch_sizes=(4,
     from qlora.config.schema import DataConfig, ModelConfig
     from qlora.models.loading import load_tokenizer
     from tasks.data.encode import tokenize_items
-    from tasks.data.pipeline import prepare_data
     from tasks.data.parse import parse
+    from tasks.data.pipeline import prepare_data
     from tasks.data.read import read_source
     from tasks.data.render import render
 

@@ -21,7 +21,7 @@ def run(config_path: str, overrides: list[str]) -> dict[str, float]:
     cfg = load_config(config_path, overrides)
     # Import the heavy libraries before the clock starts: stage times should be the stage's work,
     # not the process's one-off imports (which a cold and a warm run pay alike).
-    import datasets, peft, transformers  # noqa: E401,F401
+    import datasets  # noqa: E401,F401
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
     times: dict[str, float] = {}

@@ -61,7 +61,7 @@ def _flows(module: str):
     server = _start_ephemeral_prefect_server()
     flows = importlib.import_module(module)
     if server is not None:
-        import datasets, mlflow, peft, torch, transformers  # noqa: E401,F401  (what the tasks import first)
+        import datasets  # noqa: E401,F401  (what the tasks import first)
 
         t = time.perf_counter()
         server.join()  # the flow must not see a server that is still starting
@@ -81,8 +81,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from qlora.config.files import load_config
     from flows.sweep_plan import grid_trials, markdown, parse_grid, sweep_config
+    from qlora.config.files import load_config
 
     cfg = load_config(args.config, args.set)
     sweep = sweep_config(grid=parse_grid(args.grid), max_parallel=args.max_parallel, sampler=args.sampler,
@@ -118,9 +118,8 @@ def cmd_reproduce(args) -> int:
 def cmd_validate_data(args) -> int:
     """Validation and tokenization only (tokenizer, no model, writes nothing); prints the data report."""
     from qlora.config.files import load_config
-    from qlora.models.loading import load_tokenizer
+    from qlora.models.loading import check_context, load_tokenizer
     from tasks.data.pipeline import prepare_data, validate_data
-    from tasks.tokenize import check_context
 
     cfg = load_config(args.config, args.set)
     import datasets
@@ -230,8 +229,8 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qlora.config.schema import DEMO_BASE_DIR
     from demo.build import DEMO_DATA
+    from qlora.config.schema import DEMO_BASE_DIR
 
     p = argparse.ArgumentParser(prog="qlora", description="Prefect-orchestrated QLoRA fine-tuning.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,

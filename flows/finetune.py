@@ -25,13 +25,11 @@ from prefect import flow, runtime
 
 from flows import stages
 from flows.approval import await_approval
-from qlora.locks import device_slot
-from qlora.config.schema import PipelineConfig
+from qlora.config.schema import PipelineConfig, config_warnings
+from qlora.locks import device_slot, set_threads
 from qlora.models.loading import ModelCache
-from qlora.tracking.outage import bounded_requests, hurry, is_down_at
 from qlora.refs import MlflowRun, RegisteredVersion, Trained
-from qlora.locks import set_threads
-from qlora.config.schema import config_warnings
+from qlora.tracking.outage import bounded_requests, hurry, is_down_at
 from qlora.tracking.runs import end_run, fail_runs_of_flow_run, release_run_record, resolve_uri
 from tasks.reporting import notify
 
@@ -108,17 +106,18 @@ def train_and_evaluate(config: PipelineConfig, run: MlflowRun | None, models: Mo
     """Stages 1-4, what one sweep trial runs too (``flows/sweep.py``). Training and evaluation hold this
     machine's device slot (``qlora/locks.py``): concurrent flow runs queue there instead of sharing a GPU."""
     limit = config.timeouts
-    data = stages.within(stages.tokenize, limit)(config.data, config.model, config.workdir, run)
-    base = stages.within(stages.quantize, limit)(config.model, config.quantization, config.workdir)
+    data = stages.tokenize(config.data, config.model, config.workdir, run, limit=limit.tokenize)
+    base = stages.quantize(config.model, config.quantization, config.workdir, limit=limit.quantize)
     with device_slot():
-        adapter = stages.within(stages.train, limit)(base, data, config.lora, config.train, config.workdir, run)
-        report = stages.within(stages.evaluate, limit)(base, adapter, data, config.eval, run, models)
+        adapter = stages.train(base, data, config.lora, config.train, config.workdir, run, limit=limit.train)
+        report = stages.evaluate(base, adapter, data, config.eval, run, models, limit=limit.evaluate)
     return Trained(data=data, base=base, adapter=adapter, report=report)
 
 
 def register_and_report(config: PipelineConfig, trained: Trained, run: MlflowRun, models: ModelCache | None = None) -> RegisteredVersion:
     """Stages 5-6: the registry (gate, consumer check, approval) and the run report; a sweep's best trial too."""
-    version = stages.within(stages.register, config.timeouts)(trained.base, trained.adapter, trained.report, config.registry, run, trained.data, models)
+    version = stages.register(trained.base, trained.adapter, trained.report, config.registry, run, trained.data, models,
+                              limit=config.timeouts.registry)
     if version.awaiting_approval:  # registry.require_approval: pause for a human (must run in the flow)
         version = await_approval(version, config.registry, run)
     stages.publish_report(trained.report, trained.adapter, version, run, config.report)

@@ -23,12 +23,20 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows import stages
-from qlora.locks import device_slot
 from qlora.config.schema import TrackingConfig
 from qlora.errors import UserError, retry_transient
+from qlora.locks import device_slot
 from qlora.tracking.runs import resolve_uri
-from registry.rebuild import (Lineage, Verdict, check_base, check_data, compare_adapter, environment_differences,
-                                read_lineage, rebased)
+from registry.rebuild import (
+    Lineage,
+    Verdict,
+    check_base,
+    check_data,
+    compare_adapter,
+    environment_differences,
+    read_lineage,
+    rebased,
+)
 from tasks.reporting import artifact_key
 
 log = logging.getLogger("qlora.reproduce")
@@ -65,12 +73,12 @@ def qlora_reproduce(model_uri: str, workdir: str | None = None, tracking_uri: st
         log.warning("%s (the adapter may differ for that reason)", warning)
     cfg = rebased(lineage.config, lineage.cwd).model_copy(update={"workdir": fresh_workdir(workdir, lineage)})
     log.info("rebuilding %s v%s in %s", lineage.name, lineage.version, cfg.workdir)
-    base = stages.within(stages.quantize, cfg.timeouts)(cfg.model, cfg.quantization, cfg.workdir)
+    base = stages.quantize(cfg.model, cfg.quantization, cfg.workdir, limit=cfg.timeouts.quantize)
     check_base(lineage, base)
-    data = stages.within(stages.tokenize, cfg.timeouts)(cfg.data, cfg.model, cfg.workdir)
+    data = stages.tokenize(cfg.data, cfg.model, cfg.workdir, limit=cfg.timeouts.tokenize)
     check_data(lineage, data, cfg)
     with device_slot():
-        adapter = stages.within(stages.train, cfg.timeouts)(base, data, cfg.lora, cfg.train, cfg.workdir)
+        adapter = stages.train(base, data, cfg.lora, cfg.train, cfg.workdir, limit=cfg.timeouts.train)
     verdict = compare(lineage, adapter.path)
     create_markdown_artifact(f"# Reproduce {model_uri}\n\n**{verdict.line}**\n\nRebuilt in `{cfg.workdir}`.",
                              key=artifact_key(lineage.name, f"v{lineage.version}-reproduce"), description=verdict.line[:200])

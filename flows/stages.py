@@ -9,14 +9,26 @@ run's ``ModelCache`` handed from evaluate to register, is left out of the cache 
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import DEFAULT
+from prefect.utilities.timeout import timeout
 
-from qlora.config.schema import (DataConfig, EvalConfig, LoraSection, ModelConfig, PipelineConfig, QuantizationConfig, RegistryConfig,
-                                 ReportConfig, TimeoutsConfig, TrackingConfig, TrainConfig)
+from qlora.config.schema import (
+    DataConfig,
+    EvalConfig,
+    LoraSection,
+    ModelConfig,
+    PipelineConfig,
+    QuantizationConfig,
+    RegistryConfig,
+    ReportConfig,
+    TrackingConfig,
+    TrainConfig,
+)
 from qlora.errors import StageTimeout, retry_transient
 from qlora.locks import one_writer, training_slot
 from qlora.models.loading import ModelCache
@@ -42,6 +54,24 @@ def _markdown(key: str, markdown: str) -> None:
     create_markdown_artifact(markdown=markdown, key=reporting.artifact_key(key, ""))
 
 
+@contextlib.contextmanager
+def _time_limit(stage: str, seconds: float | None):
+    """The stage's ``timeouts.<key>``, on each try afresh (Prefect's own timeout scope: a signal in the main
+    thread, so a read from a server that never answers is interrupted too); past it, a ``StageTimeout``
+    naming the stage and the key. Retried like any fault, then the flow fails with this message."""
+    key = "registry" if stage == "register" else stage  # a field named register would shadow pydantic's
+    try:
+        with timeout(seconds, StageTimeout):
+            yield
+    except StageTimeout:
+        raise StageTimeout(
+            f"stage {stage} did not finish within timeouts.{key}={seconds:g} s (on every try): something it waited for "
+            "hung (a hub download, a server that accepts the connection and never answers, a collective waiting for "
+            f"a dead rank); its log says what it was doing last. Raise timeouts.{key} if the stage is only slow; "
+            "finished stages are reused on a re-run"
+        ) from None
+
+
 @task(name="open-mlflow-run", retries=2, retry_delay_seconds=[2, 10], **_common)
 def open_run(cfg: TrackingConfig, workdir: str, key: str, run_name: str | None, tags: dict[str, str] | None = None,
              config: PipelineConfig | None = None) -> MlflowRun:
@@ -53,9 +83,9 @@ def open_run(cfg: TrackingConfig, workdir: str, key: str, run_name: str | None, 
 
 
 @task(name="tokenize", retries=2, retry_delay_seconds=5, **_common)
-def tokenize(data: DataConfig, model: ModelConfig, workdir: str, run: MlflowRun | None = None) -> TokenizedData:
+def tokenize(data: DataConfig, model: ModelConfig, workdir: str, run: MlflowRun | None = None, limit: float | None = None) -> TokenizedData:
     """Tokenize, then show the data report (drops by reason, lengths, examples) in the Prefect UI."""
-    with one_writer(workdir, "tokenized"):
+    with _time_limit("tokenize", limit), one_writer(workdir, "tokenized"):
         ref = tokenize_dataset(data, model, workdir, run)
     if ref.report_path:
         create_markdown_artifact(markdown=Path(ref.report_path).read_text(), key="data-report", description="tokenize: data report")
@@ -63,29 +93,30 @@ def tokenize(data: DataConfig, model: ModelConfig, workdir: str, run: MlflowRun 
 
 
 @task(name="quantize", retries=2, retry_delay_seconds=10, **_common)
-def quantize(model: ModelConfig, quant: QuantizationConfig, workdir: str) -> QuantizedModel:
-    with one_writer(workdir, "quantized"):
+def quantize(model: ModelConfig, quant: QuantizationConfig, workdir: str, limit: float | None = None) -> QuantizedModel:
+    with _time_limit("quantize", limit), one_writer(workdir, "quantized"):
         return prepare_quantized_model(model, quant, workdir)
 
 
 @task(name="train", retries=1, retry_delay_seconds=30, **_common)
 def train(base: QuantizedModel, data: TokenizedData, lora: LoraSection, cfg: TrainConfig, workdir: str,
-          run: MlflowRun | None = None) -> Adapter:
+          run: MlflowRun | None = None, limit: float | None = None) -> Adapter:
     """Holds a training slot of the worker (and of the Prefect limit) while it trains: qlora/locks.py."""
-    with training_slot(cfg):
+    with _time_limit("train", limit), training_slot(cfg):
         return train_adapter(base, data, lora, cfg, workdir, run)
 
 
 @task(name="evaluate", retries=2, retry_delay_seconds=10, cache_policy=_WITHOUT_MODELS, **_common)
 def evaluate(base: QuantizedModel, adapter: Adapter, data: TokenizedData, cfg: EvalConfig, run: MlflowRun | None = None,
-             models: ModelCache | None = None) -> EvalReport:
-    return evaluate_adapter(base, adapter, data, cfg, run, models)
+             models: ModelCache | None = None, limit: float | None = None) -> EvalReport:
+    with _time_limit("evaluate", limit):
+        return evaluate_adapter(base, adapter, data, cfg, run, models)
 
 
 @task(name="register", retries=3, retry_delay_seconds=[5, 20, 60], cache_policy=_WITHOUT_MODELS, **_common)
 def register(base: QuantizedModel, adapter: Adapter, report: EvalReport, cfg: RegistryConfig, run: MlflowRun,
              data: TokenizedData | None = None, models: ModelCache | None = None) -> RegisteredVersion:
-    """A tracking server that stays down through the retries ends as one TrackingUnavailable (exit 2)."""
+    """A tracking server that stays down through the retries ends as one TrackingUnavailable (exit 75)."""
     with required(run.tracking_uri, "registering", f"Nothing new is lost: the adapter ({adapter.path}) and its checkpoints are kept"):
         return register_adapter(base, adapter, report, cfg, run, data, models, publish=_markdown)
 
@@ -100,25 +131,3 @@ def publish_report(report: EvalReport, adapter: Adapter, version: RegisteredVers
     create_table_artifact(reporting.example_rows(report, cfg.examples), key=keys[1], description="held-out prompts, base vs tuned")
     reporting.notify_promotion(cfg, version)
     return keys
-
-
-def within(stage, timeouts: TimeoutsConfig):
-    """``stage`` (tokenize, quantize, train, evaluate or register) under its ``timeouts.<stage>`` limit (``timeouts.registry``
-    for register), each
-    retry afresh; past it, the flow fails with a ``StageTimeout`` naming the stage and the key."""
-    key = "registry" if stage.name == "register" else stage.name  # a field named register would shadow pydantic's
-    seconds = getattr(timeouts, key)
-    limited = stage.with_options(timeout_seconds=seconds)
-
-    def call(*args, **kwargs):
-        try:
-            return limited(*args, **kwargs)
-        except TimeoutError as e:  # Prefect's TaskRunTimeoutError, after the stage's retries
-            raise StageTimeout(
-                f"stage {stage.name} did not finish within timeouts.{key}={seconds:g} s (on every try): something it "
-                "waited for hung (a hub download, a server that accepts the connection and never answers, a collective "
-                f"waiting for a dead rank); its log says what it was doing last. Raise timeouts.{key} if the stage "
-                "is only slow; finished stages are reused on a re-run"
-            ) from e
-
-    return call

@@ -42,7 +42,7 @@ class DiskFull(UserError):
     """The disk filled up while writing an output. Not retried: the same write fails again until someone frees space."""
 
 
-class StageTimeout(RuntimeError):
+class StageTimeout(TimeoutError):
     """A stage ran past its ``timeouts.<stage>`` limit: something it waited for hung. Retried like any fault."""
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from importlib.metadata import PackageNotFoundError, version as pkg_version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as pkg_version
 from pathlib import Path
 
 from qlora.refs import Adapter, EvalReport, MlflowRun, QuantizedModel

@@ -23,8 +23,8 @@ from pydantic import BaseModel
 
 from qlora.config.schema import PipelineConfig
 from qlora.errors import UserError
-from qlora.tracking.records import CWD_TAG, read_config
 from qlora.refs import MlflowRun, QuantizedModel, TokenizedData
+from qlora.tracking.records import CWD_TAG, read_config
 from registry.lineage import git_commit, library_versions
 
 ADAPTER = "adapter_model.safetensors"

@@ -33,7 +33,6 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: in
     pipeline decodes by default (GENERATION_DEFAULTS) and stopping where it stops: at the generation config's
     EOS ids, which qlora.models.loading made include the tokenizer's end-of-turn."""
     import torch
-
     from tqdm.auto import tqdm
 
     out: list[str] = []

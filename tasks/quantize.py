@@ -6,7 +6,6 @@ Training, evaluation and the registered model all load this folder with a plain
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from pathlib import Path
@@ -14,32 +13,12 @@ from pathlib import Path
 from qlora.config.schema import ModelConfig, QuantizationConfig, stable_hash
 from qlora.errors import ModelError
 from qlora.models.loading import fix_generation_config, hub_commit, load_base, load_tokenizer
-from qlora.models.source import check_reference, is_hub_id
 from qlora.models.quant import count_4bit_layers, dtype_choice
+from qlora.models.source import base_identity, check_reference
 from qlora.refs import QuantizedModel
 from qlora.storage import staged_dir
 
 log = logging.getLogger("qlora.quantize")
-
-
-def base_identity(model: ModelConfig) -> dict:
-    """What the base *is*: a hash of a local directory's weights, or hub id + revision."""
-    p = Path(model.name_or_path)
-    if p.is_dir():
-        h = hashlib.sha256()
-        files = sorted(f for f in p.iterdir() if f.suffix in {".safetensors", ".json", ".model"})
-        if not any(f.suffix == ".safetensors" for f in files):
-            raise ModelError(f"{p}: no .safetensors weights in this model directory (model.name_or_path)")
-        for f in files:
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
-        return {"local_weights_sha256": h.hexdigest()}
-    if not is_hub_id(model.name_or_path):
-        raise ModelError(
-            f"model.name_or_path: '{model.name_or_path}' is neither an existing local directory nor a hub id "
-            "like 'org/name' (for the demo base run `make demo` or `qlora build-demo` first)"
-        )
-    return {"hub_id": model.name_or_path, "revision": model.revision or "main"}
 
 
 def prepare_quantized_model(model: ModelConfig, quant: QuantizationConfig, workdir: str | Path) -> QuantizedModel:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from qlora.config.schema import ReportConfig
 from qlora.errors import UserError
-from qlora.refs import Adapter, EvalReport, MlflowRun, RegisteredVersion
 from qlora.models.secrets import redact_url, webhook_url
+from qlora.refs import Adapter, EvalReport, MlflowRun, RegisteredVersion
 
 log = logging.getLogger("qlora.report")
 LOSS_PLOT = "plots/loss.png"

@@ -15,8 +15,8 @@ import logging
 from pathlib import Path
 
 from qlora.config.schema import DataConfig, ModelConfig, stable_hash
-from qlora.errors import ConfigError, UserError
-from qlora.models.loading import context_length, load_tokenizer
+from qlora.errors import UserError
+from qlora.models.loading import check_context, load_tokenizer
 from qlora.refs import MlflowRun, TokenizedData
 from qlora.storage import staged_dir
 from qlora.template import PROMPT_TEMPLATE, chat_template_of, template_kwargs
@@ -57,16 +57,6 @@ def cache_key(data: DataConfig, tok, local: tuple[list[LocalContent | None], Loc
             "split": [data.eval_fraction, data.seed, data.max_drop_fraction],
         }
     )
-
-
-def check_context(data: DataConfig, model: ModelConfig) -> None:
-    """``data.max_length`` must fit the base's context: found here, with the tokenizer, not after training."""
-    ctx = context_length(model)
-    if ctx is not None and data.max_length > ctx:
-        raise ConfigError(
-            f"data.max_length={data.max_length} is more than the context of model.name_or_path={model.name_or_path} "
-            f"({ctx} tokens, max_position_embeddings in its config.json): set data.max_length to at most {ctx}"
-        )
 
 
 def _tokenizer_and_inputs(data: DataConfig, model: ModelConfig):

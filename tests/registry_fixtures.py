@@ -73,12 +73,11 @@ def stop(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="session")  # shared by the registry test modules: training is the slow part
 def trained(tiny_base, tmp_path_factory):
     """(base, adapter, report): a real 4-bit base, a 4-step adapter and its real evaluation on 6 prompts."""
+    from demo.build import write_demo_data
     from tasks.evaluate import evaluate_adapter
     from tasks.quantize import prepare_quantized_model
     from tasks.tokenize import tokenize_dataset
     from tasks.train import train_adapter
-
-    from demo.build import write_demo_data
 
     work = tmp_path_factory.mktemp("registry-work")
     rows = write_demo_data(work / "rows.jsonl", n=400)  # same task as the demo, fewer rows to tokenize

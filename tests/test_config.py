@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from qlora.config.schema import PipelineConfig
 from qlora.config.files import load_config
+from qlora.config.schema import PipelineConfig
 from qlora.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))

@@ -20,8 +20,8 @@ import mlflow
 import pytest
 import yaml
 
-from qlora.config.schema import PipelineConfig
 from qlora.config.files import load_config
+from qlora.config.schema import PipelineConfig
 
 from .conftest import DEMO_DATA, REPO
 

@@ -10,8 +10,8 @@ import mlflow
 import prefect.main  # noqa: F401  Prefect configures logging on import: bind its console handler now, not to a test's capture
 import pytest
 
-from qlora.config.schema import DataConfig, LoraSection, ModelConfig, QuantizationConfig, TrainConfig
 from qlora.config.files import load_config
+from qlora.config.schema import DataConfig, LoraSection, ModelConfig, QuantizationConfig, TrainConfig
 from qlora.errors import ConfigError, TrainingDiverged, is_transient
 from tasks.train import run_dir_for, train_adapter
 

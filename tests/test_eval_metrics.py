@@ -11,7 +11,16 @@ import math
 import mlflow
 import pytest
 
-from qlora.config.schema import DataConfig, EvalConfig, LoraSection, ModelConfig, QuantizationConfig, RegistryConfig, TrackingConfig, TrainConfig
+from qlora.config.schema import (
+    DataConfig,
+    EvalConfig,
+    LoraSection,
+    ModelConfig,
+    QuantizationConfig,
+    RegistryConfig,
+    TrackingConfig,
+    TrainConfig,
+)
 from qlora.tracking.runs import start_run
 from registry.gate import SCORES_DIR, gate_metric, stored_scores
 from registry.register import register_adapter

@@ -16,11 +16,10 @@ from pathlib import Path
 import pytest
 
 from qlora.config.schema import LoraSection, RegistryConfig, TrackingConfig, TrainConfig
-from qlora.errors import ConfigError, DataError
-from qlora.errors import TrackingUnavailable, TrainingDiverged, is_transient
+from qlora.errors import ConfigError, DataError, TrackingUnavailable, TrainingDiverged, is_transient
 from qlora.refs import MlflowRun
-from tasks.training.checkpoints import checkpoint_problem, latest_valid_checkpoint
 from tasks.train import run_dir_for, train_adapter
+from tasks.training.checkpoints import checkpoint_problem, latest_valid_checkpoint
 
 LORA = LoraSection(r=4, alpha=8, dropout=0.0)
 

@@ -160,9 +160,9 @@ def test_diverged_flow_fails_once_marks_run_failed_registers_nothing(prefect_ser
 def test_mlflow_down_whole_flow_trains_then_fails_clearly(prefect_server, tiny_base, tmp_path, monkeypatch):
     import socket
 
+    from flows import stages
     from flows.finetune import qlora_finetune
     from qlora.errors import TrackingUnavailable
-    from flows import stages
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora.config.schema import ModelConfig, PipelineConfig, QuantizationConfig
 from qlora.config.files import load_config
+from qlora.config.schema import ModelConfig, PipelineConfig, QuantizationConfig
 from qlora.errors import ConfigError
-from tasks.training.launch import launcher_command
 from tasks.training.checkpoints import checkpoint_problem
+from tasks.training.launch import launcher_command
 
 
 def test_fsdp_derives_float_quant_storage_and_ddp_keeps_uint8():

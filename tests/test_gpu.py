@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora.config.schema import DataConfig, EvalConfig, LoraSection, ModelConfig, PipelineConfig, QuantizationConfig, TrainConfig
 from qlora.config.files import load_config
+from qlora.config.schema import DataConfig, EvalConfig, LoraSection, ModelConfig, PipelineConfig, QuantizationConfig, TrainConfig
 
 from .conftest import DEMO_DATA, REPO
 
@@ -90,8 +90,8 @@ def test_fsdp_qlora_trains_saves_and_resumes(demo_on_gpu, caplog):
     shard), a plain PEFT adapter at the end, sharded checkpoints that a re-run resumes from."""
     from safetensors.torch import load_file
 
-    from tasks.train import train_adapter
     from tasks.quantize import prepare_quantized_model
+    from tasks.train import train_adapter
     from tasks.training.checkpoints import checkpoint_problem
 
     work, model, data, _ = demo_on_gpu

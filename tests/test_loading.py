@@ -9,8 +9,17 @@ from pathlib import Path
 
 import mlflow
 
-from qlora.config.schema import DataConfig, EvalConfig, LoraSection, ModelConfig, QuantizationConfig, RegistryConfig, TrackingConfig, TrainConfig
 from demo.build import write_demo_data
+from qlora.config.schema import (
+    DataConfig,
+    EvalConfig,
+    LoraSection,
+    ModelConfig,
+    QuantizationConfig,
+    RegistryConfig,
+    TrackingConfig,
+    TrainConfig,
+)
 from qlora.models.loading import ModelCache, load_tokenizer
 from qlora.tracking.runs import start_run
 from registry.consumer import predict

@@ -13,8 +13,8 @@ import sys
 import mlflow
 import pytest
 
-from qlora.config.schema import DataConfig, ModelConfig
 from qlora.config.files import load_config
+from qlora.config.schema import DataConfig, ModelConfig
 from qlora.errors import ConfigError
 from tasks.data.split import draw, shares
 
@@ -40,8 +40,8 @@ def test_largest_remainder_shares_add_up_and_draws_repeat_only_when_asked():
 
 
 def test_two_source_mixture_report_counts_and_cache_key(tiny_base, tmp_path, mlflow_uri, caplog):
-    from qlora.tracking.runs import start_run
     from qlora.config.schema import TrackingConfig
+    from qlora.tracking.runs import start_run
     from tasks.tokenize import tokenize_dataset
 
     model = ModelConfig(name_or_path=str(tiny_base))

@@ -10,8 +10,8 @@ import prefect.main  # noqa: F401  Prefect configures logging on import: bind it
 import yaml
 
 from flows.cli import main
-from qlora.config.schema import DataConfig, ModelConfig, ReportConfig
 from qlora.config.files import load_config
+from qlora.config.schema import DataConfig, ModelConfig, ReportConfig
 
 from .conftest import DEMO_DATA
 from .test_reporting import _Hook

@@ -8,9 +8,9 @@ import pytest
 
 from qlora.config.schema import EvalConfig, LoraSection, ModelConfig, QuantizationConfig, TrainConfig
 from qlora.errors import ModelError
+from qlora.models.loading import load_base
 from qlora.models.quant import count_4bit_layers
 from tasks.evaluate import evaluate_adapter
-from qlora.models.loading import load_base
 from tasks.quantize import prepare_quantized_model
 from tasks.train import train_adapter
 from tasks.training.checkpoints import latest_valid_checkpoint

@@ -65,8 +65,13 @@ def _flow_runs(**filters):
 
 def test_cli_sweep_four_trials_one_parent_one_version(swept):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (FlowRunFilterId, FlowRunFilterParentFlowRunId, LogFilter,
-                                                LogFilterFlowRunId, TaskRunFilter, TaskRunFilterName)
+    from prefect.client.schemas.filters import (
+        FlowRunFilterParentFlowRunId,
+        LogFilter,
+        LogFilterFlowRunId,
+        TaskRunFilter,
+        TaskRunFilterName,
+    )
 
     client = mlflow.MlflowClient(swept.uri)
     runs = client.search_runs([client.get_experiment_by_name("qlora-finetune").experiment_id])
@@ -171,8 +176,8 @@ def test_tpe_sweep_runs_the_asked_trials_in_process(prefect_server, tiny_base, t
     """--sampler tpe: Optuna (the optional `sweep` extra) picks 3 of the 4 grid points, in batches."""
     pytest.importorskip("optuna")
     from flows.sweep import qlora_sweep
-    from qlora.config.files import load_config
     from flows.sweep_plan import SweepConfig
+    from qlora.config.files import load_config
 
     cfg = load_config(None, _sets(tmp_path, DEMO_DATA, tiny_base)[1::2] + ["registry.model_name=tiny-tpe"])
     sweep = SweepConfig(grid={"train.learning_rate": [1e-4, 2e-3], "lora.r": [4, 8]}, sampler="tpe", trials=3, max_parallel=2)
@@ -191,9 +196,9 @@ def test_a_failed_trial_is_a_row_and_the_best_of_the_rest_is_registered(prefect_
     """data.max_length=9 leaves no trainable token in any demo row: that trial fails in tokenize (a DataError),
     its child run is FAILED, and the sweep still registers the trial that worked. All failed: nothing registered."""
     from flows.sweep import qlora_sweep
+    from flows.sweep_plan import SweepConfig
     from qlora.config.files import load_config
     from qlora.errors import UserError
-    from flows.sweep_plan import SweepConfig
 
     cfg = load_config(None, _sets(tmp_path, DEMO_DATA, tiny_base)[1::2] + ["registry.model_name=tiny-fail"])
     result = qlora_sweep(config=cfg, sweep=SweepConfig(grid={"data.max_length": [9, 64]}))

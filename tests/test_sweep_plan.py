@@ -9,12 +9,22 @@ import sys
 
 import pytest
 
-from qlora.config.schema import PipelineConfig
+from flows.sweep_plan import (
+    SweepConfig,
+    TrialOutcome,
+    best,
+    grid_trials,
+    key_problem,
+    markdown,
+    parse_grid,
+    ranking_metric,
+    sweep_config,
+    table,
+)
 from qlora.config.files import load_config
+from qlora.config.schema import PipelineConfig
 from qlora.errors import ConfigError
 from qlora.refs import Adapter, EvalReport, MlflowRun, QuantizedModel, TokenizedData, Trained
-from flows.sweep_plan import (SweepConfig, TrialOutcome, best, grid_trials, key_problem, markdown, parse_grid, ranking_metric,
-                         sweep_config, table)
 
 from .conftest import REPO
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -139,3 +140,23 @@ def loading(model: ModelConfig):
         if err is None:
             raise
         raise err from None
+
+
+def base_identity(model: ModelConfig) -> dict:
+    """What the base *is*: a hash of a local directory's weights, or hub id + revision."""
+    p = Path(model.name_or_path)
+    if p.is_dir():
+        h = hashlib.sha256()
+        files = sorted(f for f in p.iterdir() if f.suffix in {".safetensors", ".json", ".model"})
+        if not any(f.suffix == ".safetensors" for f in files):
+            raise ModelError(f"{p}: no .safetensors weights in this model directory (model.name_or_path)")
+        for f in files:
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+        return {"local_weights_sha256": h.hexdigest()}
+    if not is_hub_id(model.name_or_path):
+        raise ModelError(
+            f"model.name_or_path: '{model.name_or_path}' is neither an existing local directory nor a hub id "
+            "like 'org/name' (for the demo base run `make demo` or `qlora build-demo` first)"
+        )
+    return {"hub_id": model.name_or_path, "revision": model.revision or "main"}

@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 
 from qlora.config.schema import DataConfig
 from qlora.errors import DataError
+from tasks.data.read import Problem
 
-if TYPE_CHECKING:  # render imports Problem from here
+if TYPE_CHECKING:
     from tasks.data.render import Rendered
 
 log = logging.getLogger("qlora.tokenize")
 MAX_LINES = 20  # problem lines shown in an error; the rest are counted
-Problem = tuple[str, str, str]  # (where, reason, message line)
 
 
 def account(rendered: Rendered, data: DataConfig) -> None:

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from qlora.config.schema import DataConfig
 from qlora.errors import DataError
 from qlora.template import Turn
-from tasks.data.drops import Problem
-from tasks.data.read import Source
+from tasks.data.read import Problem, Source
 
 FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
 # Canonical field names per format; data.columns maps these to the user's names.

@@ -21,12 +21,14 @@ from qlora.config.schema import DataConfig
 from qlora.errors import DataError
 from qlora.models.source import is_hub_id
 
+Problem = tuple[str, str, str]  # (where, reason, message line): a row a later step drops, counted in tasks/data/drops.py
+
 
 @dataclass
 class Source:
     name: str  # what error lines start with
     rows: list[tuple[str, object]] = field(default_factory=list)  # (where, row)
-    problems: list[tuple[str, str, str]] = field(default_factory=list)  # (where, reason, message)
+    problems: list[Problem] = field(default_factory=list)
     digest: str = ""  # content hash (bytes, or hub id + revision) for the cache key
 
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 from qlora.config.schema import DataConfig
 from qlora.template import Segment, TemplateError, prompt_template_for, render_examples, template_kwargs
-from tasks.data.drops import Problem
 from tasks.data.parse import Parsed
+from tasks.data.read import Problem
 
 
 @dataclass

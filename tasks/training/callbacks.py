@@ -11,8 +11,8 @@ import math
 from transformers import TrainerCallback
 
 from qlora.errors import TrainingDiverged, is_transient
-from qlora.tracking.outage import mark_down
 from qlora.refs import MlflowRun
+from qlora.tracking.outage import mark_down
 
 log = logging.getLogger("qlora.train")
 

@@ -28,8 +28,8 @@ from pydantic import BaseModel
 
 from qlora.config.schema import LoraSection, TrainConfig
 from qlora.errors import ConfigError
-from qlora.refs import MlflowRun, QuantizedModel, TokenizedData
 from qlora.locks import threads_per_run
+from qlora.refs import MlflowRun, QuantizedModel, TokenizedData
 
 log = logging.getLogger("qlora.distributed")
 REPO = Path(__file__).resolve().parents[2]

@@ -14,8 +14,8 @@ from pathlib import Path
 from qlora.config.schema import LoraSection, TrainConfig
 from qlora.errors import ConfigError
 from qlora.models.loading import load_base, load_tokenizer
-from qlora.tracking.outage import logging_to
 from qlora.refs import Adapter, MlflowRun, QuantizedModel, TokenizedData
+from qlora.tracking.outage import logging_to
 from tasks.training.callbacks import DivergenceGuard, safe_mlflow_callback
 from tasks.training.checkpoints import gather_fsdp_adapter, latest_valid_checkpoint, save_adapter_tensors
 from tasks.training.memory import checkpoint_every, max_tokens_per_micro_batch

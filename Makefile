@@ -103,7 +103,7 @@ bench-quality: install $(DEMO_BASE)/config.json
 
 # On a CUDA machine: the GPU-only tests (demo recipe on the GPU, FSDP + QLoRA) and the 7B-shape benchmark.
 test-gpu: install
-	$(BIN)/python -m pytest -v -m gpu tests/test_gpu.py
+	$(BIN)/python -m pytest -v -m gpu tests/system/test_gpu.py
 
 bench-gpu: install
 	$(BIN)/python -m bench.gpu

@@ -35,18 +35,47 @@ def tiny_base(tmp_path_factory) -> Path:
     return build_demo_base(out, DEMO_DATA, hidden_size=64, num_layers=2, num_heads=2, vocab_size=512, max_positions=2048)
 
 
+@pytest.fixture(scope="session")
+def prepared_once(tiny_base, tmp_path_factory) -> Path:
+    """The demo data tokenized and the tiny base quantized, once per session (6,000 rows): a workdir whose
+    ``tokenized/`` and ``quantized/`` caches every module's ``prepared`` starts from."""
+    from qlora.config.schema import QuantizationConfig
+    from tasks.quantize import prepare_quantized_model
+    from tasks.tokenize import tokenize_dataset
+
+    work = tmp_path_factory.mktemp("prepared-once")
+    model, data = _demo_sections(tiny_base)
+    tokenize_dataset(data, model, work)
+    prepare_quantized_model(model, QuantizationConfig(), work)
+    return work
+
+
+def _demo_sections(tiny_base: Path):
+    from qlora.config.schema import DataConfig, ModelConfig
+
+    return ModelConfig(name_or_path=str(tiny_base)), DataConfig(path=str(DEMO_DATA), max_length=64, eval_fraction=0.02)
+
+
 @pytest.fixture(scope="module")
-def prepared(tiny_base, tmp_path_factory):
-    """(workdir, model config, tokenized demo data, 4-bit base) for stage-level tests; one per module,
-    so modules that corrupt or lock run directories do not see each other's."""
-    from qlora.config.schema import DataConfig, ModelConfig, QuantizationConfig
+def prepared(tiny_base, prepared_once, tmp_path_factory):
+    """(workdir, model config, tokenized demo data, 4-bit base) for stage-level tests. One workdir per module,
+    so modules that corrupt or lock run directories do not see each other's; its caches are copies of the
+    session's, so the stages below are cache hits (what a re-run sees) instead of work repeated per module."""
+    import shutil
+
+    from qlora.config.schema import QuantizationConfig
     from tasks.quantize import prepare_quantized_model
     from tasks.tokenize import tokenize_dataset
 
     work = tmp_path_factory.mktemp("work")
-    model = ModelConfig(name_or_path=str(tiny_base))
-    data = tokenize_dataset(DataConfig(path=str(DEMO_DATA), max_length=64, eval_fraction=0.02), model, work)
+    for cache in ("tokenized", "quantized"):
+        shutil.copytree(prepared_once / cache, work / cache, ignore=shutil.ignore_patterns(".lock*"))
+    for manifest in work.glob("*/*/manifest.json"):  # the references inside name the folder they were written in
+        manifest.write_text(manifest.read_text().replace(str(prepared_once.resolve()), str(work.resolve())))
+    model, data_cfg = _demo_sections(tiny_base)
+    data = tokenize_dataset(data_cfg, model, work)
     base = prepare_quantized_model(model, QuantizationConfig(), work)
+    assert data.path.startswith(str(work.resolve())) and base.path.startswith(str(work.resolve()))  # hits, in this module's workdir
     return work, model, data, base
 
 
@@ -66,3 +95,12 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tiers by folder: everything under tests/system is slow (servers, workers, kills: `make test-slow`);
+    unit/ and scenarios/ tests are slow only where marked (`make test` leaves those out)."""
+    system = REPO / "tests" / "system"
+    for item in items:
+        if system in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.slow)

@@ -19,7 +19,7 @@ template's conventions (written for these tests, not copied):
 - Mistral-Instruct (v0.3 style): ``<s>[INST] ...[/INST] answer</s>``, roles must alternate
   (``raise_exception``), the system message goes into the *last* user turn; no pad token.
 
-Imported by test modules like ``registry_fixtures``: ``from .families import family_base``.
+Imported by test modules like ``registry_fixtures``: ``from tests.families import family_base``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA
 
 LLAMA31_TEMPLATE = """{{- bos_token }}
 {%- if date_string is not defined %}{%- set date_string = "26 Jul 2024" %}{%- endif %}

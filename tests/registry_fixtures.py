@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from qlora.config.schema import DataConfig, EvalConfig, LoraSection, ModelConfig, QuantizationConfig, TrainConfig
-
-from .conftest import REPO
+from tests.conftest import REPO
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 

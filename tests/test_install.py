@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 
-from .conftest import REPO
+from tests.conftest import REPO
 
 DOCS = ["configuration", "registry", "team", "scaling", "troubleshooting", "benchmarks", "development"]
 

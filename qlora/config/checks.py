@@ -4,7 +4,7 @@ names, Trainer integrations, and ``train.extra_args`` against the ``TrainingArgu
 A typo here used to surface only when the train stage built its ``TrainingArguments``, after
 tokenize and quantize had run (minutes to hours on a real model). Importing transformers' training
 module imports torch (about 6 s here), so a value equal to the config default, which a test checks
-against the same enums (tests/test_config.py), is taken as is: loading a default config stays fast.
+against the same enums (tests/unit/qlora/test_config.py), is taken as is: loading a default config stays fast.
 """
 
 from __future__ import annotations

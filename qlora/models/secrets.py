@@ -2,7 +2,7 @@
 else the environment / the plain config value), and how a URL is shown in logs.
 
 The token is handed to ``from_pretrained`` only. It is never a config value, an MLflow param/tag or a
-log line; ``tests/test_failures.py`` plants one and greps the MLflow store and the logs for it.
+log line; ``tests/unit/tasks/test_failures.py`` plants one and greps the MLflow store and the logs for it.
 A webhook URL carries its own token (Slack, Teams, Discord put it in the path): logs show its scheme
 and host only, and ``report.webhook_secret`` keeps it out of the flow run's parameters.
 """

@@ -2,7 +2,7 @@
 
 MLflow checks a registered model's name only when something is registered, which here is after
 training; ``registry.model_name`` is checked against the same rules when the config loads
-(``tests/test_names.py`` compares them with MLflow's own ``_validate_model_name``).
+(``tests/unit/qlora/test_names.py`` compares them with MLflow's own ``_validate_model_name``).
 
 MLflow's filter grammar has no escape character: a string literal is quoted with ``'`` or ``"``
 and may contain the other quote only (``name = "it's"`` works, ``'it''s'`` and ``'it\\'s'`` match

@@ -177,7 +177,7 @@ def collator(tok, packing: bool | str):
 
     transformers 5 turns restarting position_ids into a block-diagonal causal mask when no
     attention_mask is passed (masking_utils.find_packed_sequence_indices), for sdpa and eager alike,
-    so packed examples never attend to each other; tests/test_data_batches.py checks the loss.
+    so packed examples never attend to each other; tests/unit/tasks/test_data_batches.py checks the loss.
     That detection is skipped when a KV cache exists: it relies on ``use_cache = False`` (set above).
     """
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening

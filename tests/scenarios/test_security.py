@@ -1,0 +1,128 @@
+"""Security review findings (issue 13, item 11): webhook URLs (credentials in their path) stay out of logs
+and flow parameters, trust_remote_code is announced before the first load, and ``qlora predict`` refuses a
+registered version that would run shipped code or unpickle weights."""
+
+from __future__ import annotations
+
+import logging
+
+import prefect.main  # noqa: F401  Prefect configures logging on import: bind its console handler now, not to a test's capture
+import yaml
+
+from flows.cli import main
+from qlora.config.files import load_config
+from qlora.config.schema import DataConfig, ModelConfig, ReportConfig
+from tests.conftest import DEMO_DATA
+from tests.unit.flows.test_reporting import _Hook
+
+TOKEN = "T0000/B0000/XXXXsecretXXXX"
+
+
+def test_webhook_url_from_a_secret_block_is_used_and_never_logged(prefect_server, caplog):
+    from prefect.blocks.system import Secret
+
+    from tasks.reporting import notify
+
+    hook = _Hook()
+    try:
+        Secret(value=f"{hook.url}/{TOKEN}").save("qlora-test-webhook", overwrite=True)
+        with caplog.at_level(logging.INFO, logger="qlora.report"):
+            notify(ReportConfig(webhook_secret="qlora-test-webhook"), "promotion", "v3 promoted")
+            notify(ReportConfig(webhook_url=f"http://127.0.0.1:9/{TOKEN}"), "failure", "x")  # plain URL, unreachable
+            notify(ReportConfig(webhook_secret="no-such-block"), "failure", "x")  # best effort: warned, not raised
+    finally:
+        hook.srv.shutdown()
+    assert hook.got == [{"event": "promotion", "text": "v3 promoted"}]
+    assert TOKEN not in caplog.text and "/hook" not in caplog.text
+    assert f"notified webhook http://127.0.0.1:{hook.srv.server_port}/... of promotion" in caplog.text
+    assert "webhook http://127.0.0.1:9/... failed for failure" in caplog.text
+    assert "report.webhook_secret: no Prefect Secret block named 'no-such-block'" in caplog.text
+
+
+def test_failed_flow_notifies_through_the_secret_and_keeps_the_url_out_of_its_parameters(prefect_server, tiny_base, tmp_path, mlflow_uri, caplog):
+    from prefect.blocks.system import Secret
+    from prefect.client.orchestration import get_client
+
+    from flows.finetune import qlora_finetune
+    from qlora.config.schema import config_warnings
+
+    hook = _Hook()
+    try:
+        Secret(value=f"{hook.url}/{TOKEN}").save("qlora-test-webhook", overwrite=True)
+        cfg = load_config(None, [f"model.name_or_path={tiny_base}", f"data.path={tmp_path / 'missing.jsonl'}",
+                                 f"workdir={tmp_path / 'work'}", "report.webhook_secret=qlora-test-webhook",
+                                 f"tracking.artifact_location={tmp_path / 'art'}"])
+        with caplog.at_level(logging.INFO):
+            state = qlora_finetune(config=cfg, return_state=True)
+    finally:
+        hook.srv.shutdown()
+    assert state.is_failed()
+    (msg,) = hook.got
+    assert msg["event"] == "failure" and "missing.jsonl" in msg["text"]
+    with get_client(sync_client=True) as c:
+        params = c.read_flow_run(state.state_details.flow_run_id).parameters
+    assert params["config"]["report"]["webhook_secret"] == "qlora-test-webhook"
+    assert TOKEN not in yaml.safe_dump(params) and TOKEN not in caplog.text
+    # and a plain URL in the config is warned about when a run starts
+    (warning,) = config_warnings(load_config(None, [f"report.webhook_url=https://hooks.example.com/{TOKEN}"]))
+    assert "report.webhook_secret" in warning and TOKEN not in warning
+
+
+def test_trust_remote_code_is_announced_before_the_first_load(tiny_base, tmp_path, monkeypatch):
+    """The tokenizer is the first thing loaded (stage 1): the warning must come before it, not in quantize."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from tasks.tokenize import tokenize_dataset
+
+    events = []
+
+    class Record(logging.Handler):
+        def emit(self, record):
+            if "trust_remote_code" in record.getMessage():
+                events.append("warning")
+
+    for cls in (AutoTokenizer, AutoConfig):  # pass-through spies: the real loads still happen
+        real = cls.from_pretrained.__func__
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(lambda c, *a, _real=real, **kw: (events.append("load"), _real(c, *a, **kw))[1]))
+    handler = Record()
+    logging.getLogger("qlora").addHandler(handler)
+    try:
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text("".join(DEMO_DATA.read_text().splitlines(keepends=True)[:40]))
+        tokenize_dataset(DataConfig(path=str(rows), max_length=64), ModelConfig(name_or_path=str(tiny_base), trust_remote_code=True), tmp_path)
+    finally:
+        logging.getLogger("qlora").removeHandler(handler)
+    assert events and events[0] == "warning", events
+    assert events.count("warning") == 1
+
+
+def _fake_version(client, root, name: str, cls: str, files: list[str]) -> None:
+    """A registered version whose MLmodel says what a hostile registry writer could say."""
+    src = root / name
+    src.mkdir()
+    (src / "MLmodel").write_text(yaml.safe_dump({
+        "artifact_path": "model", "mlflow_version": "3.17.2", "model_uuid": name, "utc_time_created": "2026-01-01 00:00:00",
+        "flavors": {"transformers": {"pipeline_model_type": cls, "task": "text-generation", "components": ["tokenizer"],
+                                     "tokenizer_type": "PreTrainedTokenizerFast", "framework": "pt"},
+                    "python_function": {"loader_module": "mlflow.transformers", "python_version": "3.11"}},
+    }))
+    for f in files:
+        (src / f).parent.mkdir(parents=True, exist_ok=True)
+        (src / f).write_bytes(b"not really weights")
+    client.create_registered_model(name)
+    client.create_model_version(name, source=str(src))
+
+
+def test_predict_refuses_versions_that_would_run_code_or_unpickle(tmp_path, capsys):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    _fake_version(client, tmp_path, "custom-arch", "EvilForCausalLM", ["model/config.json", "model/modeling_evil.py"])
+    _fake_version(client, tmp_path, "pickled", "LlamaForCausalLM", ["model/config.json", "model/pytorch_model.bin"])
+    assert main(["predict", "models:/custom-arch/1", "hi", "--tracking-uri", uri]) == 1
+    err = capsys.readouterr().err
+    assert "EvilForCausalLM is not a transformers class" in err and "trust_remote_code=True" in err and "Traceback" not in err
+    assert main(["predict", "models:/pickled/1", "hi", "--tracking-uri", uri]) == 1
+    err = capsys.readouterr().err
+    assert "model/pytorch_model.bin" in err and "safetensors only" in err and "Traceback" not in err

@@ -1,0 +1,1 @@
+"""Tests of the wiring that need no whole flow: the CLI, sweep planning, reporting."""

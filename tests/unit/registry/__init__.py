@@ -1,0 +1,1 @@
+"""Tests of the registry side: register, gate, aliases, consumers, lineage and reproduce checks."""

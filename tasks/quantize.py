@@ -16,7 +16,7 @@ from qlora.models.loading import fix_generation_config, hub_commit, load_base, l
 from qlora.models.quant import count_4bit_layers, dtype_choice
 from qlora.models.source import base_identity, check_reference
 from qlora.refs import QuantizedModel
-from qlora.storage import staged_dir
+from qlora.storage import cached, staged_dir
 
 log = logging.getLogger("qlora.quantize")
 
@@ -29,10 +29,10 @@ def prepare_quantized_model(model: ModelConfig, quant: QuantizationConfig, workd
     key = stable_hash({"base": identity, "quant": quant.model_dump(), "attn": model.attn_implementation,
                        "compute_dtype": str(dtype)})
     out = Path(workdir) / "quantized" / key
-    manifest = out / "manifest.json"
-    if manifest.is_file():
+    hit = cached(out, "the pre-quantized base", QuantizedModel)  # checked before it is trusted (qlora/storage.py)
+    if hit is not None:
         log.info("pre-quantized checkpoint cache hit: %s", out)
-        return QuantizedModel.model_validate_json(manifest.read_text())
+        return hit
 
     t0 = time.perf_counter()
     m = load_base(model.name_or_path, quant, model)  # a bad model.name_or_path raises one ModelError (qlora/models/source.py)

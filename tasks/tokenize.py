@@ -18,7 +18,7 @@ from qlora.config.schema import DataConfig, ModelConfig, stable_hash
 from qlora.errors import UserError
 from qlora.models.loading import check_context, load_tokenizer
 from qlora.refs import MlflowRun, TokenizedData
-from qlora.storage import staged_dir
+from qlora.storage import cached, staged_dir
 from qlora.template import PROMPT_TEMPLATE, chat_template_of, template_kwargs
 from tasks.data.pipeline import Inputs, prepare_data, validate_data
 from tasks.data.read import LocalContent, local_inputs
@@ -84,10 +84,11 @@ def tokenize_dataset(data: DataConfig, model: ModelConfig, workdir: str | Path, 
     local, tok, inputs = _tokenizer_and_inputs(data, model)
     key = cache_key(data, tok, local, inputs)
     out = Path(workdir) / "tokenized" / key
-    if (out / "manifest.json").is_file():
+    hit = cached(out, "the tokenized dataset", TokenizedData)  # checked before it is trusted (qlora/storage.py)
+    if hit is not None:
         log.info("tokenized data cache hit: %s (key %s), not re-tokenizing", out, out.name)
         log_report(DataReport.model_validate_json((out / "report.json").read_text()), run, cache_hit=True)
-        return TokenizedData.model_validate_json((out / "manifest.json").read_text())
+        return hit
 
     prep = prepare_data(data, tok, inputs, local)
     r = prep.report

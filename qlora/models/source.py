@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -60,12 +61,37 @@ def check_reference(model: ModelConfig) -> None:
             raise ModelError(f"{KEY}: '{name}' is an empty folder; {_hint(name)}")
         if not (p / "config.json").is_file():
             raise ModelError(f"{KEY}: '{name}' is a folder but not a Hugging Face model (no config.json in it); {_hint(name)}")
+        for weights in sorted(p.glob("*.safetensors")):
+            if (why := safetensors_problem(weights)) is not None:
+                raise ModelError(f"{KEY}: {weights} {why}: an interrupted download or copy? Download or copy that file "
+                                 "again (huggingface-cli download resumes), then re-run")
     elif p.exists():
         raise ModelError(f"{KEY}: '{name}' is a file; expected a model directory or a hub id like org/name")
     elif name.startswith((".", "/", "~")) or os.path.isabs(name) or name.count("/") > 1 or "\\" in name:
         raise ModelError(f"{KEY}: '{name}' does not exist (resolved from {Path.cwd()}); {_hint(name)}")
     elif not is_hub_id(name):
         raise ModelError(f"{KEY}: '{name}' is neither an existing local directory nor a valid hub id; {_hint(name)}")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file is not whole, from its own header (8-byte length, JSON with every tensor's
+    byte range), without reading the tensors: a file cut short ends before its last tensor does."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"is cut short ({size} bytes, not even a header)"
+            n = int.from_bytes(head, "little")
+            if n <= 0 or 8 + n > size:
+                return f"is cut short ({size:,} bytes, its header alone says {8 + n:,})"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        return f"has no readable safetensors header ({type(e).__name__})"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)), default=0)
+    if size < 8 + n + end:
+        return f"is cut short: {size:,} of {8 + n + end:,} bytes"
+    return None
 
 
 def _chain(exc: BaseException):

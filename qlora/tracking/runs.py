@@ -58,6 +58,18 @@ def _run_id_file(workdir: str | Path, key: str) -> Path:
     return Path(workdir) / "mlflow-runs" / f"{key}.json"
 
 
+def _saved_run(saved: Path) -> MlflowRun | None:
+    """The run id an earlier attempt of this config saved, or None; a record that does not parse (cut short,
+    edited) is said once and replaced by a new run's, never a traceback."""
+    if not saved.is_file():
+        return None
+    try:
+        return MlflowRun.model_validate_json(saved.read_text())
+    except (ValueError, OSError) as e:
+        log.warning("run record %s is broken (%s): starting a new MLflow run and saving its id there", saved, type(e).__name__)
+        return None
+
+
 def release_run_record(workdir: str | Path, key: str) -> None:
     """At the end of a flow run: let a later run of the same config continue or replace its MLflow run."""
     locks.release_run_record(_run_id_file(workdir, key))
@@ -97,8 +109,8 @@ def _start_or_resume_run(cfg, workdir, key, run_name, tags) -> MlflowRun:
         log.info("another run of this config is in progress (it holds %s): this one gets its own MLflow run",
                  saved.with_suffix(".lock"))
         return start_run(cfg, run_name, tags)
-    if saved.is_file():
-        prev = MlflowRun.model_validate_json(saved.read_text())
+    prev = _saved_run(saved)
+    if prev is not None:
         try:
             info = client.get_run(prev.run_id).info if prev.tracking_uri == uri else None
         except mlflow.exceptions.MlflowException as e:

@@ -85,12 +85,13 @@ def latest_valid_checkpoint(run_dir: Path) -> str | None:
 
 
 def finished_adapter(run_dir: Path):
-    """The ``Adapter`` a completed training of this run dir wrote, or None. Its manifest is written last,
-    so its presence means the adapter is complete."""
+    """The ``Adapter`` a completed training of this run dir wrote, or None. Its manifest and file index are
+    written last; an adapter folder cut short is removed with a warning, and training resumes from its
+    last checkpoint to write it again (``qlora/storage.py``)."""
     from qlora.refs import Adapter
+    from qlora.storage import cached
 
-    done = Path(run_dir) / "adapter" / "manifest.json"
-    return Adapter.model_validate_json(done.read_text()) if done.is_file() else None
+    return cached(Path(run_dir) / "adapter", "the trained adapter", Adapter)
 
 
 def gather_fsdp_adapter(trainer) -> dict:

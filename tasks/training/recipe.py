@@ -15,6 +15,7 @@ from qlora.config.schema import LoraSection, TrainConfig
 from qlora.errors import ConfigError
 from qlora.models.loading import load_base, load_tokenizer
 from qlora.refs import Adapter, MlflowRun, QuantizedModel, TokenizedData
+from qlora.storage import write_manifest
 from qlora.tracking.outage import logging_to
 from tasks.training.callbacks import DivergenceGuard, safe_mlflow_callback
 from tasks.training.checkpoints import gather_fsdp_adapter, latest_valid_checkpoint, save_adapter_tensors
@@ -270,7 +271,7 @@ def fit(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: Tra
         resumed_from_step=int(resume.rsplit("-", 1)[1]) if resume else None,
         train_runtime_s=float(result.metrics.get("train_runtime", 0.0)),
     )
-    (adapter_dir / "manifest.json").write_text(ref.model_dump_json())  # last: its presence means complete
+    write_manifest(adapter_dir, ref)  # last, with every file's size: its presence means complete
     log.info(
         "trained %d steps in %.1f s: loss %s -> %s; adapter -> %s",
         ref.global_step, time.perf_counter() - t0,

@@ -38,6 +38,7 @@ import math
 import os
 import re
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -75,6 +76,8 @@ def holder_of(lock_path: Path) -> str:
 
 
 def _flow_run_id() -> str | None:
+    if "prefect" not in sys.modules:  # a plain call: importing Prefect (seconds) would delay the holder record
+        return None
     try:
         from prefect.runtime import flow_run
 
@@ -102,20 +105,23 @@ def try_lock(lock_path: Path):
 
 
 def wait_for_lock(lock_paths: list[Path], what: str, poll_s: float = POLL_S):
-    """The first free of ``lock_paths`` (index, lock), waiting while all are held and saying who holds them."""
-    t0, said = time.monotonic(), 0.0
+    """The first free of ``lock_paths`` (index, lock), waiting while all are held and saying who holds them:
+    after the first poll (a holder that has just taken its lock has written who it is by then), then once a
+    minute."""
+    t0, polls, said_at = time.monotonic(), 0, None
     while True:
         for i, path in enumerate(lock_paths):
             lock = try_lock(path)
             if lock is not None:
-                if said:
+                if said_at is not None:
                     log.info("%s acquired after %.1f s", what, time.monotonic() - t0)
                 return i, lock
         waited = time.monotonic() - t0
-        if not said or waited - said >= 60:  # once at first, then once a minute
+        if polls == 1 or (said_at is not None and waited - said_at >= 60):
             holders = "; ".join(f"{p.name}: {holder_of(p)}" for p in lock_paths)
             log.warning("waiting for %s: held by %s", what, holders)
-            said = max(waited, 1e-9)
+            said_at = waited
+        polls += 1
         time.sleep(poll_s)  # a SIGTERM interrupts this and ends the wait
 
 

@@ -153,7 +153,7 @@ def test_same_config_twice_at_once_is_serialised_by_the_run_dir_lock(prepared, c
             t.join()
     assert not errors, errors
     assert results["a"] == results["b"]  # one trained, the other waited and reused the finished adapter
-    assert "another run of the same config is training in it): held by pid" in caplog.text
+    assert "another run of the same config is training in it): held by .lock: pid" in caplog.text
     assert caplog.text.count("already trained for this exact config") == 1
     run_dir = Path(results["a"].run_dir)
     for c in ("checkpoint-2", "checkpoint-4"):

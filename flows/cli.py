@@ -211,6 +211,22 @@ def cmd_rollback(args) -> int:
     return 0
 
 
+def cmd_events_serve(args) -> int:
+    from flows.events import serve, webhook_secret
+
+    serve(args.host, args.port, webhook_secret(args.secret_block), args.state_dir, args.max_body,
+          set(args.model) or None)
+    return 0
+
+
+def cmd_events_register(args) -> int:
+    from flows.events import register, webhook_secret
+
+    with _registry_errors(args.name):
+        print(register(args.tracking_uri, args.name, args.bridge_url, webhook_secret(args.secret_block)))
+    return 0
+
+
 def cmd_build_demo(args) -> int:
     from demo.build import build_demo_base
 
@@ -299,6 +315,23 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--why", default="rollback", help="recorded in the versions' tags")
     rb.add_argument("--by", default=None)
     rb.set_defaults(func=cmd_rollback)
+
+    ev = sub.add_parser("events", help="the bridge from MLflow webhooks to Prefect events").add_subparsers(
+        dest="events_command", required=True)
+    secret = argparse.ArgumentParser(add_help=False)
+    secret.add_argument("--secret-block", default=None, metavar="NAME",
+                        help="Prefect Secret block holding the webhook secret (default: $QLORA_WEBHOOK_SECRET)")
+    es = ev.add_parser("serve", parents=[secret], help="receive signed MLflow webhooks, emit Prefect events (PREFECT_API_URL)")
+    es.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; anything else needs TLS in front)")
+    es.add_argument("--port", type=int, default=8765)
+    es.add_argument("--state-dir", default=".qlora/events", help="where accepted delivery ids are kept (replays refused across restarts)")
+    es.add_argument("--max-body", type=int, default=64 * 1024, help="largest body accepted, bytes (default 64 KiB)")
+    es.add_argument("--model", action="append", default=[], help="forward only this registered model (repeatable; default all)")
+    es.set_defaults(func=cmd_events_serve)
+    er = ev.add_parser("register", parents=[secret, tracking], help="create or update the MLflow webhook of a model to the bridge")
+    er.add_argument("name", help="registered model name")
+    er.add_argument("--bridge-url", default="http://127.0.0.1:8765", help="where the bridge listens, as MLflow reaches it")
+    er.set_defaults(func=cmd_events_register)
 
     b = sub.add_parser("build-demo", help="build the tiny demo base model (random weights, trained tokenizer)")
     b.add_argument("--out", default=DEMO_BASE_DIR)

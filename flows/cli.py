@@ -211,6 +211,18 @@ def cmd_rollback(args) -> int:
     return 0
 
 
+def cmd_batch_predict(args) -> int:
+    from registry.batch import read_prompts
+
+    read_prompts(args.input)  # a bad input file fails before any server starts or model loads
+    with _registry_errors(args.model_uri):
+        r = _flows("flows.batch_predict").qlora_batch_predict(
+            model_uri=args.model_uri, input=args.input, output=args.output, batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens, tracking_uri=args.tracking_uri)
+    print(f"{r.rows} predictions by {r.name} v{r.version} in {r.output} ({r.generated} generated now)")
+    return 0
+
+
 def cmd_events_serve(args) -> int:
     from flows.events import serve, webhook_secret
 
@@ -315,6 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--why", default="rollback", help="recorded in the versions' tags")
     rb.add_argument("--by", default=None)
     rb.set_defaults(func=cmd_rollback)
+
+    bp = sub.add_parser("batch-predict", parents=[tracking], help="generate for every row of a file with one registered version")
+    bp.add_argument("model_uri", help="models:/NAME@ALIAS (resolved once) or models:/NAME/VERSION")
+    bp.add_argument("input", help=".jsonl, .csv or .parquet of user messages (column prompt/message/input/text)")
+    bp.add_argument("output", help="predictions .jsonl ({name}, {version} filled in); an existing one is resumed")
+    bp.add_argument("--batch-size", type=int, default=16)
+    bp.add_argument("--max-new-tokens", type=int, default=64)
+    bp.set_defaults(func=cmd_batch_predict)
 
     ev = sub.add_parser("events", help="the bridge from MLflow webhooks to Prefect events").add_subparsers(
         dest="events_command", required=True)

@@ -223,6 +223,22 @@ def cmd_batch_predict(args) -> int:
     return 0
 
 
+def cmd_bundle(args) -> int:
+    with _registry_errors(args.model_uri):
+        path = _flows("flows.bundle").qlora_serving_bundle(model_uri=args.model_uri, out=args.out,
+                                                           tracking_uri=args.tracking_uri)
+    print(f"bundle manifest {path}")
+    return 0
+
+
+def cmd_serve_check(args) -> int:
+    from registry.bundle import serve_check
+
+    m = serve_check(args.bundle, args.base, args.max_lora_rank, args.revision)
+    print(f"ok: {m['model']['uri']} (rank {m['lora']['rank']}) on {args.base}; vllm: --lora-modules {m['vllm']['lora_modules']}")
+    return 0
+
+
 def cmd_events_serve(args) -> int:
     from flows.events import serve, webhook_secret
 
@@ -335,6 +351,17 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--batch-size", type=int, default=16)
     bp.add_argument("--max-new-tokens", type=int, default=64)
     bp.set_defaults(func=cmd_batch_predict)
+
+    bu = sub.add_parser("bundle", parents=[tracking], help="lay a registered version out for vLLM multi-LoRA serving")
+    bu.add_argument("model_uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    bu.add_argument("out", help="bundle folder ({name}, {version} filled in)")
+    bu.set_defaults(func=cmd_bundle)
+    sc = sub.add_parser("serve-check", help="refuse a bundle whose base, revision or rank does not match the server's")
+    sc.add_argument("bundle", help="a folder `qlora bundle` (or the serving-bundle flow) wrote")
+    sc.add_argument("--base", required=True, help="the server's --model (hub id or path)")
+    sc.add_argument("--revision", default=None, help="the server's --revision (commit); for a local base, its fingerprint")
+    sc.add_argument("--max-lora-rank", type=int, required=True, help="the server's --max-lora-rank")
+    sc.set_defaults(func=cmd_serve_check)
 
     ev = sub.add_parser("events", help="the bridge from MLflow webhooks to Prefect events").add_subparsers(
         dest="events_command", required=True)

@@ -136,3 +136,21 @@ def test_emit_failure_releases_the_delivery(tmp_path):
     assert client.post("/mlflow", content=body, headers=h).status_code == 503
     assert client.post("/mlflow", content=body, headers=h).status_code == 200  # MLflow's retry of the same delivery
     assert calls == [h["X-MLflow-Delivery-Id"]] * 2
+
+
+def test_register_webhook_is_idempotent(mlflow_uri, monkeypatch):
+    import mlflow
+
+    from registry.webhooks import EVENTS, register_webhook
+
+    monkeypatch.setenv("MLFLOW_WEBHOOK_ALLOWED_SCHEMES", "http,https")  # a laptop bridge on http://127.0.0.1
+    monkeypatch.setenv("MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS", "true")
+    client = mlflow.MlflowClient(mlflow_uri)
+    first, created = register_webhook(client, "m1", "http://127.0.0.1:8765", SECRET)
+    again, created_again = register_webhook(client, "m1", "http://127.0.0.1:9999/", SECRET)
+    other, _ = register_webhook(client, "m2", "http://127.0.0.1:8765", SECRET)
+    hooks = {w.name: w for w in client.list_webhooks()}
+    assert (created, created_again, first == again, other != first) == (True, False, True, True)
+    assert set(hooks) == {"qlora-bridge-m1", "qlora-bridge-m2"}
+    assert hooks["qlora-bridge-m1"].url == "http://127.0.0.1:9999/mlflow?model=m1"
+    assert {str(e) for e in hooks["qlora-bridge-m1"].events} == set(EVENTS)

@@ -17,10 +17,17 @@ deploy worker: export PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
 deploy worker: export MLFLOW_TRACKING_URI ?= http://127.0.0.1:$(MLFLOW_PORT)
 deploy worker: export QLORA_REPO_DIR ?= $(CURDIR)
 deploy: export QLORA_TIMEZONE := $(QLORA_TIMEZONE)
+# What the champion-triggered deployments (batch-predict, serving-bundle) read and write; {name}/{version} are filled by the flows.
+QLORA_BATCH_INPUT  ?= $(CURDIR)/data/demo/batch_prompts.jsonl
+QLORA_BATCH_OUTPUT ?= $(CURDIR)/.qlora/predictions/{name}-v{version}.jsonl
+QLORA_BUNDLE_DIR   ?= $(CURDIR)/.qlora/bundles/{name}-v{version}
+deploy: export QLORA_BATCH_INPUT := $(QLORA_BATCH_INPUT)
+deploy: export QLORA_BATCH_OUTPUT := $(QLORA_BATCH_OUTPUT)
+deploy: export QLORA_BUNDLE_DIR := $(QLORA_BUNDLE_DIR)
 # NO_INSTALL=1 uses BIN as it is (tests run the targets from an existing environment).
 INSTALL := $(if $(NO_INSTALL),,install)
 
-.PHONY: install lock demo test test-slow test-all test-gpu bench bench-packing bench-quality bench-gpu clean mlflow-ui prefect-ui server deploy worker
+.PHONY: team install lock demo test test-slow test-all test-gpu bench bench-packing bench-quality bench-gpu clean mlflow-ui prefect-ui server deploy worker
 
 # Every package pinned: what CI tested is what a clone installs next month (pyproject.toml keeps the
 # ranges, for people who install the package into their own environment). `make lock` regenerates it.
@@ -124,6 +131,40 @@ server: $(INSTALL)
 	trap 'kill $$MLFLOW_PID' EXIT INT TERM; \
 	PREFECT_HOME=$(abspath $(SERVER_DIR))/prefect PREFECT_SERVER_ANALYTICS_ENABLED=false \
 	  $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+# `make team`: everything on 127.0.0.1 in one terminal (Ctrl-C stops it all): MLflow server (sqlite store, webhooks on
+# for loopback), Prefect server, the deployments, the bridge, the webhook of MODEL_NAME, a worker. Moving `champion`
+# then starts the batch-predict and serving-bundle flow runs. The webhook secret and MLflow's key for stored webhook
+# secrets are made once under SERVER_DIR (a server without a fixed key cannot read its webhooks after a restart).
+# `python -m flows.cli`, not `qlora`: the checkout's code, installed or not (as the job variables' PYTHONPATH).
+BRIDGE_PORT ?= 8765
+MODEL_NAME  ?= qlora-demo
+WAIT_HTTP = $(BIN)/python -c 'import sys,time,urllib.request as u; t=time.time()+180;\
+	exec("while True:\n try: u.urlopen(sys.argv[1], timeout=2); break\n except OSError:\n  assert time.time() < t, sys.argv[1]; time.sleep(1)")'
+team: export PREFECT_API_URL := http://127.0.0.1:$(PREFECT_PORT)/api
+team: export MLFLOW_TRACKING_URI := http://127.0.0.1:$(MLFLOW_PORT)
+team: export QLORA_REPO_DIR ?= $(CURDIR)
+team: export PREFECT_HOME := $(abspath $(SERVER_DIR))/prefect
+team: export PREFECT_SERVER_ANALYTICS_ENABLED := false
+team: $(INSTALL)
+	mkdir -p $(SERVER_DIR)/prefect $(SERVER_DIR)/mlartifacts $(SERVER_DIR)/logs
+	test -s $(SERVER_DIR)/webhook-secret || $(BIN)/python -c 'import secrets; print(secrets.token_hex(32))' > $(SERVER_DIR)/webhook-secret
+	test -s $(SERVER_DIR)/mlflow-webhook.key || $(BIN)/python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())' > $(SERVER_DIR)/mlflow-webhook.key
+	chmod 600 $(SERVER_DIR)/webhook-secret $(SERVER_DIR)/mlflow-webhook.key
+	@export QLORA_WEBHOOK_SECRET=$$(cat $(SERVER_DIR)/webhook-secret); trap 'kill $$(jobs -p) 2>/dev/null' EXIT INT TERM; \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY=$$(cat $(SERVER_DIR)/mlflow-webhook.key) \
+	  MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true \
+	  $(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) --backend-store-uri sqlite:///$(abspath $(SERVER_DIR))/mlflow.db \
+	  --artifacts-destination $(abspath $(SERVER_DIR))/mlartifacts > $(SERVER_DIR)/logs/mlflow.log 2>&1 & \
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) > $(SERVER_DIR)/logs/prefect.log 2>&1 & \
+	$(WAIT_HTTP) $$MLFLOW_TRACKING_URI/health && $(WAIT_HTTP) $$PREFECT_API_URL/health && \
+	$(MAKE) --no-print-directory deploy NO_INSTALL=1 BIN=$(BIN) > $(SERVER_DIR)/logs/deploy.log 2>&1 && \
+	{ $(BIN)/python -m flows.cli events serve --port $(BRIDGE_PORT) --state-dir $(SERVER_DIR)/events > $(SERVER_DIR)/logs/bridge.log 2>&1 & } && \
+	$(WAIT_HTTP) http://127.0.0.1:$(BRIDGE_PORT)/health && \
+	$(BIN)/python -m flows.cli events register $(MODEL_NAME) --bridge-url http://127.0.0.1:$(BRIDGE_PORT) && \
+	{ $(BIN)/prefect worker start --pool $(POOL) --type process > $(SERVER_DIR)/logs/worker.log 2>&1 & } && \
+	echo "team up: Prefect http://127.0.0.1:$(PREFECT_PORT), MLflow $$MLFLOW_TRACKING_URI, bridge http://127.0.0.1:$(BRIDGE_PORT); logs in $(SERVER_DIR)/logs" && \
+	wait
 
 deploy: $(INSTALL)
 	$(BIN)/prefect work-pool inspect $(POOL) >/dev/null 2>&1 || $(BIN)/prefect work-pool create $(POOL) --type process

@@ -210,6 +210,50 @@ def cmd_rollback(args) -> int:
     return 0
 
 
+def cmd_batch_predict(args) -> int:
+    from registry.batch import read_prompts
+
+    read_prompts(args.input)  # a bad input file fails before any server starts or model loads
+    with _registry_errors(args.model_uri):
+        r = _flows("flows.batch_predict").qlora_batch_predict(
+            model_uri=args.model_uri, input=args.input, output=args.output, batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens, tracking_uri=args.tracking_uri)
+    print(f"{r.rows} predictions by {r.name} v{r.version} in {r.output} ({r.generated} generated now)")
+    return 0
+
+
+def cmd_bundle(args) -> int:
+    with _registry_errors(args.model_uri):
+        path = _flows("flows.bundle").qlora_serving_bundle(model_uri=args.model_uri, out=args.out,
+                                                           tracking_uri=args.tracking_uri)
+    print(f"bundle manifest {path}")
+    return 0
+
+
+def cmd_serve_check(args) -> int:
+    from registry.bundle import serve_check
+
+    m = serve_check(args.bundle, args.base, args.max_lora_rank, args.revision)
+    print(f"ok: {m['model']['uri']} (rank {m['lora']['rank']}) on {args.base}; vllm: --lora-modules {m['vllm']['lora_modules']}")
+    return 0
+
+
+def cmd_events_serve(args) -> int:
+    from flows.events import serve, webhook_secret
+
+    serve(args.host, args.port, webhook_secret(args.secret_block), args.state_dir, args.max_body,
+          set(args.model) or None)
+    return 0
+
+
+def cmd_events_register(args) -> int:
+    from flows.events import register, webhook_secret
+
+    with _registry_errors(args.name):
+        print(register(args.tracking_uri, args.name, args.bridge_url, webhook_secret(args.secret_block)))
+    return 0
+
+
 def cmd_build_demo(args) -> int:
     from demo.build import build_demo_base
 
@@ -298,6 +342,42 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--why", default="rollback", help="recorded in the versions' tags")
     rb.add_argument("--by", default=None)
     rb.set_defaults(func=cmd_rollback)
+
+    bp = sub.add_parser("batch-predict", parents=[tracking], help="generate for every row of a file with one registered version")
+    bp.add_argument("model_uri", help="models:/NAME@ALIAS (resolved once) or models:/NAME/VERSION")
+    bp.add_argument("input", help=".jsonl, .csv or .parquet of user messages (column prompt/message/input/text)")
+    bp.add_argument("output", help="predictions .jsonl ({name}, {version} filled in); an existing one is resumed")
+    bp.add_argument("--batch-size", type=int, default=16)
+    bp.add_argument("--max-new-tokens", type=int, default=64)
+    bp.set_defaults(func=cmd_batch_predict)
+
+    bu = sub.add_parser("bundle", parents=[tracking], help="lay a registered version out for vLLM multi-LoRA serving")
+    bu.add_argument("model_uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    bu.add_argument("out", help="bundle folder ({name}, {version} filled in)")
+    bu.set_defaults(func=cmd_bundle)
+    sc = sub.add_parser("serve-check", help="refuse a bundle whose base, revision or rank does not match the server's")
+    sc.add_argument("bundle", help="a folder `qlora bundle` (or the serving-bundle flow) wrote")
+    sc.add_argument("--base", required=True, help="the server's --model (hub id or path)")
+    sc.add_argument("--revision", default=None, help="the server's --revision (commit); for a local base, its fingerprint")
+    sc.add_argument("--max-lora-rank", type=int, required=True, help="the server's --max-lora-rank")
+    sc.set_defaults(func=cmd_serve_check)
+
+    ev = sub.add_parser("events", help="the bridge from MLflow webhooks to Prefect events").add_subparsers(
+        dest="events_command", required=True)
+    secret = argparse.ArgumentParser(add_help=False)
+    secret.add_argument("--secret-block", default=None, metavar="NAME",
+                        help="Prefect Secret block holding the webhook secret (default: $QLORA_WEBHOOK_SECRET)")
+    es = ev.add_parser("serve", parents=[secret], help="receive signed MLflow webhooks, emit Prefect events (PREFECT_API_URL)")
+    es.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; anything else needs TLS in front)")
+    es.add_argument("--port", type=int, default=8765)
+    es.add_argument("--state-dir", default=".qlora/events", help="where accepted delivery ids are kept (replays refused across restarts)")
+    es.add_argument("--max-body", type=int, default=64 * 1024, help="largest body accepted, bytes (default 64 KiB)")
+    es.add_argument("--model", action="append", default=[], help="forward only this registered model (repeatable; default all)")
+    es.set_defaults(func=cmd_events_serve)
+    er = ev.add_parser("register", parents=[secret, tracking], help="create or update the MLflow webhook of a model to the bridge")
+    er.add_argument("name", help="registered model name")
+    er.add_argument("--bridge-url", default="http://127.0.0.1:8765", help="where the bridge listens, as MLflow reaches it")
+    er.set_defaults(func=cmd_events_register)
 
     b = sub.add_parser("build-demo", help="build the tiny demo base model (random weights, trained tokenizer)")
     b.add_argument("--out", default=DEMO_BASE_DIR)

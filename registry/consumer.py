@@ -76,8 +76,12 @@ def predict(model_uri: str, prompts: list[str], max_new_tokens: int = 64, temper
             tracking_uri: str | None = None, **params) -> list[str]:
     """Generated text only (no prompt) for each raw user message in ``prompts``; ``params``: top_p, top_k,
     repetition_penalty, stop (see ``generation_params``)."""
-    out = load(model_uri, tracking_uri).predict(prompts, params=generation_params(max_new_tokens, temperature, **params))
-    return [str(o).strip() for o in out]
+    return generate(load(model_uri, tracking_uri), prompts, generation_params(max_new_tokens, temperature, **params))
+
+
+def generate(model, prompts: list[str], params: dict) -> list[str]:
+    """Generated text only for each raw user message, from a model ``load`` returned (loaded once, called per batch)."""
+    return [str(o).strip() for o in model.predict(list(prompts), params=params)]
 
 
 def consumer_check(name: str, version: str, samples: list[dict], max_new_tokens: int, k: int,

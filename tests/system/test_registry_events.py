@@ -26,8 +26,8 @@ from registry.bundle import serve_check
 from registry.events import signature
 from registry.register import register_adapter
 
-from .conftest import REPO
-from .registry_fixtures import free_port, trained  # noqa: F401
+from tests.conftest import REPO
+from tests.registry_fixtures import free_port, trained  # noqa: F401
 
 BIN = Path(sys.executable).parent
 NAME = "tiny-loop"

@@ -18,7 +18,7 @@ from registry import batch
 from registry.consumer import generation_params, predict
 from registry.register import register_adapter
 
-from .registry_fixtures import trained  # noqa: F401
+from tests.registry_fixtures import trained  # noqa: F401
 
 NAME = "tiny-batch"
 PROMPTS = [f"Reverse the order of these words: {w}" for w in

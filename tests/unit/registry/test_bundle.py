@@ -15,7 +15,7 @@ from qlora.tracking.runs import start_run
 from registry.bundle import BundleMismatch, serve_check
 from registry.register import register_adapter
 
-from .registry_fixtures import trained  # noqa: F401
+from tests.registry_fixtures import trained  # noqa: F401
 
 
 def test_bundle_written_by_the_flow_and_checked(trained, prefect_server, mlflow_uri, tmp_path):

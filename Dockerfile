@@ -22,9 +22,9 @@ RUN python -m pip install -q pip==26.3 && \
 
 # Dependencies before the source, so a code change reuses this layer.
 COPY pyproject.toml requirements.lock README.md ./
-RUN mkdir -p flows tasks registry qlora && touch flows/__init__.py tasks/__init__.py registry/__init__.py qlora/__init__.py && \
+RUN mkdir -p flows tasks registry qlora demo && touch flows/__init__.py tasks/__init__.py registry/__init__.py qlora/__init__.py demo/__init__.py && \
     python -m pip install -q -c requirements.lock ".${EXTRAS:+[$EXTRAS]}" && \
-    python -m pip uninstall -q -y qlora-pipeline && rm -rf flows tasks registry qlora build
+    python -m pip uninstall -q -y qlora-pipeline && rm -rf flows tasks registry qlora demo build
 
 COPY . .
 RUN python -m pip install -q --no-deps -e . && qlora --version

@@ -7,6 +7,17 @@ from pydantic import BaseModel
 from qlora.template import PROMPT_TEMPLATE
 
 
+class ChatContract(BaseModel):
+    """How a chat model is served (``registry/chat.py``): consumers send conversations, rendered by the
+    training template with the training kwargs; a version without one takes bare prompts (the demo)."""
+
+    chat_template: str | None = None  # data.chat_template: used when the tokenizer has no template of its own
+    kwargs: dict = {}  # data.chat_template_kwargs as training resolved them (qlora.template.template_kwargs)
+    system: str | None = None  # the one system prompt every training row had: applied when a consumer sends none
+    systems: int = 0  # distinct system prompts in the data (0: no row had one; >1: they vary, none is applied)
+    rows_without_system: int = 0  # rows with no system turn, beside those with one (then none is applied either)
+
+
 class TokenizedData(BaseModel):
     path: str  # datasets.DatasetDict.save_to_disk folder with "train" and "eval"
     fingerprint: str  # content key: data bytes + tokenizer + template + max_length + format
@@ -17,6 +28,7 @@ class TokenizedData(BaseModel):
     format: str = "alpaca"
     prompt_template: str = PROMPT_TEMPLATE  # one-placeholder inference prompt (the same function rendered training)
     report_path: str | None = None  # report.md of the data report
+    chat: ChatContract | None = None  # chat data or a chat template: consumers send conversations
 
 
 class QuantizedModel(BaseModel):

@@ -54,7 +54,8 @@ class Example:
     """One training example: segments to tokenize, and what its eval prompt answers."""
 
     segments: list[Segment]
-    answer_turn: int  # index in the turns of the assistant answer the prompt (segments[0]) leads into
+    answer_turn: int  # index in the turns of the assistant answer ``prompt`` leads into (the last one trained)
+    prompt: str  # the conversation before that answer as a consumer's request renders (``conversation_prompt``)
     message: str  # the user message before it, as a consumer sends it (the logged prompt template is applied to it)
     standalone: bool  # the prompt is exactly what a consumer gets for ``message`` alone (no history, no system turn)
 
@@ -133,14 +134,28 @@ def _per_turn(turns: list[Turn], tok, template: str, kwargs: dict) -> list[list[
             continue
         before = _apply(tok, template, turns[:k], True, kwargs, strip)
         through = _apply(tok, template, turns[: k + 1], False, kwargs, strip)
-        if not through.startswith(before):
-            raise TemplateError(
-                f"the chat template renders the prompt of assistant turn {k} differently once the answer follows "
-                "(e.g. Mistral moves the system message into the last user turn); the answer cannot be told apart "
-                "from the prompt. Set data.chat_template to a template that renders a prompt as a prefix of its answer"
-            )
-        out.append([(before, False), (through[len(before):].rstrip(), True)])
+        out.append([(before, False), (_answer(tok, template, turns, k, before, through, kwargs, strip), True)])
     return out
+
+
+def _answer(tok, template: str, turns: list[Turn], k: int, before: str, through: str, kwargs: dict, strip: bool) -> str:
+    """Assistant turn ``k`` as the template writes it after its prompt. Mistral's template writes the system
+    message into the *last* user turn only, so once the answer follows, the prompt renders without it: the
+    answer is then cut from the conversation rendered without its system turn, while the prompt stays the
+    one a consumer's request renders (system folded in), as training and serving must agree on."""
+    if through.startswith(before):
+        return through[len(before):].rstrip()
+    if turns and turns[0][0] == "system" and k > 1:
+        rest = turns[1:]
+        before_ns = _apply(tok, template, rest[: k - 1], True, kwargs, strip)
+        through_ns = _apply(tok, template, rest[:k], False, kwargs, strip)
+        if through_ns.startswith(before_ns):
+            return through_ns[len(before_ns):].rstrip()
+    raise TemplateError(
+        f"the chat template renders the prompt of assistant turn {k} differently once the answer follows, even "
+        "without the system turn; the answer cannot be told apart from the prompt. Set data.chat_template to a "
+        "template that renders a prompt as a prefix of its answer"
+    )
 
 
 def render_examples(turns: list[Turn], tok=None, fallback: str | None = None, kwargs: dict | None = None) -> list[Example]:
@@ -149,16 +164,20 @@ def render_examples(turns: list[Turn], tok=None, fallback: str | None = None, kw
     answers = [k for k, (r, _) in enumerate(turns) if r == "assistant"]
     builtin = chat_template_of(tok, fallback) is None
 
-    def example(segs: list[Segment], k: int) -> Example:
+    def example(segs: list[Segment], k: int, prompt: str | None = None) -> Example:
         message = turns[k - 1][1]
         # The built-in template strips the message; so must the consumer's copy to get the same prompt.
-        return Example(segs, k, message.strip() if builtin else message, standalone=k == 1)
+        return Example(segs, k, segs[0][0] if prompt is None else prompt, message.strip() if builtin else message,
+                       standalone=k == 1)
 
     try:
-        return [example(render_turns(turns, tok, fallback, kwargs), answers[0])]
+        segments = render_turns(turns, tok, fallback, kwargs)
     except NotPrefixStable:
         template = chat_template_of(tok, fallback)
         return [example(segs, k) for segs, k in zip(_per_turn(turns, tok, template, kwargs or {}), answers)]
+    # Evaluation scores the turn training taught last: the last answer given the whole conversation before
+    # it, which is the segments before that answer (render_turns made each prefix the consumer's rendering).
+    return [example(segments, answers[-1], "".join(text for text, _ in segments[:-1]))]
 
 
 def _render_builtin(turns: list[Turn]) -> list[Segment]:
@@ -175,14 +194,20 @@ def _render_builtin(turns: list[Turn]) -> list[Segment]:
     return out
 
 
+def conversation_prompt(turns: list[Turn], tok=None, fallback: str | None = None, kwargs: dict | None = None) -> str:
+    """The text a consumer's conversation (ending with a user turn) becomes: the model generates the next
+    assistant turn from it. Rendered as training rendered the same turns before an answer."""
+    template = chat_template_of(tok, fallback)
+    if template is None:
+        return "".join(text for text, _ in _render_builtin(turns))
+    return _apply(tok, template, turns, True, kwargs or {}, adds_bos(tok))
+
+
 def inference_prompt(message: str, tok=None, fallback: str | None = None, system: str | None = None,
                      kwargs: dict | None = None) -> str:
     """The text a consumer feeds the model for one user message (generation prompt included)."""
     turns: list[Turn] = ([("system", system)] if system else []) + [("user", message)]
-    template = chat_template_of(tok, fallback)
-    if template is None:
-        return _render_builtin(turns)[0][0]
-    return _apply(tok, template, turns, True, kwargs or {}, adds_bos(tok))
+    return conversation_prompt(turns, tok, fallback, kwargs)
 
 
 def prompt_template_for(tok=None, fallback: str | None = None, kwargs: dict | None = None) -> str:

@@ -105,7 +105,7 @@ def evaluate_adapter(
     tuned_m, tuned_preds, tuned_scores = score(model, tok, ds, cfg, metrics)
     report_metrics = {f"eval/base/{k}": v for k, v in base_m.items()} | {f"eval/tuned/{k}": v for k, v in tuned_m.items()}
     n = min(cfg.max_samples, len(ds))
-    keep = ("prompt", "message", "standalone", "reference")
+    keep = ("prompt", "message", "standalone", "conversation", "reference")
     samples = [
         {k: ds[i][k] for k in keep if k in ds.column_names}
         | {"base": base_preds[i] if base_preds else "", "tuned": tuned_preds[i] if tuned_preds else ""}

@@ -49,7 +49,8 @@ def cache_key(data: DataConfig, tok, local: tuple[list[LocalContent | None], Loc
             "template": [PROMPT_TEMPLATE, chat_template_of(tok, data.chat_template),
                          template_kwargs(tok, data.chat_template, data.chat_template_kwargs)],
             # 2: eval split carries message/standalone; rows a template is not prefix-stable for are split per turn
-            "layout": 2,
+            # 3: eval scores the last answer, carries its conversation; the manifest carries the chat contract
+            "layout": 3,
             "max_length": data.max_length,
             "overlength": data.overlength,
             "format": data.format,
@@ -95,7 +96,7 @@ def tokenize_dataset(data: DataConfig, model: ModelConfig, workdir: str | Path, 
     ref = TokenizedData(
         path=str(out.resolve()), fingerprint=key, train_rows=len(prep.train), eval_rows=len(prep.eval),
         truncated_rows=r.truncated_rows, max_length=data.max_length, format=r.format, prompt_template=prep.prompt_template,
-        report_path=str((out / "report.md").resolve()),
+        report_path=str((out / "report.md").resolve()), chat=prep.chat,
     )
     with staged_dir(out, "the tokenized dataset") as tmp:  # renamed into place only when complete
         DatasetDict({"train": prep.train, "eval": prep.eval}).save_to_disk(str(tmp))

@@ -15,11 +15,12 @@ import random
 from dataclasses import dataclass
 
 from qlora.config.schema import DataConfig
+from qlora.refs import ChatContract
 from tasks.data.drops import account
 from tasks.data.encode import encode_rendered
 from tasks.data.parse import Parsed, parse
 from tasks.data.read import LocalContent, read_source
-from tasks.data.render import render
+from tasks.data.render import chat_contract, render
 from tasks.data.report import DataReport, SourceStats
 from tasks.data.split import draw, hold_out, select_rows, shares
 
@@ -38,6 +39,7 @@ class Prepared:
     eval: object
     report: DataReport
     prompt_template: str
+    chat: ChatContract | None = None  # what consumers send: conversations (chat data or template), else bare prompts
 
 
 def source_views(data: DataConfig) -> list[tuple[DataConfig, float]]:
@@ -107,4 +109,6 @@ def prepare_data(data: DataConfig, tok, inputs: Inputs | None = None, local=None
         train_items, eval_items, tok, sum(e.rendered.rows_expanded for e in encoded),
         sources=stats if data.sources else [])
     template = next((e.rendered.prompt_template for e in sources if e.rendered.fmt != "text"), "{prompt}")
-    return Prepared(train.remove_columns(["n_tokens_full"]), evaluation.remove_columns(["n_tokens_full"]), report, template)
+    chat = chat_contract([e.rendered for e in encoded], data, tok)
+    return Prepared(train.remove_columns(["n_tokens_full"]), evaluation.remove_columns(["n_tokens_full"]), report, template,
+                    chat)

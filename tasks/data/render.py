@@ -7,10 +7,12 @@ here too, by the same function and with the same kwargs, so what is registered i
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from qlora.config.schema import DataConfig
-from qlora.template import Segment, TemplateError, prompt_template_for, render_examples, template_kwargs
+from qlora.refs import ChatContract
+from qlora.template import Segment, TemplateError, chat_template_of, prompt_template_for, render_examples, template_kwargs
 from tasks.data.parse import Parsed
 from tasks.data.read import Problem
 
@@ -25,6 +27,8 @@ class Item:
     standalone: bool = True  # ``prompt`` is what a consumer gets for ``message`` alone (no history, no system turn)
     group: int = -1  # index of the row's first item: a row split into several examples stays in one split
     chars_cut: int = 0  # length of the longest text cut to the character cap before tokenizing, else 0
+    conversation: str = ""  # JSON [{role, content}, ...]: the turns before the scored answer, as a chat consumer sends them
+    system: str | None = None  # the row's system prompt (None: it has none; plain text rows: None)
 
 
 @dataclass
@@ -97,7 +101,27 @@ def render(parsed: Parsed, data: DataConfig, tok) -> Rendered:
             out.problems.append((where, "template_error", f"{where}: {e}"))
             continue
         out.rows_expanded += len(examples) > 1
+        system = turns[0][1] if turns[0][0] == "system" else None
         for ex in examples:
-            out.items.append(Item(where, ex.segments, ex.segments[0][0], turns[ex.answer_turn][1].strip(), ex.message,
-                                  ex.standalone, group, cut))
+            sent = json.dumps([{"role": r, "content": c} for r, c in turns[: ex.answer_turn]], ensure_ascii=False)
+            out.items.append(Item(where, ex.segments, ex.prompt, turns[ex.answer_turn][1].strip(), ex.message,
+                                  ex.standalone, group, cut, sent, system))
     return out
+
+
+def chat_contract(rendered: list[Rendered], data: DataConfig, tok) -> ChatContract | None:
+    """The consumer contract of what was rendered: conversations when the rows were chat data (``messages``,
+    ``sharegpt``) or a chat template rendered them; None (bare prompts through the prompt template) for
+    instruction data on the built-in template, as the demo. The system prompt a consumer gets by default is
+    the one every row had; when rows differ (another prompt, or none) no default is applied."""
+    formats = {r.fmt for r in rendered} - {"text"}
+    template = chat_template_of(tok, data.chat_template)
+    if not formats or (template is None and not formats & {"messages", "sharegpt"}):
+        return None
+    rows = {(r.name, i.group): i.system for r in rendered if r.fmt != "text" for i in r.items}
+    systems = {s for s in rows.values() if s is not None}
+    without = sum(s is None for s in rows.values())
+    return ChatContract(chat_template=None if getattr(tok, "chat_template", None) else data.chat_template,
+                        kwargs=template_kwargs(tok, data.chat_template, data.chat_template_kwargs),
+                        system=next(iter(systems)) if len(systems) == 1 and not without else None,
+                        systems=len(systems), rows_without_system=without if systems else 0)

@@ -55,6 +55,6 @@ def select_rows(items: list[Item], ds, keep: list[int], with_text: bool):
     ds = ds.select(keep).remove_columns(["problem"])
     ds = ds.rename_column("n_tokens", "n_tokens_full")
     if with_text:  # what generation eval scores, and what the consumer check sends (message) for the same prompt
-        for col in ("prompt", "reference", "message", "standalone"):
+        for col in ("prompt", "reference", "message", "standalone", "conversation"):
             ds = ds.add_column(col, [getattr(items[i], col) for i in keep])
     return ds

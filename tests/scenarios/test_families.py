@@ -19,6 +19,7 @@ import pytest
 from qlora.config.schema import DataConfig, ModelConfig
 from qlora.errors import DataError
 from qlora.models.loading import load_tokenizer
+from qlora.template import conversation_prompt, render_examples, template_kwargs
 from tasks.data.encode import IGNORE_INDEX
 from tasks.data.pipeline import prepare_data
 from tests.conftest import SHARED_DATA
@@ -90,13 +91,20 @@ def test_sharegpt_trains_each_answer_once_with_the_consumers_prompt(family_base,
     lead = " " if name == "mistral" else ""  # Mistral's template writes ' ' + answer
     assert trained == Counter({f"{lead}{a.strip()}{eot}": c for a, c in answers.items()})
     assert not any("<think>" in t for t in trained)  # Qwen3: no empty think block trained (enable_thinking=false)
+    kwargs = template_kwargs(tok, None, None)
     for ex in prep.eval:
         ids = tok(ex["prompt"])["input_ids"]  # what evaluation and MLflow's pipeline feed the model
-        assert ex["input_ids"][: len(ids)] == ids and all(x == IGNORE_INDEX for x in ex["labels"][: len(ids)])
+        assert ex["input_ids"][: len(ids)] == ids and ex["labels"][len(ids) - 1] == IGNORE_INDEX
+        # the prompt leads into the last answer of the row (the turn evaluation scores), which is trained
+        assert ex["labels"][len(ids)] != IGNORE_INDEX and ex["reference"] in tok.decode(ex["input_ids"][len(ids):])
         assert ids.count(tok.bos_token_id) == (1 if FAMILIES[name]["adds_bos"] else 0)  # never a doubled BOS
+        # what a chat consumer sends for it (the conversation before that answer) renders to exactly that prompt
+        sent = [(t["role"], t["content"]) for t in json.loads(ex["conversation"])]
+        assert sent[-1] == ("user", ex["message"]) and conversation_prompt(sent, tok, None, kwargs) == ex["prompt"]
         if ex["standalone"]:
             assert prep.prompt_template.format(prompt=ex["message"]) == ex["prompt"]
-    assert sum(prep.eval["standalone"]) >= 1
+    assert sum(prep.eval["standalone"]) >= 1 and any(len(json.loads(c)) > 1 for c in prep.eval["conversation"])
+    assert prep.chat is not None and prep.chat.system is None and prep.chat.systems == 0  # no system turns here
 
 
 def test_qwen3_multi_turn_and_thinking(family_base, tmp_path):
@@ -119,17 +127,34 @@ def test_qwen3_multi_turn_and_thinking(family_base, tmp_path):
     assert asked.prompt_template.endswith("<|im_start|>assistant\n")
 
 
-def test_a_row_the_template_refuses_is_dropped_with_its_line(family_base, tiny_base, tmp_path):
+def test_mistral_renders_system_turns_as_it_serves_them(family_base, tmp_path):
+    """Before: Mistral's template writes the system message into the *last* user turn only, so once an answer
+    follows the prompt renders without it; such rows (one in 30 here) were dropped as template_error. Now each
+    assistant turn is trained after exactly the prompt a consumer's conversation renders (system folded into
+    that turn's user message), with the answer as the template writes it."""
+    rows = [{"conversations": [{"from": "human", "value": f"say {i}"}, {"from": "gpt", "value": str(i)}]} for i in range(30)]
+    rows[7]["conversations"].insert(0, {"from": "system", "value": "Be brief."})
+    rows[9]["conversations"] = [{"from": "system", "value": "Be brief."}] + rows[9]["conversations"] * 2
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = _tok(family_base, "mistral")
+    prep = prepare_data(DataConfig(path=str(path), max_length=64, max_drop_fraction=0.0), tok)
+    assert prep.report.rows_dropped == 0 and prep.report.rows_expanded == 1
+    turns = [("system", "Be brief."), ("user", "say 9"), ("assistant", "9"), ("user", "say 9"), ("assistant", "9")]
+    examples = render_examples(turns, tok, None, {})
+    assert [e.prompt for e in examples] == ["[INST] Be brief.\n\nsay 9[/INST]", "[INST] say 9[/INST] 9</s>[INST] Be brief.\n\nsay 9[/INST]"]
+    assert [e.prompt for e in examples] == [conversation_prompt(turns[:2], tok), conversation_prompt(turns[:4], tok)]
+    assert [e.segments for e in examples] == [[(e.prompt, False), (" 9</s>", True)] for e in examples]
+    # the rows' system prompts vary (one, and none): consumers get no default system prompt
+    assert prep.chat.system is None and prep.chat.systems == 1 and prep.chat.rows_without_system == 28
+
+
+def test_a_row_the_template_refuses_is_dropped_with_its_line(tiny_base, tmp_path):
     """Before: one such row raised DataError and aborted the whole run."""
     rows = [{"conversations": [{"from": "human", "value": f"say {i}"}, {"from": "gpt", "value": str(i)}]} for i in range(30)]
     rows[7]["conversations"].insert(0, {"from": "system", "value": "Be brief."})
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    # Mistral writes the system message into the *last* user turn only: with the answer after it, the
-    # prompt renders differently, so the answer cannot be cut from it.
-    prep = prepare_data(DataConfig(path=str(path), max_length=64, max_drop_fraction=0.1), _tok(family_base, "mistral"))
-    assert prep.report.dropped_by_reason == {"template_error": 1}
-    assert prep.report.problem_lines[0].startswith(f"{path}:8: the chat template renders the prompt")
     # A template that refuses a row outright (raise_exception, as Gemma's does for a system turn)
     no_system = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
                  "{% endif %}<{{ m['role'] }}>{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}"

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 from flows.ephemeral import start_ephemeral_prefect_server as _start_ephemeral_prefect_server
 
@@ -150,18 +151,41 @@ def _registry_errors(what: str):
                         "models:/NAME@champion or models:/NAME/VERSION)") from None
 
 
+def read_conversation(path: str) -> list[dict]:
+    """A conversation file for ``qlora predict --messages``: ``{"messages": [...]}`` or the list of turns itself."""
+    import json
+
+    from qlora.errors import UserError
+
+    try:
+        got = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise UserError(f"--messages {path}: cannot read it ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"--messages {path}: not JSON ({e})") from None
+    got = got.get("messages") if isinstance(got, dict) else got
+    if not isinstance(got, list) or not got:
+        raise UserError(f'--messages {path}: expected {{"messages": [{{"role": ..., "content": ...}}, ...]}} or that list')
+    return got
+
+
 def cmd_predict(args) -> int:
     import mlflow
 
+    from qlora.errors import UserError
     from registry.consumer import predict
     from registry.trust import check_loadable
 
     with _registry_errors(args.model_uri):
         if args.tracking_uri:
             mlflow.set_tracking_uri(args.tracking_uri)
+        inputs = list(args.prompts) + ([read_conversation(args.messages)] if args.messages else [])
+        if not inputs:
+            raise UserError("qlora predict: give a prompt, or a conversation with --messages FILE.json")
         check_loadable(args.model_uri)  # no remote code, no pickles: refused before anything is loaded
-        outs = predict(args.model_uri, args.prompts, args.max_new_tokens, args.temperature, args.tracking_uri,
-                       top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty, stop=args.stop)
+        outs = predict(args.model_uri, inputs, args.max_new_tokens, args.temperature, args.tracking_uri,
+                       system=args.system, top_p=args.top_p, top_k=args.top_k,
+                       repetition_penalty=args.repetition_penalty, stop=args.stop)
     for out in outs:
         print(out)
     return 0
@@ -315,7 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="generate with a registered model, as a registry consumer would")
     pr.add_argument("model_uri", help="e.g. models:/qlora-demo@champion")
-    pr.add_argument("prompts", nargs="+", help="user messages; the training prompt template is applied")
+    pr.add_argument("prompts", nargs="*", help="user messages (for a chat model: each one user turn)")
+    pr.add_argument("--messages", default=None, metavar="FILE.json",
+                    help='a chat model: a conversation, {"messages": [{"role": ..., "content": ...}, ...]} ending with a '
+                         "user turn; the reply to it is printed after those to the prompts")
+    pr.add_argument("--system", default=None, metavar="TEXT",
+                    help="a chat model: the system prompt for inputs without one (default: the one the training data "
+                         "had throughout, if any)")
     pr.add_argument("--max-new-tokens", type=int, default=64)
     pr.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     pr.add_argument("--top-p", type=float, default=None, help="nucleus sampling (with --temperature > 0)")

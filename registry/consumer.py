@@ -14,9 +14,12 @@ storage; the local folder is only the fallback when the hub cannot be reached.
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from pathlib import Path
+
+from qlora.refs import ChatContract
 
 log = logging.getLogger("qlora.consumer")
 BASE_KEY = "qlora_base"  # logged model metadata written by registry/register.py
@@ -72,32 +75,64 @@ def generation_params(max_new_tokens: int = 64, temperature: float = 0.0, top_p:
     return params | {k: v for k, v in extra.items() if v is not None}
 
 
-def predict(model_uri: str, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
-            tracking_uri: str | None = None, **params) -> list[str]:
-    """Generated text only (no prompt) for each raw user message in ``prompts``; ``params``: top_p, top_k,
-    repetition_penalty, stop (see ``generation_params``)."""
-    return generate(load(model_uri, tracking_uri), prompts, generation_params(max_new_tokens, temperature, **params))
+def requests(inputs: list, chat: ChatContract | None, system: str | None = None, where: str = "input") -> list:
+    """What ``model.predict`` is sent for ``inputs``: each a bare string or a conversation ([{role, content}, ...]).
+    A chat version gets ``{"messages": ...}`` per input (a string is one user turn; ``system`` goes in front of
+    a conversation that has none); a version that takes bare prompts (the demo) gets the strings."""
+    from registry.chat import ConversationError, turns_of
+
+    if chat is None:
+        if system is not None or not all(isinstance(i, str) for i in inputs):
+            raise ConversationError("this version takes bare prompts (it was trained on instruction data with the built-in "
+                                    "template), not conversations or a system prompt: send the user message alone")
+        return list(inputs)
+    out = []
+    for i, item in enumerate(inputs):
+        turns = turns_of(item, f"{where} {i}")
+        if system is not None:
+            if turns[0][0] == "system":
+                raise ConversationError(f"{where} {i} has a system turn already; leave out the separate system prompt")
+            turns = [("system", system)] + turns
+        out.append({"messages": [{"role": r, "content": c} for r, c in turns]})
+    return out
 
 
-def generate(model, prompts: list[str], params: dict) -> list[str]:
-    """Generated text only for each raw user message, from a model ``load`` returned (loaded once, called per batch)."""
-    return [str(o).strip() for o in model.predict(list(prompts), params=params)]
+def predict(model_uri: str, prompts: list, max_new_tokens: int = 64, temperature: float = 0.0,
+            tracking_uri: str | None = None, system: str | None = None, **params) -> list[str]:
+    """Generated text only (no prompt) for each input: a raw user message, or for a chat version also a
+    conversation ``[{"role": ..., "content": ...}, ...]`` ending with a user turn; ``system``: a system prompt
+    for inputs that bring none (else a chat version applies its default, if the training data had one);
+    ``params``: top_p, top_k, repetition_penalty, stop (see ``generation_params``)."""
+    from registry.chat import contract_of
+
+    sent = requests(prompts, contract_of(model_uri), system)
+    return generate(load(model_uri, tracking_uri), sent, generation_params(max_new_tokens, temperature, **params))
 
 
-def consumer_check(name: str, version: str, samples: list[dict], max_new_tokens: int, k: int,
-                   tracking_uri: str) -> tuple[int, list[str]]:
-    """Generate greedily through ``models:/<name>/<version>`` on ``k`` eval prompts: (how many were compared,
+def generate(model, inputs: list, params: dict) -> list[str]:
+    """Generated text only for each input (a raw user message, or ``{"messages": ...}`` for a chat version: see
+    ``requests``), from a model ``load`` returned (loaded once, called per batch)."""
+    return [str(o).strip() for o in model.predict(list(inputs), params=params)]
+
+
+def consumer_check(name: str, version: str, samples: list[dict], max_new_tokens: int, k: int, tracking_uri: str,
+                   chat: ChatContract | None = None) -> tuple[int, list[str]]:
+    """Generate greedily through ``models:/<name>/<version>`` on ``k`` eval rows: (how many were compared,
     mismatches with eval).
 
-    Each eval sample keeps the user message it was made from; a sample is sent when its prompt is what a
-    consumer gets for that message alone (no earlier turns, no system turn), whatever the template. Same
-    model, same prompts, greedy: any difference means the registered artifact is not what was evaluated
+    A chat version is sent each row's whole conversation before the scored answer (system and earlier turns
+    included), as its consumers send it; so every eval row is comparable. A version that takes bare prompts
+    is sent the user message of rows whose prompt is that message alone (every row of instruction data).
+    Same model, same prompts, greedy: any difference means the registered artifact is not what was evaluated
     (wrong base, lost template, tokenizer drift), so consumers would get another model.
     """
-    rows = [(s["message"], s["tuned"]) for s in samples if s.get("standalone") and s.get("message")][:k]
+    if chat is not None:
+        rows = [(json.loads(s["conversation"]), s["tuned"]) for s in samples if s.get("conversation")][:k]
+    else:
+        rows = [(s["message"], s["tuned"]) for s in samples if s.get("standalone") and s.get("message")][:k]
     if not rows:
         return 0, []
     got = predict(f"models:/{name}/{version}", [m for m, _ in rows], max_new_tokens=max_new_tokens,
                   tracking_uri=tracking_uri)
-    return len(rows), [f"prompt {m!r}: evaluation generated {want!r}, the registered model {g!r}"
-                       for (m, want), g in zip(rows, got) if g != want]
+    return len(rows), [f"{'conversation' if chat else 'prompt'} {m!r}: evaluation generated {want!r}, the registered "
+                       f"model {g!r}" for (m, want), g in zip(rows, got) if g != want]

@@ -186,6 +186,10 @@ def lineage_tags(base: QuantizedModel, adapter: Adapter, report: EvalReport, run
     if report.data is not None:
         tags |= {"data.fingerprint": report.data.fingerprint, "data.train_rows": str(report.data.train_rows),
                  "data.eval_rows": str(report.data.eval_rows), "data.truncated_rows": str(report.data.truncated_rows)}
+        chat = report.data.chat
+        tags["consumer.contract"] = "conversation" if chat is not None else "prompt"
+        if chat is not None and chat.system is not None:
+            tags["consumer.system_prompt"] = chat.system
     if url := prefect_ui_url(flow_run_id):
         tags["prefect.flow_run_url"] = url
     tags |= {k: f"{v:.6g}" for k, v in report.metrics.items()}
@@ -199,6 +203,24 @@ def eval_table(metrics: dict[str, float]) -> str:
         b, t = metrics.get(f"eval/base/{m}"), metrics.get(f"eval/tuned/{m}")
         rows.append(f"| {m} | {'' if b is None else f'{b:.4g}'} | {'' if t is None else f'{t:.4g}'} |")
     return "\n".join(rows)
+
+
+def consumer_contract(report: EvalReport) -> str:
+    """What consumers send, in words, with the system prompt they get when they send none."""
+    chat = report.data.chat if report.data is not None else None
+    if chat is None:
+        return "Consumers send the bare user message; the training prompt template is applied to it."
+    text = ('Consumers send a conversation, `{"messages": [{"role": ..., "content": ...}, ...]}` ending with a user '
+            "turn, and get the assistant's reply; it is rendered by the training chat template"
+            + (f" with `{chat.kwargs}`" if chat.kwargs else "") + ". A bare string (`qlora predict`, "
+            "`registry.consumer.predict`) is one user turn. ")
+    if chat.system is not None:
+        return text + (f"Every training row had the system prompt `{chat.system}`: it is applied to a conversation "
+                       "that brings no system turn.")
+    if chat.systems:
+        return text + (f"The training rows' system prompts vary ({chat.systems} distinct, {chat.rows_without_system} rows "
+                       "without one): none is applied when a consumer sends none.")
+    return text + "The training rows had no system turn; none is applied."
 
 
 def base_source(tags: dict[str, str]) -> str:
@@ -232,6 +254,7 @@ def description(name: str, version: str, tags: dict[str, str], report: EvalRepor
         f"- config hash `{tags.get('config_hash', '-')}`, git `{tags.get('git_commit')}`\n"
         f"- Prefect flow run `{tags.get('prefect.flow_run_id', '-')}`{link}, MLflow run `{tags['mlflow_run_id']}`\n"
         f"- libraries: `{tags.get('libraries')}`\n\n"
+        f"### Consumers\n\n{consumer_contract(report)}\n\n"
         f"### Evaluation (greedy, same held-out eval set for base and tuned)\n\n{eval_table(report.metrics)}\n\n"
         f"### Promotion (gate metric: {decision.metric})\n\n**{'promoted to champion' if decision.promote else 'kept as challenger'}**: "
         f"{decision.reason}{evidence}\n"

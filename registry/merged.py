@@ -23,15 +23,16 @@ def merged_name(model_name: str) -> str:
 
 def register_merged(base: QuantizedModel, adapter: Adapter, model_name: str, adapter_version: str,
                     aliases: list[str], run: MlflowRun, log_kwargs: dict) -> str:
-    """Log and register the merged model; returns its version. ``log_kwargs`` = the adapter's log_model extras."""
+    """Log and register the merged model; returns its version. ``log_kwargs`` = the adapter's log_model extras
+    and its ``chat`` contract."""
     import mlflow
+
+    from registry.register import log_model
 
     model, tok = load_merged(base, adapter)
     with active_run(run):
-        info = mlflow.transformers.log_model(
-            transformers_model={"model": model, "tokenizer": tok}, name="merged", task="text-generation",
-            save_pretrained=True, **log_kwargs,
-        )
+        info = log_model("merged", transformers_model={"model": model, "tokenizer": tok}, task="text-generation",
+                         save_pretrained=True, **log_kwargs)
     name = merged_name(model_name)
     mv = mlflow.register_model(info.model_uri, name, tags={"mlflow_run_id": run.run_id, "adapter_version": adapter_version})
     client = mlflow.MlflowClient(run.tracking_uri)

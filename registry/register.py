@@ -11,13 +11,14 @@ Registering is idempotent per MLflow run: a retried or re-run register task find
 
 from __future__ import annotations
 
+import json
 import logging
 from importlib.metadata import version as pkg_version
 
 from qlora.config.schema import GENERATION_METRICS, RegistryConfig
 from qlora.errors import ModelError
 from qlora.models.loading import GENERATION_DEFAULTS, ModelCache, tuned
-from qlora.refs import Adapter, EvalReport, MlflowRun, QuantizedModel, RegisteredVersion, TokenizedData
+from qlora.refs import Adapter, ChatContract, EvalReport, MlflowRun, QuantizedModel, RegisteredVersion, TokenizedData
 from qlora.template import PROMPT_TEMPLATE
 from qlora.tracking.names import filter_literal
 from qlora.tracking.runs import active_run
@@ -52,32 +53,44 @@ def pip_requirements() -> list[str]:
     return [f"{p}=={pkg_version(p)}" for p in CONSUMER_PACKAGES]
 
 
-def example_of(samples: list[dict]) -> tuple[str, str]:
-    """(user message, tuned output) of the first eval row a consumer could send as is: this run's own data
-    is the logged input example and the signature's source."""
+def example_of(samples: list[dict], chat: ChatContract | None = None) -> tuple[str | list[dict], str]:
+    """(what a consumer sends, tuned output) for the first eval row: this run's own data is the logged input
+    example and the signature's source. A chat version: the row's conversation; else the user message of the
+    first row a consumer could send as is."""
+    if chat is not None:
+        s = next((s for s in samples if s.get("conversation")), None)
+        if s is not None:
+            return json.loads(s["conversation"]), s["tuned"]
     usable = [s for s in samples if s.get("message")]
     s = next((s for s in usable if s.get("standalone")), usable[0] if usable else samples[0])
     return s.get("message") or s["prompt"], s["tuned"]
 
 
-def consumer_log_kwargs(prompt_template: str = PROMPT_TEMPLATE, example: tuple[str, str] = ("", "")) -> dict:
-    """What every logged model shares so consumers call it alike: template, signature, example, requirements."""
+def consumer_log_kwargs(prompt_template: str = PROMPT_TEMPLATE, example: tuple[str | list[dict], str] = ("", "")) -> dict:
+    """What every logged model shares so consumers call it alike: template, signature, example, requirements.
+    A conversation as the example makes the conversation contract (``registry/chat.py``): its signature is
+    ``{"messages": [{role, content}]}`` and the chat loader renders prompts, so no prompt template."""
     import mlflow
 
-    message, output = example
+    sent, output = example
+    chat = not isinstance(sent, str)
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ParamSchema, ParamSpec
 
-    inferred = mlflow.models.infer_signature(model_input=[message], model_output=[output], params=GENERATION_DEFAULTS)
+    model_input = {"messages": sent} if chat else [sent]
+    inferred = mlflow.models.infer_signature(model_input=model_input, model_output=[output], params=GENERATION_DEFAULTS)
     params = ParamSchema(inferred.params.params + [ParamSpec(STOP_PARAM, "string", None)])  # None: no stop string
     signature = ModelSignature(inputs=inferred.inputs, outputs=inferred.outputs, params=params)
     return dict(
-        prompt_template=prompt_template,  # the tokenize stage's, so consumers prompt as training did
+        # the tokenize stage's, so consumers prompt as training did (a chat version renders each conversation)
+        prompt_template=None if chat else prompt_template,
         pip_requirements=pip_requirements(),
         signature=signature,
-        # Raw user message + params: what a consumer sends (MLflow also checks it round-trips for serving).
-        input_example=([message], {"max_new_tokens": 8}),
-        model_config=dict(GENERATION_DEFAULTS),
+        # What a consumer sends + params (MLflow also checks it round-trips for serving): the user message, or
+        # a real conversation of this run's eval rows.
+        input_example=(model_input, {"max_new_tokens": 8}),
+        # return_full_text: MLflow turns it off itself only when there is a prompt template
+        model_config=dict(GENERATION_DEFAULTS) | ({"return_full_text": False} if chat else {}),
     )
 
 
@@ -87,18 +100,29 @@ def base_metadata(base: QuantizedModel) -> dict:
                        "quantization": base.quantization, "attn_implementation": base.attn_implementation}}
 
 
-def log_adapter(base: QuantizedModel, adapter: Adapter, run: MlflowRun, prompt_template: str = PROMPT_TEMPLATE,
-                models: ModelCache | None = None, example: tuple[str, str] = ("", "")):
-    """Log base-referenced PEFT adapter + tokenizer with the training prompt template; returns ModelInfo.
-    ``models`` holds the pair the evaluate stage loaded (same process); it is released afterwards."""
+def log_model(name: str, chat: ChatContract | None, **kwargs):
+    """``mlflow.transformers.log_model``, behind the conversation contract for a chat version."""
     import mlflow
 
+    if chat is None:
+        return mlflow.transformers.log_model(name=name, **kwargs)
+    from registry.chat import log_model as log_chat
+
+    return log_chat(name, chat, **kwargs)
+
+
+def log_adapter(base: QuantizedModel, adapter: Adapter, run: MlflowRun, prompt_template: str = PROMPT_TEMPLATE,
+                models: ModelCache | None = None, example: tuple[str | list[dict], str] = ("", ""),
+                chat: ChatContract | None = None):
+    """Log base-referenced PEFT adapter + tokenizer with the training prompt template (a chat version: the
+    conversation contract); returns ModelInfo. ``models`` holds the pair the evaluate stage loaded (same
+    process); it is released afterwards."""
     model, tok = tuned(base, adapter, models)
     try:
         with active_run(run):
-            return mlflow.transformers.log_model(
+            return log_model(
+                "model", chat,
                 transformers_model={"model": model, "tokenizer": tok},
-                name="model",
                 task="text-generation",
                 # MLflow references a PEFT base only as a local folder: the pre-quantized one stage 2 wrote.
                 # A hub base is recorded in the metadata too, and consumers load it from there first.
@@ -161,18 +185,19 @@ def register_adapter(
 
     client = mlflow.MlflowClient(run.tracking_uri)
     mv = version_of_run(client, cfg.model_name, run.run_id)  # a retry or re-run reuses its version (issue 4)
+    chat = data.chat if data else None
     if mv is None:
         info = log_adapter(base, adapter, run, data.prompt_template if data else PROMPT_TEMPLATE, models,
-                           example_of(report.samples))
+                           example_of(report.samples, chat), chat)
         mv = mlflow.register_model(info.model_uri, cfg.model_name, tags={"mlflow_run_id": run.run_id})
     name, version = cfg.model_name, str(mv.version)
     aliases.set_challenger(client, name, version)
     decision = gate(client, report, cfg, run)
     checked, mismatches = consumer_check(name, version, report.samples, report.max_new_tokens or GENERATION_DEFAULTS["max_new_tokens"],
-                                         cfg.consumer_check_prompts, run.tracking_uri)
+                                         cfg.consumer_check_prompts, run.tracking_uri, chat)
     if cfg.consumer_check_prompts > 0 and checked == 0:  # a check that compared nothing must not pass
-        mismatches = ["no eval sample is a single user message a consumer could send (every prompt has earlier turns "
-                      "or a system turn), so nothing was compared; set registry.consumer_check_prompts=0 to skip the check"]
+        mismatches = ["no eval sample holds what a consumer sends (a conversation, or a single user message), so "
+                      "nothing was compared; set registry.consumer_check_prompts=0 to skip the check"]
     if mismatches:
         decision = decision.model_copy(update={"promote": False, "reason": "consumer check failed: " + "; ".join(mismatches)})
     text = record(client, name, version, base, adapter, report, run, decision, checked)
@@ -188,7 +213,8 @@ def register_adapter(
     log.info("registered %s version %s (%s): %s", name, version, mv.source, decision.reason)
     if cfg.register_merged and version_of_run(client, merged_name(name), run.run_id) is None:
         template = data.prompt_template if data else PROMPT_TEMPLATE
-        register_merged(base, adapter, name, version, out, run, consumer_log_kwargs(template, example_of(report.samples)))
+        register_merged(base, adapter, name, version, out, run,
+                        dict(consumer_log_kwargs(template, example_of(report.samples, chat)), chat=chat))
     return RegisteredVersion(name=name, version=version, model_uri=mv.source, aliases=out, decision=decision.reason,
                              awaiting_approval=decision.promote and cfg.require_approval, consumer_checked=checked)
 

@@ -173,47 +173,110 @@ def test_sharegpt_file_needs_format_sharegpt_not_messages(family_base):
 # ------------------------------------------------------------------ the whole flow, per family
 
 
-@pytest.mark.e2e
-@pytest.mark.parametrize("name", NAMES)
-def test_whole_flow_per_family(name, family_base, prefect_server, tmp_path, mlflow_uri):
-    """The flow on a copy of the ShareGPT file (first 60 rows) ends with a registered version whose consumer
-    check compared real prompts, whose input example is a row of that data, and which ``qlora predict``
-    answers exactly as evaluation generated."""
+SYSTEM = "You are a helpful assistant."
+
+
+def _messages(tmp_path, rows: list[dict], name: str = "chat.json") -> str:
+    """ShareGPT rows in ``messages`` format, each opened by the system prompt most public chat data carries."""
+    roles = {"human": "user", "gpt": "assistant"}
+    path = tmp_path / name
+    path.write_text(json.dumps([{"messages": [{"role": "system", "content": SYSTEM}]
+                                 + [{"role": roles[t["from"]], "content": t["value"]} for t in r["conversations"]]}
+                                for r in rows], indent=1))
+    return str(path)
+
+
+def _flow(model_name: str, base, data_path: str, tmp_path, **overrides):
+    """The whole flow on a tiny base, as ``qlora run`` runs it: (the flow's state, MLflow client)."""
     import mlflow
 
-    from flows.cli import build_parser
     from flows.finetune import qlora_finetune
     from qlora.config.files import load_config
 
-    model_name = "fam-" + name.replace(".", "")
-    overrides = {
-        "workdir": tmp_path / "work", "model.name_or_path": family_base(name), "data.path": _subset(tmp_path, 60),
-        "data.format": "sharegpt", "data.max_length": 256, "data.eval_fraction": 0.1,
+    settings = {
+        "workdir": tmp_path / "work", "model.name_or_path": base, "data.path": data_path,
+        "data.max_length": 256, "data.eval_fraction": 0.1,
         "train.max_steps": 2, "train.per_device_train_batch_size": 4, "train.gradient_accumulation_steps": 1,
         "train.learning_rate": 5e-3, "train.logging_steps": 1, "train.save_steps": 100, "lora.r": 4, "lora.alpha": 8,
-        "eval.max_samples": 3, "eval.max_new_tokens": 6, "eval.batch_size": 3,
-        "registry.model_name": model_name, "registry.bootstrap_resamples": 100, "registry.consumer_check_prompts": 2,
+        "registry.model_name": model_name, "registry.bootstrap_resamples": 100,
         "tracking.artifact_location": tmp_path / "mlartifacts",
-    }
-    state = qlora_finetune(config=load_config(None, [f"{k}={v}" for k, v in overrides.items()]), return_state=True)
-    assert state.is_completed(), state.message
-    version = state.result()
-    assert version.consumer_checked >= 1 and "rouge vs base" in version.decision  # sentences: gated on ROUGE-L
+    } | overrides
+    state = qlora_finetune(config=load_config(None, [f"{k}={v}" for k, v in settings.items()]), return_state=True)
+    return state, mlflow.MlflowClient()
 
-    client = mlflow.MlflowClient(mlflow_uri)
-    mv = client.get_model_version(model_name, version.version)
-    assert client.get_run(mv.run_id).data.metrics["gate/consumer_checked"] == version.consumer_checked
-    uri = f"models:/{model_name}@challenger"
-    example = mlflow.models.Model.load(uri).load_input_example(mlflow.artifacts.download_artifacts(uri))
-    assert example[0] in {t["value"] for row in ROWS[:60] for t in row["conversations"] if t["from"] == "human"}
 
-    logged = mlflow.artifacts.download_artifacts(f"runs:/{mv.run_id}/eval/samples.json", dst_path=str(tmp_path))
-    samples = json.loads(open(logged).read())  # the eval samples table: {columns, data}
-    table = dict(zip(samples["columns"], zip(*samples["data"])))
-    first = next(i for i, ok in enumerate(table["standalone"]) if ok)
-    # `qlora predict` as parsed and run by the command. Not main() and not capsys: both leave handlers on a
-    # per-test stream that Prefect's logging of the next flow run would write to after it is closed.
-    args = build_parser().parse_args(["predict", uri, table["message"][first], "--max-new-tokens", "6"])
+def _eval_table(client, run_id: str, tmp_path) -> list[dict]:
+    """The run's logged eval samples (``eval/samples.json``: {columns, data}) as rows."""
+    import mlflow
+
+    logged = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/eval/samples.json", dst_path=str(tmp_path))
+    table = json.loads(open(logged).read())
+    return [dict(zip(table["columns"], row)) for row in table["data"]]
+
+
+def _predict(*argv: str) -> list[str]:
+    """``qlora predict`` as parsed and run by the command. Not main() and not capsys: both leave handlers on a
+    per-test stream that Prefect's logging of the next flow run would write to after it is closed."""
+    from flows.cli import build_parser
+
+    args = build_parser().parse_args(["predict", *argv])
     with contextlib.redirect_stdout(io.StringIO()) as out:
         assert args.func(args) == 0
-    assert out.getvalue().rstrip("\n") == table["tuned"][first]  # what evaluation generated, greedily
+    return out.getvalue().rstrip("\n").split("\n")
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", NAMES)
+def test_whole_flow_per_family(name, family_base, prefect_server, tmp_path, mlflow_uri):
+    """The flow on the first 60 ShareGPT rows in ``messages`` format, each opened by one system prompt (40 of them
+    multi-turn) ends with a registered version whose consumer check compared whole conversations (system turn and
+    earlier turns included), whose input example is a conversation of that data, and which ``qlora predict
+    --messages`` answers exactly as evaluation generated for the same conversation. The version records the one
+    system prompt of its data and applies it to a bare string: the reply is the one for [system, user]."""
+    import mlflow
+
+    model_name = "fam-" + name.replace(".", "")
+    state, client = _flow(model_name, family_base(name), _messages(tmp_path, ROWS[:60]), tmp_path,
+                          **{"eval.max_samples": 8, "eval.max_new_tokens": 6, "eval.batch_size": 4,
+                             "registry.consumer_check_prompts": 2})
+    assert state.is_completed(), state.message
+    version = state.result()
+    assert version.consumer_checked == 2 and "rouge vs base" in version.decision  # sentences: gated on ROUGE-L
+    mv = client.get_model_version(model_name, version.version)
+    assert client.get_run(mv.run_id).data.metrics["gate/consumer_checked"] == 2
+    assert mv.tags["consumer.system_prompt"] == SYSTEM and f"system prompt `{SYSTEM}`" in mv.description
+    uri = f"models:/{model_name}@challenger"
+    example = mlflow.models.Model.load(uri).load_input_example(mlflow.artifacts.download_artifacts(uri))
+    assert example["messages"][0] == {"role": "system", "content": SYSTEM}
+    assert example["messages"][-1]["content"] in {t["value"] for row in ROWS[:60] for t in row["conversations"]}
+
+    rows = _eval_table(client, mv.run_id, tmp_path)
+    multi = next(r for r in rows if len(json.loads(r["conversation"])) > 2)  # system, user, assistant, user, ...
+    conversation = tmp_path / "conversation.json"
+    conversation.write_text(json.dumps({"messages": json.loads(multi["conversation"])}))
+    single = next(r for r in rows if len(json.loads(r["conversation"])) == 2)
+    # one conversation, then a bare string (no system: the version's own) and the same with the system prompt sent
+    got = _predict(uri, "--messages", str(conversation), "--max-new-tokens", "6")
+    assert got == [multi["tuned"]]  # what evaluation generated for that conversation, greedily
+    assert _predict(uri, single["message"], "--max-new-tokens", "6") == [single["tuned"]]
+    assert _predict(uri, single["message"], "--system", SYSTEM, "--max-new-tokens", "6") == [single["tuned"]]
+
+
+@pytest.mark.e2e
+def test_llama3_base_on_system_prompted_chat_rows_registers_checks_and_promotes(family_base, prefect_server, tmp_path,
+                                                                               mlflow_uri):
+    """The reported case: a Llama-3-style base (its chat template, <|eot_id|> as EOS, no pad token) fine-tuned on 175
+    public chat rows in ``messages`` format, each a system prompt, a user turn and the answer (the first exchange of
+    each of the first 175 ShareGPT conversations). Before: ConsumerCheckError, "no eval sample is a single user
+    message a consumer could send". Registry settings are the defaults: the consumer check compares 3 conversations."""
+    rows = [{"conversations": r["conversations"][:2]} for r in ROWS[:175]]
+    state, client = _flow("llama3-chat", family_base("llama-3.1"), _messages(tmp_path, rows), tmp_path,
+                          **{"train.max_steps": 60, "train.per_device_train_batch_size": 8, "train.learning_rate": 2e-2,
+                             "lora.r": 8, "lora.alpha": 16,
+                             "eval.max_new_tokens": 8, "eval.batch_size": 9})
+    assert state.is_completed(), state.message
+    version = state.result()
+    assert version.consumer_checked == 3
+    assert "champion" in version.aliases, version.decision  # the gate allowed it: ROUGE-L above the base's
+    mv = client.get_model_version("llama3-chat", version.version)
+    assert mv.tags["consumer.contract"] == "conversation" and mv.tags["consumer.system_prompt"] == SYSTEM

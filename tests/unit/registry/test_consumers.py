@@ -77,13 +77,18 @@ def test_consumer_check_sends_the_eval_messages_through_a_chat_template(llama, m
     assert mlflow.MlflowClient(mlflow_uri).get_registered_model("chat").aliases == {"challenger": 2}  # sqlite store: an int
 
 
-def test_a_consumer_check_that_compares_nothing_fails(llama, mlflow_uri, tmp_path):
+def test_the_check_sends_conversations_with_history_and_a_check_that_compares_nothing_fails(llama, mlflow_uri, tmp_path):
+    """Before: only eval rows whose prompt was one bare user message could be compared; rows with earlier turns or
+    a system turn were skipped, and a run with none of those failed. Now a chat version is sent every row's
+    conversation. Samples carrying no conversation (what a consumer sends) still fail the check, not pass it."""
     data, base, adapter, report = llama
     history_only = report.model_copy(update={"samples": [s | {"standalone": False} for s in report.samples]})
     cfg = RegistryConfig(model_name="nothing", bootstrap_resamples=100, consumer_check_prompts=2)
+    assert register_adapter(base, adapter, history_only, cfg, _run(mlflow_uri, tmp_path), data).consumer_checked == 2
+    unsendable = report.model_copy(update={"samples": [s | {"conversation": ""} for s in report.samples]})
     with pytest.raises(ConsumerCheckError, match="nothing was compared"):
-        register_adapter(base, adapter, history_only, cfg, _run(mlflow_uri, tmp_path), data)
-    skipped = register_adapter(base, adapter, history_only, cfg.model_copy(update={"consumer_check_prompts": 0}),
+        register_adapter(base, adapter, unsendable, cfg, _run(mlflow_uri, tmp_path), data)
+    skipped = register_adapter(base, adapter, unsendable, cfg.model_copy(update={"consumer_check_prompts": 0}),
                                _run(mlflow_uri, tmp_path), data)
     assert skipped.consumer_checked == 0 and skipped.aliases == ["challenger"]
 
@@ -99,14 +104,17 @@ def test_input_example_signature_and_every_param_end_to_end(llama, mlflow_uri, t
     uri = f"models:/params/{v.version}"
     logged = mlflow.models.Model.load(uri)
     example = logged.load_input_example(mlflow.artifacts.download_artifacts(uri))
-    assert example == [report.samples[0]["message"]] and example[0] in USER_MESSAGES
+    assert example == {"messages": json.loads(report.samples[0]["conversation"])}  # a real conversation of the eval rows
+    assert example["messages"][-1]["content"] in USER_MESSAGES
+    assert [i.name for i in logged.signature.inputs.inputs] == ["messages"]
     assert logged.signature.params.params[-1].name == "stop_sequence"
+    assert logged.flavors["python_function"]["loader_module"] == "registry.chat"
 
     model = mlflow.pyfunc.load_model(uri)
     message = report.samples[0]["message"]
 
     def pyfunc(**params):
-        return model.predict([message], params=params)[0].strip()
+        return model.predict({"messages": [{"role": "user", "content": message}]}, params=params)[0].strip()
 
     greedy = pyfunc(max_new_tokens=12)
     assert greedy == consumer.predict(uri, [message], max_new_tokens=12)[0]

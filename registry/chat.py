@@ -118,12 +118,16 @@ def save_model(path, mlflow_model=None, **kwargs):
     mlflow_model.save(os.path.join(path, "MLmodel"))
 
 
-def log_model(name: str, contract: ChatContract, metadata: dict, **kwargs):
-    """Log like ``mlflow.transformers.log_model`` with the conversation contract (in metadata ``qlora_chat``)."""
+def log_model(name: str, chat: ChatContract | None, metadata: dict | None = None, **kwargs):
+    """``mlflow.transformers.log_model``; for a chat version (``chat`` set) with this module as its pyfunc loader
+    and the conversation contract in the metadata (``qlora_chat``)."""
+    import mlflow
     from mlflow.models import Model
 
+    if chat is None:
+        return mlflow.transformers.log_model(name=name, metadata=metadata, **kwargs)
     return Model.log(artifact_path=None, name=name, flavor=sys.modules[__name__],
-                     metadata=metadata | {CHAT_KEY: contract.model_dump()}, **kwargs)
+                     metadata=(metadata or {}) | {CHAT_KEY: chat.model_dump()}, **kwargs)
 
 
 def _load_pyfunc(path, model_config: dict | None = None):

@@ -13,6 +13,7 @@ import logging
 from qlora.models.loading import load_merged
 from qlora.refs import Adapter, MlflowRun, QuantizedModel
 from qlora.tracking.runs import active_run
+from registry.chat import log_model
 
 log = logging.getLogger("qlora.register")
 
@@ -26,8 +27,6 @@ def register_merged(base: QuantizedModel, adapter: Adapter, model_name: str, ada
     """Log and register the merged model; returns its version. ``log_kwargs`` = the adapter's log_model extras
     and its ``chat`` contract."""
     import mlflow
-
-    from registry.register import log_model
 
     model, tok = load_merged(base, adapter)
     with active_run(run):

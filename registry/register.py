@@ -24,6 +24,7 @@ from qlora.tracking.names import filter_literal
 from qlora.tracking.runs import active_run
 from registry import aliases
 from registry.aliases import CHALLENGER, CHAMPION
+from registry.chat import log_model
 from registry.consumer import BASE_KEY, consumer_check
 from registry.gate import Decision, decide, eval_set_fingerprint, gate_metric, log_scores, stored_scores
 from registry.lineage import description, lineage_tags
@@ -98,17 +99,6 @@ def base_metadata(base: QuantizedModel) -> dict:
     """Where consumers get the base (registry/consumer.py): the hub at the resolved commit, else the local copy."""
     return {BASE_KEY: {"hub_id": base.hub_id, "commit": base.commit, "revision": base.revision, "local_path": base.path,
                        "quantization": base.quantization, "attn_implementation": base.attn_implementation}}
-
-
-def log_model(name: str, chat: ChatContract | None, **kwargs):
-    """``mlflow.transformers.log_model``, behind the conversation contract for a chat version."""
-    import mlflow
-
-    if chat is None:
-        return mlflow.transformers.log_model(name=name, **kwargs)
-    from registry.chat import log_model as log_chat
-
-    return log_chat(name, chat, **kwargs)
 
 
 def log_adapter(base: QuantizedModel, adapter: Adapter, run: MlflowRun, prompt_template: str = PROMPT_TEMPLATE,

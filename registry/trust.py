@@ -5,6 +5,8 @@ unpickles files on load in two cases, and a registry writer controls both.
    flavor then calls ``from_pretrained(..., trust_remote_code=True)`` on the artifact, which imports and
    runs the Python files shipped in it (``mlflow/transformers/model_io.py``).
 2. Weights as pickles (``*.bin``, ``*.pt``): ``from_pretrained`` would read them instead of safetensors.
+3. The pyfunc loader (``python_function.loader_module``, and ``code`` put on ``sys.path``): only MLflow's
+   transformers loader and this project's chat loader (``registry/chat.py``) are accepted.
 
 Versions this pipeline registers have neither (built-in Llama/Qwen-style classes, safetensors adapters and
 bases). ``qlora predict`` refuses a version with either, naming what it found; Python consumers call
@@ -18,6 +20,8 @@ from pathlib import Path
 
 from qlora.errors import UserError
 
+# mlflow.transformers: a bare-prompt version; registry.chat: a chat version (registry/chat.py).
+LOADERS = ("mlflow.transformers", "registry.chat")
 PICKLED = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
@@ -59,9 +63,18 @@ def check_loadable(model_uri: str) -> None:
     import mlflow
     import transformers
 
-    conf = mlflow.models.get_model_info(model_uri).flavors.get("transformers")
+    flavors = mlflow.models.get_model_info(model_uri).flavors
+    conf = flavors.get("transformers")
     if conf is None:
         return  # not a transformers model: the flavor in question does not load it
+    pyfunc = flavors.get("python_function") or {}
+    if pyfunc.get("loader_module") not in LOADERS or pyfunc.get("code"):
+        # The pyfunc loader is a module name the registry writer chooses, and code/ is put on sys.path first.
+        raise UntrustedModel(
+            f"{model_uri}: its pyfunc loader is {pyfunc.get('loader_module')!r}"
+            + (f" with code shipped in the artifact ({pyfunc['code']})" if pyfunc.get("code") else "")
+            + f"; consumers here load only {' or '.join(LOADERS)} without shipped code"
+        )
     classes = [conf.get("pipeline_model_type")] + [conf.get(f"{c}_type") for c in conf.get("components", [])]
     foreign = [c for c in classes if c and not hasattr(transformers, c)]
     if foreign:

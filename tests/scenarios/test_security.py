@@ -96,7 +96,7 @@ def test_trust_remote_code_is_announced_before_the_first_load(tiny_base, tmp_pat
     assert events.count("warning") == 1
 
 
-def _fake_version(client, root, name: str, cls: str, files: list[str]) -> None:
+def _fake_version(client, root, name: str, cls: str, files: list[str], pyfunc: dict | None = None) -> None:
     """A registered version whose MLmodel says what a hostile registry writer could say."""
     src = root / name
     src.mkdir()
@@ -104,7 +104,7 @@ def _fake_version(client, root, name: str, cls: str, files: list[str]) -> None:
         "artifact_path": "model", "mlflow_version": "3.17.2", "model_uuid": name, "utc_time_created": "2026-01-01 00:00:00",
         "flavors": {"transformers": {"pipeline_model_type": cls, "task": "text-generation", "components": ["tokenizer"],
                                      "tokenizer_type": "PreTrainedTokenizerFast", "framework": "pt"},
-                    "python_function": {"loader_module": "mlflow.transformers", "python_version": "3.11"}},
+                    "python_function": pyfunc or {"loader_module": "mlflow.transformers", "python_version": "3.11"}},
     }))
     for f in files:
         (src / f).parent.mkdir(parents=True, exist_ok=True)
@@ -126,3 +126,21 @@ def test_predict_refuses_versions_that_would_run_code_or_unpickle(tmp_path, caps
     assert main(["predict", "models:/pickled/1", "hi", "--tracking-uri", uri]) == 1
     err = capsys.readouterr().err
     assert "model/pytorch_model.bin" in err and "safetensors only" in err and "Traceback" not in err
+
+
+def test_predict_refuses_a_pyfunc_loader_it_does_not_know(tmp_path, capsys):
+    """A chat version's pyfunc loader is registry.chat (a module name the registry writer chooses): any other
+    loader, or code shipped for the loader to import, is refused before anything is imported."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    _fake_version(client, tmp_path, "other-loader", "LlamaForCausalLM", ["model/config.json"],
+                  {"loader_module": "evil_loader", "python_version": "3.11"})
+    _fake_version(client, tmp_path, "shipped-code", "LlamaForCausalLM", ["model/config.json", "code/registry/chat.py"],
+                  {"loader_module": "registry.chat", "code": "code", "python_version": "3.11"})
+    assert main(["predict", "models:/other-loader/1", "hi", "--tracking-uri", uri]) == 1
+    err = capsys.readouterr().err
+    assert "its pyfunc loader is 'evil_loader'" in err and "Traceback" not in err
+    assert main(["predict", "models:/shipped-code/1", "hi", "--tracking-uri", uri]) == 1
+    assert "with code shipped in the artifact (code)" in capsys.readouterr().err

@@ -208,3 +208,45 @@ def test_hub_ids_with_a_version_in_their_name_are_hub_ids():
     for bad in ("./missing-dir", "/abs/missing", "a/b/c", "weights.safetensors", "org/../x"):
         with pytest.raises(ModelError, match="neither an existing local directory nor a hub id"):
             base_identity(ModelConfig(name_or_path=bad))
+
+
+def test_a_bare_string_gets_the_one_system_prompt_of_the_training_data(llama, mlflow_uri, tmp_path, capsys):
+    """A version whose training rows all had one system prompt applies it to a conversation that brings none: a bare
+    string gets exactly the prompt, and so the reply, of [that system prompt, the string]. Without one recorded
+    (the rows' system prompts varied) nothing is added. Conversations that cannot be answered are refused by name."""
+    from flows.cli import main
+    from qlora.refs import ChatContract
+    from qlora.template import conversation_prompt
+    from registry.chat import ConversationError
+    from registry.consumer import requests
+
+    data, base, adapter, report = llama
+    system = "You are a helpful assistant."
+    fixed = data.model_copy(update={"chat": data.chat.model_copy(update={"system": system, "systems": 1})})
+    cfg = RegistryConfig(model_name="fixed", bootstrap_resamples=100, consumer_check_prompts=0)
+    v = register_adapter(base, adapter, report.model_copy(update={"data": fixed}), cfg, _run(mlflow_uri, tmp_path), fixed)
+    uri = f"models:/fixed/{v.version}"
+    mv = mlflow.MlflowClient(mlflow_uri).get_model_version("fixed", v.version)
+    assert mv.tags["consumer.system_prompt"] == system and f"system prompt `{system}`" in mv.description
+
+    message = report.samples[0]["message"]
+    chat = mlflow.pyfunc.load_model(uri)._model_impl  # registry.chat.ChatModel in front of MLflow's pyfunc
+    tok = chat.inner.pipeline.tokenizer
+    with_system = conversation_prompt([("system", system), ("user", message)], tok)
+    assert chat.render([("user", message)]) == with_system != conversation_prompt([("user", message)], tok)
+    bare = consumer.predict(uri, [message], max_new_tokens=12)
+    assert bare == consumer.predict(uri, [message], max_new_tokens=12, system=system)
+    assert bare == consumer.predict(uri, [[{"role": "system", "content": system}, {"role": "user", "content": message}]],
+                                    max_new_tokens=12)
+    from registry.chat import ChatModel
+
+    assert ChatModel(chat.inner, ChatContract(systems=2)).render([("user", message)]) == conversation_prompt([("user", message)], tok)
+
+    with pytest.raises(mlflow.exceptions.MlflowException, match="must end with a user turn"):
+        mlflow.pyfunc.load_model(uri).predict({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    with pytest.raises(ConversationError, match="has a system turn already"):
+        requests([[{"role": "system", "content": "a"}, {"role": "user", "content": "b"}]], fixed.chat, system="c")
+    with pytest.raises(ConversationError, match="takes bare prompts"):
+        requests([[{"role": "user", "content": "b"}]], None)
+    assert main(["predict", uri, "--messages", str(tmp_path / "missing.json")]) == 1
+    assert f"--messages {tmp_path / 'missing.json'}: cannot read it" in capsys.readouterr().err

@@ -111,7 +111,8 @@ def predict_file(model_uri: str, prompts: list[str], output: str | Path, batch_s
     """Generate for every row of ``prompts`` not yet in ``output`` with ``models:/NAME/VERSION`` (already resolved)."""
     import time
 
-    from registry.consumer import generate, load
+    from registry.chat import contract_of
+    from registry.consumer import generate, load, requests
 
     m = _URI.match(model_uri)
     if not m or not m["version"]:
@@ -125,11 +126,11 @@ def predict_file(model_uri: str, prompts: list[str], output: str | Path, batch_s
     if start:
         log.info("%s: %d of %d rows already predicted by v%s; resuming at row %d", output, start, len(prompts), version, start)
     if start < len(prompts):
-        model = load(model_uri, tracking_uri)
+        model, chat = load(model_uri, tracking_uri), contract_of(model_uri)  # chat version: each prompt is one user turn
         with output.open("a", encoding="utf-8") as f:
             for lo in range(start, len(prompts), batch_size):
                 batch = prompts[lo: lo + batch_size]
-                outs = generate(model, batch, params)
+                outs = generate(model, requests(batch, chat), params)
                 f.write("".join(json.dumps({"row": lo + i, "prompt": p, "prediction": o, "model": name, "version": version},
                                            ensure_ascii=False) + "\n" for i, (p, o) in enumerate(zip(batch, outs))))
                 f.flush()

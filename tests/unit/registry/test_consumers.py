@@ -238,6 +238,11 @@ def test_a_bare_string_gets_the_one_system_prompt_of_the_training_data(llama, ml
     assert bare == consumer.predict(uri, [message], max_new_tokens=12, system=system)
     assert bare == consumer.predict(uri, [[{"role": "system", "content": system}, {"role": "user", "content": message}]],
                                     max_new_tokens=12)
+    # batch prediction of a chat version: each prompt is one user turn, answered as qlora predict answers it
+    from registry.batch import predict_file
+
+    out = predict_file(uri, [message], tmp_path / "preds.jsonl", 2, {"max_new_tokens": 12}, mlflow_uri)
+    assert json.loads(open(out.output).read())["prediction"] == bare[0]
     from registry.chat import ChatModel
 
     assert ChatModel(chat.inner, ChatContract(systems=2)).render([("user", message)]) == conversation_prompt([("user", message)], tok)

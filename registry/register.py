@@ -64,7 +64,8 @@ def example_of(samples: list[dict], chat: ChatContract | None = None) -> tuple[s
             return json.loads(s["conversation"]), s["tuned"]
     usable = [s for s in samples if s.get("message")]
     s = next((s for s in usable if s.get("standalone")), usable[0] if usable else samples[0])
-    return s.get("message") or s["prompt"], s["tuned"]
+    message = s.get("message") or s["prompt"]
+    return ([{"role": "user", "content": message}] if chat is not None else message), s["tuned"]
 
 
 def consumer_log_kwargs(prompt_template: str = PROMPT_TEMPLATE, example: tuple[str | list[dict], str] = ("", "")) -> dict:

@@ -42,6 +42,7 @@ from tasks.evaluate import evaluate_adapter
 from tasks.quantize import prepare_quantized_model
 from tasks.tokenize import tokenize_dataset
 from tasks.train import train_adapter
+from tasks.training.selection import GenerationEval
 
 # Only transient faults are retried (qlora.errors.is_transient): never a UserError, a diverged run or a
 # code bug. Training's CUDA OOM is handled inside train_adapter (smaller micro-batch).
@@ -100,10 +101,11 @@ def quantize(model: ModelConfig, quant: QuantizationConfig, workdir: str, limit:
 
 @task(name="train", retries=1, retry_delay_seconds=30, **_common)
 def train(base: QuantizedModel, data: TokenizedData, lora: LoraSection, cfg: TrainConfig, workdir: str,
-          run: MlflowRun | None = None, limit: float | None = None) -> Adapter:
-    """Holds a training slot of the worker (and of the Prefect limit) while it trains: qlora/locks.py."""
+          run: MlflowRun | None = None, limit: float | None = None, during: GenerationEval | None = None) -> Adapter:
+    """Holds a training slot of the worker (and of the Prefect limit) while it trains: qlora/locks.py.
+    ``during``: generation eval during training (eval.every_steps), as the flow resolved it."""
     with _time_limit("train", limit), training_slot(cfg):
-        return train_adapter(base, data, lora, cfg, workdir, run)
+        return train_adapter(base, data, lora, cfg, workdir, run, during=during)
 
 
 @task(name="evaluate", retries=2, retry_delay_seconds=10, cache_policy=_WITHOUT_MODELS, **_common)

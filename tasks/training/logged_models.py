@@ -24,20 +24,22 @@ log = logging.getLogger("qlora.train")
 
 MODEL_TYPE = "peft-lora-checkpoint"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+# The run dir's name (its config key): one MLflow run may hold several trainings (a test, a changed config re-run).
+TRAINING_TAG = "checkpoint.training"
 
 
 def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step}"
 
 
-def find_checkpoint_model(client, experiment_id: str, run_id: str, step: int):
-    """This run's LoggedModel of the checkpoint at ``step``, or None."""
-    found = client.search_logged_models(
-        [experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{checkpoint_name(step)}'")
+def find_checkpoint_model(client, experiment_id: str, run_id: str, step: int, training: str):
+    """This run's LoggedModel of the checkpoint at ``step`` of the run dir named ``training``, or None."""
+    found = client.search_logged_models([experiment_id], filter_string=(
+        f"source_run_id = '{run_id}' AND name = '{checkpoint_name(step)}' AND tags.`{TRAINING_TAG}` = '{training}'"))
     return found[0] if found else None
 
 
-def checkpoint_model_id(run: MlflowRun, step: int) -> str | None:
+def checkpoint_model_id(run: MlflowRun, step: int, training: str) -> str | None:
     """The id of this run's LoggedModel of the checkpoint at ``step`` (None if absent or the server is down)."""
     if is_down(run):
         return None
@@ -45,7 +47,7 @@ def checkpoint_model_id(run: MlflowRun, step: int) -> str | None:
 
     try:
         client = mlflow.MlflowClient(run.tracking_uri)
-        model = find_checkpoint_model(client, client.get_run(run.run_id).info.experiment_id, run.run_id, step)
+        model = find_checkpoint_model(client, client.get_run(run.run_id).info.experiment_id, run.run_id, step, training)
     except Exception as e:  # noqa: BLE001 - only tracking faults are swallowed
         if not is_tracking_fault(e):
             raise
@@ -86,10 +88,12 @@ def _log(run: MlflowRun, metric: str, step: int, ckpt: Path, record: dict, datas
 
     client = mlflow.MlflowClient(run.tracking_uri)
     experiment_id = client.get_run(run.run_id).info.experiment_id
-    model = find_checkpoint_model(client, experiment_id, run.run_id, step)
+    training = ckpt.parent.name
+    model = find_checkpoint_model(client, experiment_id, run.run_id, step, training)
     if model is None:
         model = client.create_logged_model(experiment_id, name=checkpoint_name(step), source_run_id=run.run_id,
-                                           tags={"checkpoint.step": str(step), "checkpoint.metric": metric},
+                                           tags={"checkpoint.step": str(step), "checkpoint.metric": metric,
+                                                 TRAINING_TAG: training},
                                            params={"step": str(step)}, model_type=MODEL_TYPE)
         with tempfile.TemporaryDirectory() as tmp:
             for name in ADAPTER_FILES:

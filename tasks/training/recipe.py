@@ -289,7 +289,7 @@ def fit(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: Tra
         last_loss=losses[-1] if losses else None,
         resumed_from_step=int(resume.rsplit("-", 1)[1]) if resume else None,
         train_runtime_s=float(result.metrics.get("train_runtime", 0.0)),
-        **(_selection_fields(during, evals, chosen, trainer.state.global_step, gen_eval, run) if during else {}),
+        **(_selection_fields(during, evals, chosen, trainer.state.global_step, gen_eval, run, run_dir) if during else {}),
     )
     (adapter_dir / "manifest.json").write_text(ref.model_dump_json())  # last: its presence means complete
     log.info(
@@ -328,7 +328,7 @@ def copy_adapter(checkpoint: Path, adapter_dir: Path) -> None:
 
 
 def _selection_fields(during: GenerationEval, evals: list[dict], chosen: dict | None, last_step: int, gen_eval,
-                      run: MlflowRun | None) -> dict:
+                      run: MlflowRun | None, run_dir: Path) -> dict:
     by = during.select if chosen is not None else "last"
     step = chosen["step"] if chosen is not None else last_step
     at = next((e for e in evals if e["step"] == step), None)
@@ -336,7 +336,7 @@ def _selection_fields(during: GenerationEval, evals: list[dict], chosen: dict | 
     return dict(selected_step=step, selected_by=by, selected_metric="eval_loss" if by == "eval_loss" else during.metric,
                 selected_value=value, evaluations=evals, generation_eval_s=gen_eval.seconds,
                 # Logged by this process, or (resumed run) by the one before it.
-                checkpoint_model_id=gen_eval.model_ids.get(step) or (checkpoint_model_id(run, step) if run and at else None))
+                checkpoint_model_id=gen_eval.model_ids.get(step) or (checkpoint_model_id(run, step, run_dir.name) if run and at else None))
 
 
 def fit_with_oom_retry(base, data, lora, train: TrainConfig, run_dir: Path, run: MlflowRun | None = None,

@@ -117,9 +117,9 @@ def evaluate(base: QuantizedModel, adapter: Adapter, data: TokenizedData, cfg: E
 
 @task(name="register", retries=3, retry_delay_seconds=[5, 20, 60], cache_policy=_WITHOUT_MODELS, **_common)
 def register(base: QuantizedModel, adapter: Adapter, report: EvalReport, cfg: RegistryConfig, run: MlflowRun,
-             data: TokenizedData | None = None, models: ModelCache | None = None) -> RegisteredVersion:
+             data: TokenizedData | None = None, models: ModelCache | None = None, limit: float | None = None) -> RegisteredVersion:
     """A tracking server that stays down through the retries ends as one TrackingUnavailable (exit 75)."""
-    with required(run.tracking_uri, "registering", f"Nothing new is lost: the adapter ({adapter.path}) and its checkpoints are kept"):
+    with _time_limit("register", limit), required(run.tracking_uri, "registering", f"Nothing new is lost: the adapter ({adapter.path}) and its checkpoints are kept"):
         return register_adapter(base, adapter, report, cfg, run, data, models, publish=_markdown)
 
 

@@ -108,7 +108,7 @@ def train_and_evaluate(config: PipelineConfig, run: MlflowRun | None, models: Mo
     """Stages 1-4, what one sweep trial runs too (``flows/sweep.py``). Training and evaluation hold this
     machine's device slot (``qlora/locks.py``): concurrent flow runs queue there instead of sharing a GPU."""
     limit = config.timeouts
-    data = stages.tokenize(config.data, config.model, config.workdir, run, limit=limit.tokenize)
+    data = stages.tokenize(config.data, config.model, config.workdir, run, limit=limit.tokenize, evaluation=config.eval)
     base = stages.quantize(config.model, config.quantization, config.workdir, limit=limit.quantize)
     during = generation_eval(config, data)
     with device_slot():

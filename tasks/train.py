@@ -47,30 +47,32 @@ def train_adapter(
     run: MlflowRun | None = None,
     callbacks: tuple = (),
     during: GenerationEval | None = None,
+    progress=None,
 ) -> Adapter:
     """Train a LoRA adapter on ``base`` and save it; resumes from the newest valid checkpoint of the same run dir.
 
     ``callbacks`` are extra ``TrainerCallback``s for in-process training (how benchmarks and tests
     instrument the real stage: step timers, profilers, spies); ranks of a multi-process run get none.
     ``during``: generation eval during training and checkpoint selection (``training/selection.py``).
+    ``progress(step, max_steps, line)``: a live view at every logging step (in-process training only).
     """
     run_dir = run_dir_for(base, data, lora, train, workdir, during)
     try:
-        return _train_locked(base, data, lora, train, run_dir, run, callbacks, during)
+        return _train_locked(base, data, lora, train, run_dir, run, callbacks, during, progress)
     except Exception as e:
         if is_disk_full(e):  # checkpoints are the resume points: a partial one is skipped on the re-run
             raise disk_full_error(run_dir, "checkpoints or the adapter") from None
         raise
 
 
-def _train_locked(base, data, lora, train: TrainConfig, run_dir: Path, run, callbacks, during=None) -> Adapter:
+def _train_locked(base, data, lora, train: TrainConfig, run_dir: Path, run, callbacks, during=None, progress=None) -> Adapter:
     with locked_run_dir(run_dir):
         done = finished_adapter(run_dir)
         if done is not None:
             log.info("adapter already trained for this exact config and data: %s", Path(done.path))
             return done
         if train.num_processes <= 1 and train.distributed == "ddp":
-            return fit_with_oom_retry(base, data, lora, train, run_dir, run, tuple(callbacks), during)
+            return fit_with_oom_retry(base, data, lora, train, run_dir, run, tuple(callbacks), during, progress)
         if callbacks:
             log.warning("train_adapter: %d extra callback(s) ignored: the ranks of a multi-process run are "
                         "separate processes", len(callbacks))

@@ -78,6 +78,8 @@ def test_generation_eval_logs_history_checkpoints_and_selects_the_best(prepared)
     train = _train()
     a = train_adapter(base, data, LORA, train, work, callbacks=(Spy(),), during=_during(train))
     assert [e["step"] for e in a.evaluations] == [2, 4, 6]
+    history = json.loads((Path(a.run_dir) / f"checkpoint-{a.selected_step}" / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in history if "loss" in h] == list(range(1, a.selected_step + 1))  # evals cost no loss point
     assert all(0.0 <= e["value"] <= 1.0 and 0 < e["eval_loss"] < 20 for e in a.evaluations)
     # Back in train mode without the KV cache after each eval; a checkpoint is asked for at every eval step.
     assert all(training and not cache for _, training, cache, _ in seen)

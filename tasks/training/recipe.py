@@ -16,7 +16,7 @@ from qlora.errors import ConfigError
 from qlora.models.loading import load_base, load_tokenizer
 from qlora.refs import Adapter, MlflowRun, QuantizedModel, TokenizedData
 from qlora.tracking.outage import logging_to
-from tasks.training.callbacks import DivergenceGuard, safe_mlflow_callback
+from tasks.training.callbacks import DivergenceGuard, ProgressLog, safe_mlflow_callback, system_metrics
 from tasks.training.checkpoints import ADAPTER_WEIGHTS, gather_fsdp_adapter, latest_valid_checkpoint, save_adapter_tensors
 from tasks.training.logged_models import checkpoint_model_id, checkpoint_model_logger
 from tasks.training.memory import checkpoint_every, max_tokens_per_micro_batch
@@ -215,10 +215,12 @@ def check_attention_trains_here(attn: str | None) -> None:
 
 
 def fit(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: TrainConfig, run_dir: Path,
-        run: MlflowRun | None = None, callbacks: tuple = (), during: GenerationEval | None = None) -> Adapter | None:
+        run: MlflowRun | None = None, callbacks: tuple = (), during: GenerationEval | None = None,
+        progress=None) -> Adapter | None:
     """Train ``run_dir`` to its adapter, resuming from its newest valid checkpoint. Returns None on ranks
     other than 0 (rank 0 alone writes the adapter and its manifest). ``during``: generation eval during
-    training, and the adapter is then the checkpoint ``during.select`` chooses (``selection.py``)."""
+    training, and the adapter is then the checkpoint ``during.select`` chooses (``selection.py``). ``progress(step,
+    max_steps, line)``: called at every logging step (``callbacks.ProgressLog``), e.g. a Prefect progress artifact."""
     from datasets import load_from_disk
     from transformers import EarlyStoppingCallback, set_seed
 
@@ -240,7 +242,7 @@ def fit(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: Tra
     guard = DivergenceGuard(train.learning_rate, train.max_grad_norm, train.divergence_loss_factor)
     gen_eval = _generation_eval(during, splits["eval"], tok, run)
     # Before the guard: it checks the weights when a checkpoint is about to be written, and this one asks for it.
-    all_callbacks = [*([gen_eval] if gen_eval else []), guard, *callbacks]
+    all_callbacks = [*([gen_eval] if gen_eval else []), guard, ProgressLog(progress), *callbacks]
     loss_early_stopping = train.early_stopping_patience is not None and during is None
     if loss_early_stopping:
         all_callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
@@ -265,7 +267,8 @@ def fit(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: Tra
     with logging_to(run, swallow=False) as attached:
         if attached is not None:
             trainer.add_callback(safe_mlflow_callback())
-        result = trainer.train(resume_from_checkpoint=resume)
+        with system_metrics(run if attached is not None else None, resumed=resume is not None):
+            result = trainer.train(resume_from_checkpoint=resume)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     adapter_dir = run_dir / "adapter"
     state = gather_fsdp_adapter(trainer) if fsdp else None  # a collective: every rank takes part
@@ -340,13 +343,13 @@ def _selection_fields(during: GenerationEval, evals: list[dict], chosen: dict | 
 
 
 def fit_with_oom_retry(base, data, lora, train: TrainConfig, run_dir: Path, run: MlflowRun | None = None,
-                       callbacks: tuple = (), during: GenerationEval | None = None) -> Adapter | None:
+                       callbacks: tuple = (), during: GenerationEval | None = None, progress=None) -> Adapter | None:
     """``fit``; on a CUDA out-of-memory, once more with half the micro-batch and twice the accumulation
     (same effective batch, half the activation memory), resuming from the last valid checkpoint."""
     import torch
 
     try:
-        return fit(base, data, lora, train, run_dir, run, callbacks, during)
+        return fit(base, data, lora, train, run_dir, run, callbacks, during, progress)
     except torch.OutOfMemoryError:
         if train.per_device_train_batch_size == 1:
             raise
@@ -368,4 +371,4 @@ def fit_with_oom_retry(base, data, lora, train: TrainConfig, run_dir: Path, run:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        return fit(base, data, lora, smaller, run_dir, run, callbacks, during)
+        return fit(base, data, lora, smaller, run_dir, run, callbacks, during, progress)

@@ -174,7 +174,9 @@ class GenerationEvalCallback(TrainerCallback):
         t0 = time.perf_counter()
         record = _from_rank_zero(self.evaluate(model) if state.is_world_process_zero else None)
         self.seconds += time.perf_counter() - t0
+        wanted_log = control.should_log  # the Trainer's on_log resets it: this step's loss must still be logged
         self.log(dict(record))  # Trainer.log: state.log_history (saved with the checkpoint) and MLflow, at this step
+        control.should_log = wanted_log
         control.should_save = True
         evals = evaluations(state.log_history, self.spec.metric)
         if self.spec.select != "last":

@@ -184,9 +184,10 @@ class GenerationEvalCallback(TrainerCallback):
             state.best_model_checkpoint = os.path.join(args.output_dir, f"checkpoint-{chosen['step']}")
             state.best_metric = chosen["value" if self.spec.select == "task_metric" else "eval_loss"]
         waited = evals_since_best(evals, self.spec.stop_on, self.spec.min_delta)
-        log.info("step %d: %s %.4f, eval loss %.4f on %d held-out rows (%.1f s); %d eval(s) without improvement",
-                 step, self.spec.metric, record[PREFIX + self.spec.metric], record[LOSS], len(self.rows),
-                 time.perf_counter() - t0, waited)
+        if state.is_world_process_zero:  # the one rank that generated says so
+            log.info("step %d: %s %.4f, eval loss %.4f on %d held-out rows (%.1f s); %d eval(s) without improvement",
+                     step, self.spec.metric, record[PREFIX + self.spec.metric], record[LOSS], len(self.rows),
+                     time.perf_counter() - t0, waited)
         if self.spec.patience is not None and waited >= self.spec.patience:
             log.info("early stopping at step %d: %s did not improve by more than %g for %d evaluations",
                      step, self.spec.stop_on, self.spec.min_delta, waited)

@@ -440,10 +440,12 @@ class PipelineConfig(Section):
     def _selection_needs_generation_eval(self) -> "PipelineConfig":
         t, every = self.train, self.eval.every_steps
         if every is None:
-            for key, value in (("select_checkpoint", t.select_checkpoint), ("early_stopping_metric", t.early_stopping_metric)):
-                if value in ("task_metric", "eval_loss") and not (key == "early_stopping_metric" and value == "eval_loss"):
-                    raise ValueError(f"train.{key}={value} compares evaluations during training, but eval.every_steps is "
-                                     "unset: set eval.every_steps (e.g. to train.save_steps) or leave the key at auto")
+            # Without it there is only the Trainer's own eval loss (early_stopping_metric: eval_loss, as before).
+            needs = [("select_checkpoint", t.select_checkpoint)] * (t.select_checkpoint in ("task_metric", "eval_loss"))
+            needs += [("early_stopping_metric", "task_metric")] * (t.early_stopping_metric == "task_metric")
+            for key, value in needs:
+                raise ValueError(f"train.{key}={value} compares evaluations during training, but eval.every_steps is "
+                                 "unset: set eval.every_steps (e.g. to train.save_steps) or leave the key at auto")
         elif t.distributed == "fsdp":
             raise ValueError("eval.every_steps generates on one rank, which an FSDP-sharded model cannot do: unset "
                              "eval.every_steps with train.distributed=fsdp")

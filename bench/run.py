@@ -12,6 +12,7 @@ Writes ``bench/results.json`` (the CPU named) and prints a Markdown table.
 3. warm re-run: tokenize + quantize again on unchanged inputs (cache hits)
 4. data: tokenization throughput vs a bare tokenizer call; padding efficiency
 5. memory: peak RSS of the demo flow vs the base model's bf16 size
+6. generation eval during training: its share of the training loop at the demo's cadence (``bench/generation_eval.py``)
 """
 
 from __future__ import annotations
@@ -236,6 +237,9 @@ def main() -> None:
     results["memory"] = {"flow_peak_rss_mb": rss, "base_bf16_mb": round(bf16_bytes(base_dir) / 2**20, 2),
                          "ratio": round(rss * 2**20 / bf16_bytes(base_dir), 1)}
 
+    from bench import generation_eval
+
+    results["generation_eval"] = generation_eval.run()
     (REPO / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     p, d = results["peers"], results["compute_dtype_auto"]
     c = results["context"]
@@ -255,6 +259,8 @@ def main() -> None:
           for k, v in results["data"].items() if k.startswith("padding_efficiency") or k.startswith("throughput_ratio")],
         ("peak RSS of demo flow, MB", results["memory"]["flow_peak_rss_mb"], ""),
         ("peak RSS / base bf16 size", results["memory"]["ratio"], ""),
+        (f"training time in generation eval, every {results['generation_eval']['every_steps']} steps",
+         results["generation_eval"]["share"], "<= 0.10"),
     ]
     for name, value, goal in rows:
         print(f"| {name} | {value} | {goal} |")

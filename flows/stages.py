@@ -13,7 +13,12 @@ import contextlib
 from pathlib import Path
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import DEFAULT
 from prefect.utilities.timeout import timeout
 
@@ -42,6 +47,7 @@ from tasks.evaluate import evaluate_adapter
 from tasks.quantize import prepare_quantized_model
 from tasks.tokenize import tokenize_dataset
 from tasks.train import train_adapter
+from tasks.training.selection import GenerationEval, row_roles
 
 # Only transient faults are retried (qlora.errors.is_transient): never a UserError, a diverged run or a
 # code bug. Training's CUDA OOM is handled inside train_adapter (smaller micro-batch).
@@ -52,6 +58,17 @@ _WITHOUT_MODELS = DEFAULT - "models"  # a loaded model is no cache-key material
 def _markdown(key: str, markdown: str) -> None:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
     create_markdown_artifact(markdown=markdown, key=reporting.artifact_key(key, ""))
+
+
+def _progress_artifact(key: str):
+    """``progress(step, max_steps, line)`` updating one Prefect progress artifact of this task run (the UI shows the
+    bar and the latest line while training runs)."""
+    artifact = create_progress_artifact(0.0, key=key, description="training starts")
+
+    def progress(step: int, max_steps: int, line: str) -> None:
+        update_progress_artifact(artifact, 100.0 * step / max(max_steps, 1), description=line)
+
+    return progress
 
 
 @contextlib.contextmanager
@@ -83,12 +100,16 @@ def open_run(cfg: TrackingConfig, workdir: str, key: str, run_name: str | None, 
 
 
 @task(name="tokenize", retries=2, retry_delay_seconds=5, **_common)
-def tokenize(data: DataConfig, model: ModelConfig, workdir: str, run: MlflowRun | None = None, limit: float | None = None) -> TokenizedData:
-    """Tokenize, then show the data report (drops by reason, lengths, examples) in the Prefect UI."""
+def tokenize(data: DataConfig, model: ModelConfig, workdir: str, run: MlflowRun | None = None, limit: float | None = None,
+             evaluation: EvalConfig | None = None) -> TokenizedData:
+    """Tokenize, then show the data report (drops by reason, lengths, examples) in the Prefect UI, with which eval
+    rows the final evaluation and the gate score and which choose the checkpoint (``evaluation``: the eval section)."""
     with _time_limit("tokenize", limit), one_writer(workdir, "tokenized"):
         ref = tokenize_dataset(data, model, workdir, run)
     if ref.report_path:
-        create_markdown_artifact(markdown=Path(ref.report_path).read_text(), key="data-report", description="tokenize: data report")
+        roles = "" if evaluation is None else "\n\n## Eval rows\n\n" + row_roles(ref.eval_rows, evaluation)
+        create_markdown_artifact(markdown=Path(ref.report_path).read_text() + roles, key="data-report",
+                                 description="tokenize: data report")
     return ref
 
 
@@ -100,10 +121,11 @@ def quantize(model: ModelConfig, quant: QuantizationConfig, workdir: str, limit:
 
 @task(name="train", retries=1, retry_delay_seconds=30, **_common)
 def train(base: QuantizedModel, data: TokenizedData, lora: LoraSection, cfg: TrainConfig, workdir: str,
-          run: MlflowRun | None = None, limit: float | None = None) -> Adapter:
-    """Holds a training slot of the worker (and of the Prefect limit) while it trains: qlora/locks.py."""
+          run: MlflowRun | None = None, limit: float | None = None, during: GenerationEval | None = None) -> Adapter:
+    """Holds a training slot of the worker (and of the Prefect limit) while it trains: qlora/locks.py.
+    ``during``: generation eval during training (eval.every_steps), as the flow resolved it."""
     with _time_limit("train", limit), training_slot(cfg):
-        return train_adapter(base, data, lora, cfg, workdir, run)
+        return train_adapter(base, data, lora, cfg, workdir, run, during=during, progress=_progress_artifact("train-progress"))
 
 
 @task(name="evaluate", retries=2, retry_delay_seconds=10, cache_policy=_WITHOUT_MODELS, **_common)

@@ -55,6 +55,14 @@ class Adapter(BaseModel):
     last_loss: float | None = None
     resumed_from_step: int | None = None  # set when training continued from a checkpoint
     train_runtime_s: float | None = None  # Trainer's own wall time for train() (excludes model load)
+    # Set when generation eval ran during training (eval.every_steps): which checkpoint this adapter is and why.
+    selected_step: int | None = None  # the checkpoint's step
+    selected_by: str | None = None  # train.select_checkpoint resolved: task_metric, eval_loss or last
+    selected_metric: str | None = None  # the metric that chose it (the gate's metric, or eval_loss)
+    selected_value: float | None = None  # its value at that step, on the during-training slice
+    evaluations: list[dict] = []  # every generation eval: {step, value (the gate's metric), eval_loss}
+    checkpoint_model_id: str | None = None  # the selected checkpoint's MLflow LoggedModel (m-...)
+    generation_eval_s: float | None = None  # seconds of training spent in those evals (this process's part)
 
 
 class MlflowRun(BaseModel):

@@ -183,6 +183,12 @@ def lineage_tags(base: QuantizedModel, adapter: Adapter, report: EvalReport, run
         "train.global_step": str(adapter.global_step),
         "train.loss": f"{adapter.train_loss:.6g}",
     }
+    if adapter.selected_by:  # generation eval during training chose this checkpoint (train.select_checkpoint)
+        value = "" if adapter.selected_value is None else f"{adapter.selected_value:.6g}"
+        tags |= {"checkpoint.step": str(adapter.selected_step), "checkpoint.selected_by": adapter.selected_by,
+                 "checkpoint.metric": adapter.selected_metric or "", "checkpoint.value": value,
+                 "checkpoint.model_id": adapter.checkpoint_model_id or "",
+                 "checkpoint.evaluations": json.dumps(adapter.evaluations)}
     if report.data is not None:
         tags |= {"data.fingerprint": report.data.fingerprint, "data.train_rows": str(report.data.train_rows),
                  "data.eval_rows": str(report.data.eval_rows), "data.truncated_rows": str(report.data.truncated_rows)}

@@ -89,6 +89,7 @@ def tokenize_dataset(data: DataConfig, model: ModelConfig, workdir: str | Path, 
     if hit is not None:
         log.info("tokenized data cache hit: %s (key %s), not re-tokenizing", out, out.name)
         log_report(DataReport.model_validate_json((out / "report.json").read_text()), run, cache_hit=True)
+        log_inputs(hit, run)
         return hit
 
     prep = prepare_data(data, tok, inputs, local)
@@ -108,7 +109,29 @@ def tokenize_dataset(data: DataConfig, model: ModelConfig, workdir: str | Path, 
         r.source, r.format, ref.train_rows, ref.eval_rows, r.rows_dropped, r.truncated_rows, data.max_length, out,
     )
     log_report(r, run, cache_hit=False)
+    log_inputs(ref, run)
     return ref
+
+
+def log_inputs(ref: TokenizedData, run: MlflowRun | None) -> None:
+    """The training and eval splits as the run's dataset inputs (``mlflow.data``: name, source = the tokenized
+    folder, digest = its content key), so MLflow's Datasets column shows what the run trained and was scored on."""
+    from qlora.tracking.outage import logging_to
+
+    with logging_to(run) as tracked:
+        if tracked is None:
+            return
+        import mlflow
+        from datasets import load_from_disk
+
+        splits = load_from_disk(ref.path)
+        for split, context in (("train", "training"), ("eval", "evaluation")):
+            rows = splits[split]
+            text = [c for c in ("prompt", "reference") if c in rows.column_names]  # the readable columns, when kept
+            ds = mlflow.data.from_huggingface(rows.select_columns(text) if text else rows, name=split, source=ref.path,
+                                              digest=f"{ref.fingerprint}-{split}",
+                                              targets="reference" if "reference" in text else None)
+            mlflow.log_input(ds, context=context)
 
 
 def log_report(report: DataReport, run: MlflowRun | None, cache_hit: bool) -> None:

@@ -23,13 +23,18 @@ from qlora.storage import disk_full_error
 from tasks.training.checkpoints import finished_adapter
 from tasks.training.launch import LaunchSpec, run_launcher
 from tasks.training.recipe import fit_with_oom_retry
+from tasks.training.selection import GenerationEval
 
 log = logging.getLogger("qlora.train")
 
 
-def run_dir_for(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: TrainConfig, workdir) -> Path:
-    """Keyed by what is trained (not a timestamp), so a retry or re-run finds its checkpoints."""
-    key = stable_hash({"base": base.fingerprint, "data": data.fingerprint, "lora": lora.model_dump(), "train": train.model_dump()})
+def run_dir_for(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: TrainConfig, workdir,
+                during: GenerationEval | None = None) -> Path:
+    """Keyed by what is trained (not a timestamp), so a retry or re-run finds its checkpoints. Generation eval
+    during training is part of the key only when on (it decides where training stops and which checkpoint is
+    the adapter)."""
+    what = {"base": base.fingerprint, "data": data.fingerprint, "lora": lora.model_dump(), "train": train.model_dump()}
+    key = stable_hash(what | ({"during": during.model_dump()} if during else {}))
     return Path(workdir) / "runs" / key
 
 
@@ -41,34 +46,38 @@ def train_adapter(
     workdir: str | Path,
     run: MlflowRun | None = None,
     callbacks: tuple = (),
+    during: GenerationEval | None = None,
+    progress=None,
 ) -> Adapter:
     """Train a LoRA adapter on ``base`` and save it; resumes from the newest valid checkpoint of the same run dir.
 
     ``callbacks`` are extra ``TrainerCallback``s for in-process training (how benchmarks and tests
     instrument the real stage: step timers, profilers, spies); ranks of a multi-process run get none.
+    ``during``: generation eval during training and checkpoint selection (``training/selection.py``).
+    ``progress(step, max_steps, line)``: a live view at every logging step (in-process training only).
     """
-    run_dir = run_dir_for(base, data, lora, train, workdir)
+    run_dir = run_dir_for(base, data, lora, train, workdir, during)
     try:
-        return _train_locked(base, data, lora, train, run_dir, run, callbacks)
+        return _train_locked(base, data, lora, train, run_dir, run, callbacks, during, progress)
     except Exception as e:
         if is_disk_full(e):  # checkpoints are the resume points: a partial one is skipped on the re-run
             raise disk_full_error(run_dir, "checkpoints or the adapter") from None
         raise
 
 
-def _train_locked(base, data, lora, train: TrainConfig, run_dir: Path, run, callbacks) -> Adapter:
+def _train_locked(base, data, lora, train: TrainConfig, run_dir: Path, run, callbacks, during=None, progress=None) -> Adapter:
     with locked_run_dir(run_dir):
         done = finished_adapter(run_dir)
         if done is not None:
             log.info("adapter already trained for this exact config and data: %s", Path(done.path))
             return done
         if train.num_processes <= 1 and train.distributed == "ddp":
-            return fit_with_oom_retry(base, data, lora, train, run_dir, run, tuple(callbacks))
+            return fit_with_oom_retry(base, data, lora, train, run_dir, run, tuple(callbacks), during, progress)
         if callbacks:
             log.warning("train_adapter: %d extra callback(s) ignored: the ranks of a multi-process run are "
                         "separate processes", len(callbacks))
         t0 = time.perf_counter()
-        run_launcher(LaunchSpec(base=base, data=data, lora=lora, train=train, run_dir=str(run_dir), run=run))
+        run_launcher(LaunchSpec(base=base, data=data, lora=lora, train=train, run_dir=str(run_dir), run=run, during=during))
         done = finished_adapter(run_dir)
         if done is None:
             raise RuntimeError(f"distributed training finished but rank 0 wrote no {run_dir / 'adapter' / 'manifest.json'}")

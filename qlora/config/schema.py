@@ -228,7 +228,24 @@ class TrainConfig(Section):
         "(GPUs only, always via accelerate launch) shards it, so a base too big for one GPU trains on several.",
     )
     early_stopping_patience: int | None = Field(
-        None, gt=0, description="Stop after N evaluations (one per save_steps) without a lower eval loss; unset = off."
+        None, gt=0, description="Stop after N evaluations without an improvement of early_stopping_metric; unset = off. "
+        "Evaluations are eval.every_steps apart when that is set, else one per save_steps (eval loss only).",
+    )
+    early_stopping_metric: Literal["auto", "task_metric", "eval_loss"] = Field(
+        "auto", description="What early stopping watches: task_metric (the promotion gate's metric on the during-training "
+        "slice, higher is better; needs eval.every_steps) or eval_loss (lower is better). auto: task_metric when "
+        "eval.every_steps is set, else eval_loss. A metric at its maximum (exact match 1.0) cannot improve, so the run "
+        "stops early_stopping_patience evaluations later.",
+    )
+    early_stopping_min_delta: float = Field(
+        0.0, ge=0, description="Smallest change of early_stopping_metric that counts as an improvement (in its units: "
+        "0.01 = one point of exact match, or 0.01 nats of eval loss).",
+    )
+    select_checkpoint: Literal["auto", "task_metric", "eval_loss", "last"] = Field(
+        "auto", description="Which checkpoint becomes the adapter that is evaluated and registered: task_metric (highest "
+        "gate metric on the during-training slice), eval_loss (lowest loss on that slice) or last. Ties go to the "
+        "earlier step. task_metric and eval_loss need eval.every_steps. auto: task_metric when eval.every_steps is set, "
+        "else last (or, with early_stopping_patience and no eval.every_steps, the lowest eval loss as before).",
     )
     report_to: list[str] = Field(
         default_factory=list,
@@ -303,6 +320,16 @@ class EvalConfig(Section):
     )
     max_samples: int = Field(200, gt=0, description="Eval rows used for generation metrics (first N of the eval split).")
     batch_size: int = Field(16, gt=0, description="Prompts generated per batch.")
+    every_steps: int | None = Field(
+        None, gt=0, description="Generation eval during training: every N optimizer steps, generate greedily on the "
+        "during-training slice, score it with the promotion gate's metric (registry.gate_metric, auto resolved) and its "
+        "eval loss, and write a checkpoint there (train.select_checkpoint picks among them). Unset = off.",
+    )
+    during_samples: int = Field(
+        64, gt=0, description="Rows of the during-training slice: the LAST rows of the eval split, disjoint from the first "
+        "max_samples rows that the final evaluation and the promotion gate score (rows that choose a checkpoint must not "
+        "also judge it). Shrunk, with a warning, when the eval split has fewer than max_samples + during_samples rows.",
+    )
 
 
 class RegistryConfig(Section):
@@ -407,6 +434,21 @@ class PipelineConfig(Section):
         if missing := [m for m in wanted if m not in self.eval.metrics]:
             raise ValueError(f"registry.gate_metric={self.registry.gate_metric} compares {' or '.join(wanted)}, but eval.metrics "
                              f"{self.eval.metrics} lacks {', '.join(missing)}: add it there or set registry.gate_metric")
+        return self
+
+    @model_validator(mode="after")
+    def _selection_needs_generation_eval(self) -> "PipelineConfig":
+        t, every = self.train, self.eval.every_steps
+        if every is None:
+            # Without it there is only the Trainer's own eval loss (early_stopping_metric: eval_loss, as before).
+            needs = [("select_checkpoint", t.select_checkpoint)] * (t.select_checkpoint in ("task_metric", "eval_loss"))
+            needs += [("early_stopping_metric", "task_metric")] * (t.early_stopping_metric == "task_metric")
+            for key, value in needs:
+                raise ValueError(f"train.{key}={value} compares evaluations during training, but eval.every_steps is "
+                                 "unset: set eval.every_steps (e.g. to train.save_steps) or leave the key at auto")
+        elif t.distributed == "fsdp":
+            raise ValueError("eval.every_steps generates on one rank, which an FSDP-sharded model cannot do: unset "
+                             "eval.every_steps with train.distributed=fsdp")
         return self
 
     @model_validator(mode="after")

@@ -5,6 +5,7 @@ tracking outage and logs synchronously.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -13,6 +14,7 @@ from transformers import TrainerCallback
 from qlora.errors import TrainingDiverged, is_transient
 from qlora.refs import MlflowRun
 from qlora.tracking.outage import mark_down
+from tasks.training.selection import LOSS, PREFIX
 
 log = logging.getLogger("qlora.train")
 
@@ -193,9 +195,78 @@ def safe_mlflow_callback():
                 self._initialized = True  # do not retry setup at every log
 
         def on_log(self, args, state, control, logs, model=None, **kwargs):
+            # Generation evals are logged by the checkpoint's LoggedModel writer, against its model_id and dataset
+            # (selection.py, logged_models.py); here they would be a second, unlinked copy of the same points.
+            logs = {k: v for k, v in (logs or {}).items() if not k.startswith(PREFIX)}
+            if not logs:
+                return None
             return self._guard(super().on_log, args, state, control, logs, model=model, **kwargs)
 
         def on_train_end(self, args, state, control, **kwargs):
             return self._guard(super().on_train_end, args, state, control, **kwargs)
 
     return SafeMLflowCallback()
+
+
+class ProgressLog(TrainerCallback):
+    """A line per logging step in the log (step/max, loss, learning rate, the latest generation-eval metric, ETA)
+    and ``report(step, max_steps, line)`` for a live view (the flow's train task updates a Prefect progress
+    artifact with it). The Trainer's own progress bar goes to the terminal, which a task run's log does not see."""
+
+    def __init__(self, report=None):
+        self.report = report
+        self._t0: float | None = None
+        self._step0 = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import time
+
+        self._t0, self._step0 = time.perf_counter(), state.global_step  # a resumed run times its own steps
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        import time
+
+        logs = logs or {}
+        if not state.is_world_process_zero or "loss" not in logs or self._t0 is None:
+            return
+        step, total = state.global_step, state.max_steps
+        done = step - self._step0
+        eta = (time.perf_counter() - self._t0) / done * (total - step) if done > 0 else None
+        latest = next((h for h in reversed(state.log_history) if LOSS in h), None)  # the latest generation eval
+        task = "" if latest is None else "".join(
+            f", {k[len(PREFIX):]} {v:.3f} (step {latest['step']})" for k, v in latest.items() if k.startswith(PREFIX) and k != LOSS)
+        line = (f"step {step}/{total}: loss {logs['loss']:.4f}, learning rate {logs.get('learning_rate', float('nan')):.3g}"
+                f"{task}, ETA {'?' if eta is None else f'{eta:.0f} s'}")
+        log.info(line)
+        if self.report is not None:
+            try:
+                self.report(step, total, line)
+            except Exception as e:  # noqa: BLE001 - a live view that fails must not stop training
+                log.warning("progress report failed (%s: %s); training goes on", type(e).__name__, e)
+                self.report = None
+
+
+SYSTEM_METRICS_INTERVAL_S = 10.0  # one psutil sample (CPU, memory, disk, network; GPU with nvidia-ml-py) per 10 s
+
+
+@contextlib.contextmanager
+def system_metrics(run: MlflowRun | None, resumed: bool = False):
+    """MLflow system metrics (``system/*``) on ``run`` while the block trains; nothing without a run. A resumed
+    run continues its curves. A monitor that cannot start costs the curves, not the training."""
+    if run is None:
+        yield
+        return
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, resume_logging=resumed,
+                                       tracking_uri=run.tracking_uri)
+        monitor.start()
+    except Exception as e:  # noqa: BLE001 - e.g. psutil missing
+        log.warning("MLflow system metrics are off for this run (%s: %s)", type(e).__name__, e)
+        yield
+        return
+    try:
+        yield
+    finally:
+        monitor.finish()

@@ -30,6 +30,7 @@ from qlora.config.schema import LoraSection, TrainConfig
 from qlora.errors import ConfigError
 from qlora.locks import threads_per_run
 from qlora.refs import MlflowRun, QuantizedModel, TokenizedData
+from tasks.training.selection import GenerationEval
 
 log = logging.getLogger("qlora.distributed")
 REPO = Path(__file__).resolve().parents[2]
@@ -45,6 +46,7 @@ class LaunchSpec(BaseModel):
     train: TrainConfig
     run_dir: str
     run: MlflowRun | None = None
+    during: GenerationEval | None = None  # generation eval during training: rank 0 generates, the others wait
 
 
 def _free_port() -> int:
@@ -119,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO, format=f"rank{rank} %(levelname)s %(name)s: %(message)s")
     # Only rank 0 reports to MLflow (the Trainer's callback also checks this; no run = no callback).
-    fit_with_oom_retry(spec.base, spec.data, spec.lora, spec.train, Path(spec.run_dir), spec.run if rank == 0 else None)
+    fit_with_oom_retry(spec.base, spec.data, spec.lora, spec.train, Path(spec.run_dir), spec.run if rank == 0 else None,
+                       during=spec.during)
     import torch.distributed as dist
 
     if dist.is_initialized():  # the Trainer (accelerate) set up the group; say what it was

@@ -17,10 +17,12 @@ from qlora.models.loading import load_base, load_tokenizer
 from qlora.refs import Adapter, MlflowRun, QuantizedModel, TokenizedData
 from qlora.storage import write_manifest
 from qlora.tracking.outage import logging_to
-from tasks.training.callbacks import DivergenceGuard, safe_mlflow_callback
-from tasks.training.checkpoints import gather_fsdp_adapter, latest_valid_checkpoint, save_adapter_tensors
+from tasks.training.callbacks import DivergenceGuard, ProgressLog, safe_mlflow_callback, system_metrics
+from tasks.training.checkpoints import ADAPTER_WEIGHTS, gather_fsdp_adapter, latest_valid_checkpoint, save_adapter_tensors
+from tasks.training.logged_models import checkpoint_model_id, checkpoint_model_logger
 from tasks.training.memory import checkpoint_every, max_tokens_per_micro_batch
 from tasks.training.packing import BinBatches, bin_capacity, pack_bfd
+from tasks.training.selection import GenerationEval, GenerationEvalCallback, best, during_rows, evaluations
 
 log = logging.getLogger("qlora.train")
 
@@ -72,8 +74,11 @@ def resolve_checkpointing(base: QuantizedModel, train: TrainConfig, train_split)
     return checkpoint_every("auto", AutoConfig.from_pretrained(base.path), tokens, 4 if fp32 else 2, base.footprint_bytes)
 
 
-def training_arguments(train: TrainConfig, output_dir: Path, compute_dtype, checkpointing: int | bool):
-    """TrainingArguments of the recipe; ``checkpointing`` as ``resolve_checkpointing`` returns it (True = every layer)."""
+def training_arguments(train: TrainConfig, output_dir: Path, compute_dtype, checkpointing: int | bool,
+                       loss_early_stopping: bool | None = None):
+    """TrainingArguments of the recipe; ``checkpointing`` as ``resolve_checkpointing`` returns it (True = every layer).
+    ``loss_early_stopping``: the Trainer's own eval-loss early stopping (default: with early_stopping_patience);
+    off when generation eval during training (``selection.py``) does the evaluating instead."""
     import torch
     from transformers import TrainingArguments
 
@@ -81,7 +86,9 @@ def training_arguments(train: TrainConfig, output_dir: Path, compute_dtype, chec
     amp = on_gpu or not upcasts_norms(train.distributed == "fsdp", train.fp32_norms)
     # Early stopping compares eval loss at each save; the best checkpoint is what gets saved as the adapter.
     early = {}
-    if train.early_stopping_patience is not None:
+    if loss_early_stopping is None:
+        loss_early_stopping = train.early_stopping_patience is not None
+    if loss_early_stopping:
         early = dict(eval_strategy="steps", eval_steps=train.save_steps, load_best_model_at_end=True,
                      metric_for_best_model="eval_loss", greater_is_better=False)
     args = dict(
@@ -209,9 +216,12 @@ def check_attention_trains_here(attn: str | None) -> None:
 
 
 def fit(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: TrainConfig, run_dir: Path,
-        run: MlflowRun | None = None, callbacks: tuple = ()) -> Adapter | None:
+        run: MlflowRun | None = None, callbacks: tuple = (), during: GenerationEval | None = None,
+        progress=None) -> Adapter | None:
     """Train ``run_dir`` to its adapter, resuming from its newest valid checkpoint. Returns None on ranks
-    other than 0 (rank 0 alone writes the adapter and its manifest)."""
+    other than 0 (rank 0 alone writes the adapter and its manifest). ``during``: generation eval during
+    training, and the adapter is then the checkpoint ``during.select`` chooses (``selection.py``). ``progress(step,
+    max_steps, line)``: called at every logging step (``callbacks.ProgressLog``), e.g. a Prefect progress artifact."""
     from datasets import load_from_disk
     from transformers import EarlyStoppingCallback, set_seed
 
@@ -231,21 +241,26 @@ def fit(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: Tra
     log.info("LoRA r=%d on %s: %d trainable of %d parameters (%.2f%%)", lora.r, lora.target_modules, trainable, total, 100 * trainable / total)
 
     guard = DivergenceGuard(train.learning_rate, train.max_grad_norm, train.divergence_loss_factor)
-    all_callbacks = [guard, *callbacks]
-    if train.early_stopping_patience is not None:
+    gen_eval = _generation_eval(during, splits["eval"], tok, run)
+    # Before the guard: it checks the weights when a checkpoint is about to be written, and this one asks for it.
+    all_callbacks = [*([gen_eval] if gen_eval else []), guard, ProgressLog(progress), *callbacks]
+    loss_early_stopping = train.early_stopping_patience is not None and during is None
+    if loss_early_stopping:
         all_callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
     trainer = _trainer_class()(
         model=model,
-        args=training_arguments(train, run_dir, _compute_dtype(model), checkpointing),
+        args=training_arguments(train, run_dir, _compute_dtype(model), checkpointing, loss_early_stopping),
         train_dataset=train_split,
         # The eval split also carries prompt/reference text for generation; the Trainer needs only tokens.
         eval_dataset=splits["eval"].select_columns(splits["train"].column_names)
-        if train.early_stopping_patience is not None else None,
+        if loss_early_stopping else None,
         data_collator=collator(tok, train.packing),
         processing_class=tok,
         callbacks=all_callbacks,
     )
     trainer.divergence_guard = guard
+    if gen_eval:
+        gen_eval.log = trainer.log
     resume = latest_valid_checkpoint(run_dir)
     if resume:
         log.info("resuming from %s", resume)
@@ -253,23 +268,32 @@ def fit(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: Tra
     with logging_to(run, swallow=False) as attached:
         if attached is not None:
             trainer.add_callback(safe_mlflow_callback())
-        result = trainer.train(resume_from_checkpoint=resume)
+        with system_metrics(run if attached is not None else None, resumed=resume is not None):
+            result = trainer.train(resume_from_checkpoint=resume)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     adapter_dir = run_dir / "adapter"
     state = gather_fsdp_adapter(trainer) if fsdp else None  # a collective: every rank takes part
     if not trainer.is_world_process_zero():
         return None
-    if fsdp:
+    evals = evaluations(trainer.state.log_history, during.metric) if during else []
+    chosen = best(evals, during.select) if during and during.select != "last" else None
+    if chosen is not None:
+        copy_adapter(run_dir / f"checkpoint-{chosen['step']}", adapter_dir)
+    elif fsdp:
         save_adapter_tensors(model, state, adapter_dir)
     else:
         model.save_pretrained(adapter_dir)
     tok.save_pretrained(adapter_dir)
+    if during and during.select != "last" and chosen is None:
+        log.warning("no generation eval ran (%d steps, eval.every_steps=%d): the adapter is the last step's",
+                    trainer.state.global_step, during.every_steps)
     ref = Adapter(
         path=str(adapter_dir.resolve()), run_dir=str(run_dir), global_step=trainer.state.global_step,
         train_loss=float(result.training_loss), first_loss=losses[0] if losses else None,
         last_loss=losses[-1] if losses else None,
         resumed_from_step=int(resume.rsplit("-", 1)[1]) if resume else None,
         train_runtime_s=float(result.metrics.get("train_runtime", 0.0)),
+        **(_selection_fields(during, evals, chosen, trainer.state.global_step, gen_eval, run, run_dir) if during else {}),
     )
     write_manifest(adapter_dir, ref)  # last, with every file's size: its presence means complete
     log.info(
@@ -280,14 +304,53 @@ def fit(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: Tra
     return ref
 
 
+def _generation_eval(during: GenerationEval | None, eval_split, tok, run: MlflowRun | None):
+    """The during-training eval callback on its slice (the end of the eval split), or None when off."""
+    if during is None:
+        return None
+    rows, warning = during_rows(len(eval_split), during.gate_rows, during.samples)
+    if warning:
+        if not len(rows):
+            raise ConfigError(warning)
+        log.warning(warning)
+    log.info("generation eval every %d steps on eval rows %d..%d (%s; the gate scores rows 0..%d); checkpoint by %s",
+             during.every_steps, rows.start, rows.stop - 1, during.metric, min(during.gate_rows, len(eval_split)) - 1,
+             during.select)
+    rows = eval_split.select(rows)
+    return GenerationEvalCallback(during, rows, tok, on_checkpoint=checkpoint_model_logger(run, during.metric, rows) if run else None)
+
+
+def copy_adapter(checkpoint: Path, adapter_dir: Path) -> None:
+    """The selected checkpoint's adapter (weights + config) as the run's adapter."""
+    import shutil
+
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    for name in (ADAPTER_WEIGHTS, "adapter_config.json"):
+        if not (checkpoint / name).is_file():
+            raise RuntimeError(f"the selected checkpoint {checkpoint} has no {name} (deleted by hand?); re-run to train again")
+        shutil.copy2(checkpoint / name, adapter_dir / name)
+
+
+def _selection_fields(during: GenerationEval, evals: list[dict], chosen: dict | None, last_step: int, gen_eval,
+                      run: MlflowRun | None, run_dir: Path) -> dict:
+    by = during.select if chosen is not None else "last"
+    step = chosen["step"] if chosen is not None else last_step
+    at = next((e for e in evals if e["step"] == step), None)
+    value = None if at is None else at["value" if by != "eval_loss" else "eval_loss"]
+    return dict(selected_step=step, selected_by=by, selected_metric="eval_loss" if by == "eval_loss" else during.metric,
+                selected_value=value, evaluations=evals, generation_eval_s=gen_eval.seconds,
+                # Logged by this process, or (resumed run) by the one before it.
+                checkpoint_model_id=gen_eval.model_ids.get(step) or (checkpoint_model_id(run, step, run_dir.name) if run and at else None))
+
+
 def fit_with_oom_retry(base, data, lora, train: TrainConfig, run_dir: Path, run: MlflowRun | None = None,
-                       callbacks: tuple = ()) -> Adapter | None:
+                       callbacks: tuple = (), during: GenerationEval | None = None, progress=None) -> Adapter | None:
     """``fit``; on a CUDA out-of-memory, once more with half the micro-batch and twice the accumulation
     (same effective batch, half the activation memory), resuming from the last valid checkpoint."""
     import torch
 
     try:
-        return fit(base, data, lora, train, run_dir, run, callbacks)
+        return fit(base, data, lora, train, run_dir, run, callbacks, during, progress)
     except torch.OutOfMemoryError:
         if train.per_device_train_batch_size == 1:
             raise
@@ -309,4 +372,4 @@ def fit_with_oom_retry(base, data, lora, train: TrainConfig, run_dir: Path, run:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        return fit(base, data, lora, smaller, run_dir, run, callbacks)
+        return fit(base, data, lora, smaller, run_dir, run, callbacks, during, progress)

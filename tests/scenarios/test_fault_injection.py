@@ -212,3 +212,53 @@ def test_hub_token_from_prefect_secret_block_or_env(prefect_server, monkeypatch)
     assert hf_token(ModelConfig()) == "hf_from_env"
     with pytest.raises(ConfigError, match="model.hf_token_secret: no Prefect Secret block named 'nope'"):
         hf_token(ModelConfig(hf_token_secret="nope"))
+
+
+@pytest.mark.slow  # two `qlora run` processes and a reference training: ~45 s
+def test_sigkill_then_rerun_keeps_the_eval_history_and_selects_the_same_checkpoint(tiny_base, tmp_path):
+    """eval.every_steps: the re-run resumes with its generation-eval history, best-so-far and patience counter
+    (all in the checkpoint's trainer_state.json) and registers the checkpoint an uninterrupted run selects."""
+    from flows.finetune import generation_eval
+    from tasks.quantize import prepare_quantized_model
+    from tasks.tokenize import tokenize_dataset
+    from tasks.train import train_adapter
+
+    over = _overrides(tiny_base, tmp_path, **{"eval.every_steps": 3, "train.early_stopping_patience": 2,
+                                              "registry.gate_metric": "rouge", "registry.consumer_check_prompts": 0})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=str(REPO))
+    env.pop("PREFECT_API_URL", None)
+    cmd = [sys.executable, "-m", "flows.cli", "run", str(REPO / "configs" / "demo.yaml")]
+    cmd += [a for k, v in over.items() for a in ("--set", f"{k}={v}")]
+    work = tmp_path / "work"
+    with open(tmp_path / "run1.log", "w") as log1:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 240
+        while not _valid_checkpoints(work) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not list(work.glob("runs/*/adapter/manifest.json")), "training finished before the kill"
+    killed_at = _valid_checkpoints(work)[-1]
+    run2 = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    (tmp_path / "run2.log").write_text(run2.stdout + run2.stderr)
+    assert run2.returncode == 0, run2.stderr[-3000:]
+    (manifest,) = work.glob("runs/*/adapter/manifest.json")
+    resumed = json.loads(manifest.read_text())
+    assert resumed["resumed_from_step"] == killed_at
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"{k}={v}" for k, v in over.items()])
+    data = tokenize_dataset(cfg.data, cfg.model, work)
+    base = prepare_quantized_model(cfg.model, cfg.quantization, work)
+    ref = train_adapter(base, data, cfg.lora, cfg.train, tmp_path / "ref", during=generation_eval(cfg, data))
+    assert ref.resumed_from_step is None and len(ref.evaluations) >= 2
+    # The whole history, not only what the re-run evaluated itself: the steps before the kill came from the checkpoint.
+    assert [e["step"] for e in resumed["evaluations"]] == [e["step"] for e in ref.evaluations]
+    assert any(e["step"] <= killed_at for e in resumed["evaluations"])
+    for got, want in zip(resumed["evaluations"], ref.evaluations):
+        assert got["value"] == pytest.approx(want["value"], abs=1e-6)
+        assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-5)
+    assert resumed["global_step"] == ref.global_step  # the same early stop: the patience counter survived
+    assert (resumed["selected_step"], resumed["selected_by"]) == (ref.selected_step, "task_metric")
+    (mv,) = mlflow.MlflowClient(uri).search_model_versions("name = 'tiny-faults'")
+    assert mv.tags["checkpoint.step"] == str(ref.selected_step)

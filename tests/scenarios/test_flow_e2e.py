@@ -253,3 +253,52 @@ def test_sigkill_of_the_run_takes_its_temporary_prefect_server_along(tmp_path):
         os.kill(pid, signal.SIGKILL)  # do not leak it from the test either
     assert not _alive(pid), "the temporary Prefect server outlived its SIGKILLed parent"
     print(f"temporary server gone {gone_after:.1f} s after its parent was killed")
+
+
+def test_flow_with_generation_eval_registers_the_checkpoint_best_at_the_task(prefect_server, tiny_base, tmp_path, mlflow_uri,
+                                                                              monkeypatch):
+    """eval.every_steps through the real flow: a LoggedModel per evaluated checkpoint, the best (ties: earliest)
+    registered with its checkpoint.* tags, a live progress artifact on the train task run, system metrics and the
+    data as run inputs."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from flows.finetune import qlora_finetune
+    from tasks.training import callbacks
+
+    monkeypatch.setattr(callbacks, "SYSTEM_METRICS_INTERVAL_S", 0.5)  # a tiny run trains for seconds
+    cfg = _config(tiny_base, tmp_path, **{"eval.every_steps": 4, "eval.during_samples": 16, "registry.gate_metric": "rouge"})
+    state = qlora_finetune(config=cfg, return_state=True)
+    assert state.is_completed(), state.message
+    version = state.result()
+    client = mlflow.MlflowClient(mlflow_uri)
+    mv = client.get_model_version(version.name, version.version)
+    run = client.get_run(mv.run_id)
+
+    models = client.search_logged_models([run.info.experiment_id],
+                                         filter_string=f"source_run_id = '{run.info.run_id}' AND model_type = 'peft-lora-checkpoint'")
+    by_step = {int(m.tags["checkpoint.step"]): {x.key: x.value for x in m.metrics} for m in models}
+    assert sorted(by_step) == [4, 8, 12]
+    top = max(v["during_eval/rouge"] for v in by_step.values())
+    chosen = min(s for s, v in by_step.items() if v["during_eval/rouge"] == top)
+    assert mv.tags["checkpoint.step"] == str(chosen) and mv.tags["checkpoint.selected_by"] == "task_metric"
+    assert mv.tags["checkpoint.metric"] == "rouge" and float(mv.tags["checkpoint.value"]) == pytest.approx(top, abs=1e-6)
+    assert client.get_logged_model(mv.tags["checkpoint.model_id"]).name == f"checkpoint-{chosen}"
+    # The during-training curve in the run too, one point per eval.
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "during_eval/rouge")] == [4, 8, 12]
+
+    # MLflow: the data as run inputs (Datasets column) and system metrics while it trained.
+    inputs = {d.dataset.name: {t.key: t.value for t in d.tags} for d in run.inputs.dataset_inputs}
+    assert {"train", "eval", "eval-during-training"} <= set(inputs)
+    assert inputs["train"]["mlflow.data.context"] == "training"
+    assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), sorted(run.data.metrics)
+    assert any(k.startswith("system/system_memory_usage") for k in run.data.metrics)
+
+    # Prefect: the train task run's progress artifact at 100 %, its last line naming the step and the task metric.
+    with get_client(sync_client=True) as pc:
+        arts = pc.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    (progress,) = [a for a in arts if a.key == "train-progress"]
+    assert progress.type == "progress" and float(progress.data) == pytest.approx(100.0)
+    assert progress.description.startswith("step 12/12: loss ") and "rouge" in progress.description and "ETA" in progress.description
+    report = next(a for a in arts if a.key == "data-report").data
+    assert "generation eval every 4 steps" in report and "final evaluation" in report

@@ -10,6 +10,8 @@ run's ``ModelCache`` handed from evaluate to register, is left out of the cache 
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
 from pathlib import Path
 
 from prefect import task
@@ -60,15 +62,39 @@ def _markdown(key: str, markdown: str) -> None:
     create_markdown_artifact(markdown=markdown, key=reporting.artifact_key(key, ""))
 
 
-def _progress_artifact(key: str):
-    """``progress(step, max_steps, line)`` updating one Prefect progress artifact of this task run (the UI shows the
-    bar and the latest line while training runs)."""
-    artifact = create_progress_artifact(0.0, key=key, description="training starts")
+class _ProgressArtifact:
+    """``progress(step, max_steps, line)`` for the trainer: one Prefect progress artifact of this task run (the UI
+    shows the bar and the latest line while training runs). Updates go out from a thread, latest value wins:
+    training never waits on the Prefect API (measured: with the server gone, an inline update blocked the
+    training loop for minutes in the client's retries). ``close`` sends the last value."""
 
-    def progress(step: int, max_steps: int, line: str) -> None:
-        update_progress_artifact(artifact, 100.0 * step / max(max_steps, 1), description=line)
+    def __init__(self, key: str):
+        self.artifact = create_progress_artifact(0.0, key=key, description="training starts")
+        self.latest: tuple[int, int, str] | None = None
+        self.wake, self.done = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._push, name=f"prefect-{key}", daemon=True)
+        self.thread.start()
 
-    return progress
+    def __call__(self, step: int, max_steps: int, line: str) -> None:
+        self.latest = (step, max_steps, line)
+        self.wake.set()
+
+    def _push(self) -> None:
+        while not (self.done.is_set() and not self.wake.is_set()):
+            if not self.wake.wait(timeout=1.0):
+                continue
+            self.wake.clear()
+            step, max_steps, line = self.latest
+            try:
+                update_progress_artifact(self.artifact, 100.0 * step / max(max_steps, 1), description=line)
+            except Exception as e:  # noqa: BLE001 - a live view that fails must not fail the stage
+                logging.getLogger("qlora.train").warning("progress artifact not updated (%s: %s); training goes on",
+                                                         type(e).__name__, str(e)[:200])
+                return
+
+    def close(self, timeout: float = 10.0) -> None:
+        self.done.set()
+        self.thread.join(timeout)
 
 
 @contextlib.contextmanager
@@ -124,8 +150,12 @@ def train(base: QuantizedModel, data: TokenizedData, lora: LoraSection, cfg: Tra
           run: MlflowRun | None = None, limit: float | None = None, during: GenerationEval | None = None) -> Adapter:
     """Holds a training slot of the worker (and of the Prefect limit) while it trains: qlora/locks.py.
     ``during``: generation eval during training (eval.every_steps), as the flow resolved it."""
-    with _time_limit("train", limit), training_slot(cfg):
-        return train_adapter(base, data, lora, cfg, workdir, run, during=during, progress=_progress_artifact("train-progress"))
+    progress = _ProgressArtifact("train-progress")
+    try:
+        with _time_limit("train", limit), training_slot(cfg):
+            return train_adapter(base, data, lora, cfg, workdir, run, during=during, progress=progress)
+    finally:
+        progress.close()
 
 
 @task(name="evaluate", retries=2, retry_delay_seconds=10, cache_policy=_WITHOUT_MODELS, **_common)

@@ -214,15 +214,16 @@ def _eval_table(client, run_id: str, tmp_path) -> list[dict]:
     return [dict(zip(table["columns"], row)) for row in table["data"]]
 
 
-def _predict(*argv: str) -> list[str]:
-    """``qlora predict`` as parsed and run by the command. Not main() and not capsys: both leave handlers on a
-    per-test stream that Prefect's logging of the next flow run would write to after it is closed."""
+def _predict(*argv: str) -> str:
+    """``qlora predict`` of one prompt as parsed and run by the command: its output whole (a reply may hold
+    newlines). Not main() and not capsys: both leave handlers on a per-test stream that Prefect's logging of
+    the next flow run would write to after it is closed."""
     from flows.cli import build_parser
 
     args = build_parser().parse_args(["predict", *argv])
     with contextlib.redirect_stdout(io.StringIO()) as out:
         assert args.func(args) == 0
-    return out.getvalue().rstrip("\n").split("\n")
+    return out.getvalue().removesuffix("\n")
 
 
 @pytest.mark.e2e
@@ -257,9 +258,9 @@ def test_whole_flow_per_family(name, family_base, prefect_server, tmp_path, mlfl
     single = next(r for r in rows if len(json.loads(r["conversation"])) == 2)
     # one conversation, then a bare string (no system: the version's own) and the same with the system prompt sent
     got = _predict(uri, "--messages", str(conversation), "--max-new-tokens", "6")
-    assert got == [multi["tuned"]]  # what evaluation generated for that conversation, greedily
-    assert _predict(uri, single["message"], "--max-new-tokens", "6") == [single["tuned"]]
-    assert _predict(uri, single["message"], "--system", SYSTEM, "--max-new-tokens", "6") == [single["tuned"]]
+    assert got == multi["tuned"]  # what evaluation generated for that conversation, greedily
+    assert _predict(uri, single["message"], "--max-new-tokens", "6") == single["tuned"]
+    assert _predict(uri, single["message"], "--system", SYSTEM, "--max-new-tokens", "6") == single["tuned"]
 
 
 @pytest.mark.e2e

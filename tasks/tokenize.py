@@ -20,6 +20,7 @@ from qlora.models.loading import check_context, load_tokenizer
 from qlora.refs import MlflowRun, TokenizedData
 from qlora.storage import cached, staged_dir
 from qlora.template import PROMPT_TEMPLATE, chat_template_of, template_kwargs
+from tasks.data.drops import refuse
 from tasks.data.pipeline import Inputs, prepare_data, validate_data
 from tasks.data.read import LocalContent, local_inputs
 from tasks.data.report import DataReport
@@ -72,7 +73,9 @@ def _tokenizer_and_inputs(data: DataConfig, model: ModelConfig):
         tok, err = None, e
     complete = None not in local[0] and (local[1] is not None or not data.eval_path)
     inputs = None if tok is not None and complete else validate_data(data, local)
-    if err is not None:
+    if err is not None:  # the data's own problems first: a bad row is said before a base that does not load
+        for parsed in inputs.sources + ([inputs.eval] if inputs.eval else []):
+            refuse(parsed.problems, parsed.rows_read, parsed.src.name, parsed.hint, data)
         raise err
     check_context(data, model)
     return local, tok, inputs

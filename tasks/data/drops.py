@@ -37,7 +37,16 @@ def account(rendered: Rendered, data: DataConfig) -> None:
     if too_long and data.overlength == "error":
         raise DataError(shown_lines(too_long) + f"\n{len(too_long)} rows longer than data.max_length={data.max_length}; "
                         "raise data.max_length or set data.overlength to truncate or drop")
-    bad = len(problems)
+    refuse(problems, rows_read, name, hint, data)
+    for line in lines:
+        log.warning("dropped row: %s", line)
+
+
+def refuse(problems: list[Problem], rows_read: int, name: str, hint: str, data: DataConfig) -> None:
+    """Refuse a source whose unusable rows are all of them, or more than ``data.max_drop_fraction``, listing
+    them with their file:line. ``account`` runs it once per source after encoding; stage 1 also runs it on
+    the parse problems alone when the tokenizer cannot load, so broken data is said before a broken model."""
+    bad, lines = len(problems), [line for _, _, line in problems]
     if bad and bad >= rows_read:
         raise DataError(shown_lines(lines) + f"\n{name}: all {rows_read} rows dropped; nothing to train on{hint}")
     if bad and bad / rows_read > data.max_drop_fraction:
@@ -45,8 +54,6 @@ def account(rendered: Rendered, data: DataConfig) -> None:
             shown_lines(lines) + f"\n{name}: {bad} of {rows_read} rows unusable, more than data.max_drop_fraction="
             f"{data.max_drop_fraction}; fix the rows above or raise data.max_drop_fraction{hint}"
         )
-    for line in lines:
-        log.warning("dropped row: %s", line)
 
 
 def shown_lines(lines: list[str]) -> str:

@@ -110,7 +110,7 @@ def cmd_reproduce(args) -> int:
         verdict = _flows("flows.reproduce").qlora_reproduce(model_uri=args.model_uri, workdir=args.workdir,
                                                              tracking_uri=args.tracking_uri)
     except NotReproducible as e:
-        print(f"refused: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)  # one line, as every user error; exit 4 says "refused"
         return EXIT_REFUSED
     print(verdict.line)
     return EXIT_OK if verdict.identical else EXIT_DIFFERS

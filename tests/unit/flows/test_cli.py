@@ -71,4 +71,4 @@ def test_reproduce_refused_is_its_own_code(monkeypatch, capsys):
 
     _reproduce_returning(monkeypatch, NotReproducible("data d.jsonl: no longer matches v1's data.fingerprint"))
     assert main(["reproduce", "models:/demo/1"]) == EXIT_REFUSED
-    assert capsys.readouterr().err.startswith("refused: data d.jsonl")
+    assert capsys.readouterr().err.startswith("error: data d.jsonl")

@@ -85,8 +85,8 @@ $(DEMO_BASE)/config.json: demo/build.py data/demo/reverse_words.jsonl | $(STAMP)
 demo: install $(DEMO_BASE)/config.json
 	$(BIN)/qlora run configs/demo.yaml
 
-# `make test`: everything but the tests marked `slow` (~5.5 min on 2 cores), the loop to run while you work.
-# `make test-slow`: the rest (~10 min): real Prefect/MLflow/PostgreSQL servers, workers, killed processes,
+# `make test`: everything but the slow tier (~9 min on 2 cores), the loop to run while you work.
+# `make test-slow`: tests/system and the tests marked slow (~19 min): real Prefect/MLflow/PostgreSQL servers, workers, killed processes,
 # sweeps, torchrun. CI (.ci/run) runs both; `make test-all` runs the whole suite in one pytest session.
 test: install
 	$(BIN)/python -m pytest -q -m "not slow" --durations=10

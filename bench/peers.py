@@ -1,11 +1,14 @@
 """The same demo job run by what users would pick instead of this pipeline, for ``make bench``.
 
-    python -m bench.peers trl|bare CONFIG [--set k=v ...] [--gradient-checkpointing true|false]
+    python -m bench.peers trl|trl_fast|bare CONFIG [--set k=v ...] [--gradient-checkpointing true|false]
 
 - ``trl``: TRL's ``SFTTrainer`` on prompt/completion rows (completion-only loss, EOS appended), the
-  4-bit base loaded with the same ``BitsAndBytesConfig``, the same LoRA, optimizer, schedule, warmup,
-  clipping, batch, steps and checkpoint interval. TRL's own defaults otherwise: gradient checkpointing
-  on, and bf16 autocast when the compute dtype is bf16.
+  4-bit base loaded with the same ``BitsAndBytesConfig``, the same LoRA, schedule, warmup, clipping, batch,
+  steps and checkpoint interval, and QLoRA's optimizer (paged 8-bit AdamW; the config's ``train.optim``
+  when it names one). TRL's own defaults otherwise: gradient checkpointing on, and bf16 autocast when the
+  compute dtype is bf16.
+- ``trl_fast``: the same, set by hand for speed as someone who profiled it would: gradient checkpointing
+  off and torch's fused AdamW.
 - ``bare``: a hand-written script: ``prepare_model_for_kbit_training`` + ``get_peft_model`` +
   ``transformers.Trainer`` with the same settings, gradient checkpointing on as in the QLoRA recipe.
 
@@ -58,24 +61,25 @@ def _lora(cfg):
                       target_modules=cfg.lora.target_modules, bias=cfg.lora.bias, task_type="CAUSAL_LM")
 
 
-def _common_args(cfg, out: str, checkpointing: bool) -> dict:
+def _common_args(cfg, out: str, checkpointing: bool, optim: str | None = None) -> dict:
     t = cfg.train
+    optim = optim or (t.optim if t.optim != "auto" else "paged_adamw_8bit")
     return dict(output_dir=out, max_steps=t.max_steps, per_device_train_batch_size=t.per_device_train_batch_size,
                 gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
-                optim=t.optim, lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_steps,
+                optim=optim, lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_steps,
                 max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps, save_steps=t.save_steps,
                 save_total_limit=t.save_total_limit, seed=t.seed, gradient_checkpointing=checkpointing,
                 report_to="none", disable_tqdm=True)
 
 
-def run_trl(cfg, checkpointing: bool) -> dict:
+def run_trl(cfg, checkpointing: bool, optim: str | None = None) -> dict:
     import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     model, tok, dtype = _base(cfg)
     with tempfile.TemporaryDirectory() as out:
-        args = SFTConfig(**_common_args(cfg, out, checkpointing), max_length=cfg.data.max_length,
+        args = SFTConfig(**_common_args(cfg, out, checkpointing, optim), max_length=cfg.data.max_length,
                          bf16=dtype == torch.bfloat16, use_cpu=not torch.cuda.is_available())
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(_rows(cfg)), processing_class=tok,
                              peft_config=_lora(cfg))
@@ -121,7 +125,10 @@ def main(argv: list[str]) -> int:
     checkpointing = "--gradient-checkpointing" not in rest or rest[rest.index("--gradient-checkpointing") + 1] == "true"
     cfg = load_config(config, overrides)
     t0 = time.perf_counter()
-    out = {"trl": run_trl, "bare": run_bare}[which](cfg, checkpointing)
+    if which == "trl_fast":
+        out = run_trl(cfg, False, "adamw_torch_fused")
+    else:
+        out = {"trl": run_trl, "bare": run_bare}[which](cfg, checkpointing)
     out["in_process_s"] = time.perf_counter() - t0
     print("PEER " + json.dumps(out), flush=True)
     return 0

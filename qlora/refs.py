@@ -55,6 +55,7 @@ class Adapter(BaseModel):
     last_loss: float | None = None
     resumed_from_step: int | None = None  # set when training continued from a checkpoint
     train_runtime_s: float | None = None  # Trainer's own wall time for train() (excludes model load)
+    optim: str | None = None  # the optimizer that trained it (train.optim, auto resolved)
     # Set when generation eval ran during training (eval.every_steps): which checkpoint this adapter is and why.
     selected_step: int | None = None  # the checkpoint's step
     selected_by: str | None = None  # train.select_checkpoint resolved: task_metric, eval_loss or last

@@ -182,6 +182,7 @@ def lineage_tags(base: QuantizedModel, adapter: Adapter, report: EvalReport, run
         "mlflow_run_id": run.run_id,
         "train.global_step": str(adapter.global_step),
         "train.loss": f"{adapter.train_loss:.6g}",
+        "train.optim": adapter.optim or "",  # train.optim as resolved (auto: by device and adapter size)
     }
     if adapter.selected_by:  # generation eval during training chose this checkpoint (train.select_checkpoint)
         value = "" if adapter.selected_value is None else f"{adapter.selected_value:.6g}"

@@ -75,3 +75,30 @@ def checkpoint_every(setting: bool | str, model_config, tokens: int, bytes_per_v
              "%.1f%% of the %.1f GB %s left after the weights; a third may go to activations)", what, full / 2**20,
              tokens, 100 * full / room, room / 2**30, where)
     return every
+
+
+OPTIM_SHARE = 1 / 10  # fp32 AdamW states may take this share of the free RAM before auto keeps 8-bit states
+
+
+def resolve_optim(setting: str, on_gpu: bool, trainable_params: int) -> str:
+    """``train.optim`` resolved: a named optimizer as it is; ``auto`` paged 8-bit AdamW (QLoRA's) on a GPU, where
+    its states' memory matters and its kernels are fast, and torch's fused AdamW on a CPU, unless its fp32
+    states (8 bytes per trainable parameter) would take more than a tenth of the free RAM (then 8-bit).
+
+    Measured on 2 Xeon cores (AVX-512), the demo's LoRA (1.1 M parameters, r=64 all-linear): one optimizer step
+    takes 40-52 ms with bitsandbytes' 8-bit AdamW (its blockwise re-quantization runs single-threaded), 10-16 ms
+    with torch's AdamW (foreach or per tensor) and 1.4-1.7 ms fused; the demo trains at 6.3-6.4 steps/s fused
+    against 4.8 with 8-bit (bf16, 200 steps)."""
+    if setting != "auto":
+        return setting
+    if on_gpu:
+        choice, why = "paged_adamw_8bit", "a GPU"
+    else:
+        states = 8 * trainable_params
+        free, _ = free_memory_bytes()
+        if states > OPTIM_SHARE * free:
+            choice, why = "adamw_8bit", f"a CPU, fp32 AdamW states {states / 2**30:.1f} GB > a tenth of {free / 2**30:.1f} GB free RAM"
+        else:
+            choice, why = "adamw_torch_fused", f"a CPU, fp32 AdamW states {states / 2**20:.0f} MB"
+    log.info("train.optim=auto: %s (%s)", choice, why)
+    return choice

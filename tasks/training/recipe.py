@@ -1,5 +1,5 @@
 """The QLoRA recipe: k-bit preparation -> LoRA on the configured modules -> ``transformers.Trainer`` with
-paged 8-bit AdamW, cosine schedule with warmup, gradient clipping, gradient checkpointing where memory
+AdamW (``train.optim: auto``: paged 8-bit on a GPU, fused on a CPU), cosine schedule with warmup, gradient clipping, gradient checkpointing where memory
 needs it (``memory.py``) and gradient accumulation. ``fit`` trains one run dir to its adapter; ``fit_with_oom_retry`` adds the one
 CUDA out-of-memory retry. Every process of a multi-process run calls the latter (``launch.py``).
 """
@@ -20,7 +20,7 @@ from qlora.tracking.outage import logging_to
 from tasks.training.callbacks import DivergenceGuard, ProgressLog, safe_mlflow_callback, system_metrics
 from tasks.training.checkpoints import ADAPTER_WEIGHTS, gather_fsdp_adapter, latest_valid_checkpoint, save_adapter_tensors
 from tasks.training.logged_models import checkpoint_model_id, checkpoint_model_logger
-from tasks.training.memory import checkpoint_every, max_tokens_per_micro_batch
+from tasks.training.memory import checkpoint_every, max_tokens_per_micro_batch, resolve_optim
 from tasks.training.packing import BinBatches, bin_capacity, pack_bfd
 from tasks.training.selection import GenerationEval, GenerationEvalCallback, best, during_rows, evaluations
 
@@ -75,10 +75,11 @@ def resolve_checkpointing(base: QuantizedModel, train: TrainConfig, train_split)
 
 
 def training_arguments(train: TrainConfig, output_dir: Path, compute_dtype, checkpointing: int | bool,
-                       loss_early_stopping: bool | None = None):
+                       loss_early_stopping: bool | None = None, optim: str | None = None):
     """TrainingArguments of the recipe; ``checkpointing`` as ``resolve_checkpointing`` returns it (True = every layer).
     ``loss_early_stopping``: the Trainer's own eval-loss early stopping (default: with early_stopping_patience);
-    off when generation eval during training (``selection.py``) does the evaluating instead."""
+    off when generation eval during training (``selection.py``) does the evaluating instead. ``optim``: the
+    optimizer ``resolve_optim`` chose (default: ``train.optim``, resolved for this machine without a model)."""
     import torch
     from transformers import TrainingArguments
 
@@ -100,7 +101,7 @@ def training_arguments(train: TrainConfig, output_dir: Path, compute_dtype, chec
         gradient_accumulation_steps=train.gradient_accumulation_steps,
         learning_rate=train.learning_rate,
         weight_decay=train.weight_decay,
-        optim=train.optim,
+        optim=optim or resolve_optim(train.optim, on_gpu, 0),
         lr_scheduler_type=train.lr_scheduler_type,
         warmup_steps=train.warmup_steps,  # transformers 5: a float < 1 is a ratio
         max_grad_norm=train.max_grad_norm,
@@ -222,6 +223,7 @@ def fit(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: Tra
     other than 0 (rank 0 alone writes the adapter and its manifest). ``during``: generation eval during
     training, and the adapter is then the checkpoint ``during.select`` chooses (``selection.py``). ``progress(step,
     max_steps, line)``: called at every logging step (``callbacks.ProgressLog``), e.g. a Prefect progress artifact."""
+    import torch
     from datasets import load_from_disk
     from transformers import EarlyStoppingCallback, set_seed
 
@@ -239,6 +241,7 @@ def fit(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: Tra
     model = build_peft_model(base.path, lora, bool(checkpointing), base.quantized, base.attn_implementation, fsdp, train.fp32_norms)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA r=%d on %s: %d trainable of %d parameters (%.2f%%)", lora.r, lora.target_modules, trainable, total, 100 * trainable / total)
+    optim = resolve_optim(train.optim, torch.cuda.is_available(), trainable)
 
     guard = DivergenceGuard(train.learning_rate, train.max_grad_norm, train.divergence_loss_factor)
     gen_eval = _generation_eval(during, splits["eval"], tok, run)
@@ -249,7 +252,7 @@ def fit(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: Tra
         all_callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
     trainer = _trainer_class()(
         model=model,
-        args=training_arguments(train, run_dir, _compute_dtype(model), checkpointing, loss_early_stopping),
+        args=training_arguments(train, run_dir, _compute_dtype(model), checkpointing, loss_early_stopping, optim),
         train_dataset=train_split,
         # The eval split also carries prompt/reference text for generation; the Trainer needs only tokens.
         eval_dataset=splits["eval"].select_columns(splits["train"].column_names)
@@ -293,6 +296,7 @@ def fit(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: Tra
         last_loss=losses[-1] if losses else None,
         resumed_from_step=int(resume.rsplit("-", 1)[1]) if resume else None,
         train_runtime_s=float(result.metrics.get("train_runtime", 0.0)),
+        optim=optim,
         **(_selection_fields(during, evals, chosen, trainer.state.global_step, gen_eval, run, run_dir) if during else {}),
     )
     write_manifest(adapter_dir, ref)  # last, with every file's size: its presence means complete

@@ -102,7 +102,8 @@ def test_flow_end_to_end(prefect_server, tiny_base, tmp_path, mlflow_uri):
     assert len(losses) >= 10
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # loss went down
     assert m["eval/tuned/loss"] < m["eval/base/loss"]
-    assert run.data.params["optim"] == "paged_adamw_8bit"
+    assert run.data.params["optim"] == "adamw_torch_fused"  # train.optim: auto on a CPU
+    assert client.get_model_version("tiny-e2e", version.version).tags["train.optim"] == "adamw_torch_fused"
     assert "plots/loss.png" in [f.path for f in client.list_artifacts(run.info.run_id, "plots")]
 
     # Registered as challenger. A dozen steps on a random 2-layer model leave exact match at 0 for

@@ -121,3 +121,44 @@ def test_one_in_n_checkpointing_reaches_the_layers_and_trains_the_same_adapter(p
     assert flags == [[True, False], [False, False]]
     assert adapters[2].keys() == adapters[0].keys()
     assert all(torch.equal(adapters[2][k], adapters[0][k]) for k in adapters[0])
+
+
+# ------------------------------------------------------------------ train.optim: auto
+
+
+def test_auto_optim_is_paged_8bit_on_a_gpu_fused_adamw_on_a_cpu_and_8bit_for_a_large_adapter(monkeypatch, caplog):
+    from tasks.training import memory
+
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda: (20 * 2**30, "RAM"))
+    with caplog.at_level(logging.INFO, logger="qlora.train"):
+        assert memory.resolve_optim("auto", True, 1_114_112) == "paged_adamw_8bit"
+        assert memory.resolve_optim("auto", False, 1_114_112) == "adamw_torch_fused"  # the demo's LoRA: 9 MB of states
+        # Llama-2-7B, r=64 all-linear: 160 M parameters, 1.2 GB of fp32 states; a tenth of 20 GB is 2 GB
+        assert memory.resolve_optim("auto", False, 160_000_000) == "adamw_torch_fused"
+        monkeypatch.setattr(memory, "free_memory_bytes", lambda: (8 * 2**30, "RAM"))
+        assert memory.resolve_optim("auto", False, 160_000_000) == "adamw_8bit"
+    assert "train.optim=auto: adamw_8bit (a CPU, fp32 AdamW states 1.2 GB > a tenth of 8.0 GB free RAM)" in caplog.text
+    assert memory.resolve_optim("paged_adamw_8bit", False, 10**12) == "paged_adamw_8bit"  # a named optimizer stays
+    assert TrainConfig().optim == "auto"
+
+
+def test_auto_optim_trains_with_torch_fused_adamw_on_a_cpu_and_the_adapter_records_it(prepared):
+    """What ``auto`` resolves to is the optimizer the Trainer really builds, and the adapter (hence the
+    registered version's ``train.optim`` tag) says which."""
+    from transformers import TrainerCallback
+
+    from qlora.config.schema import LoraSection
+    from tasks.train import train_adapter
+
+    work, _, data, base = prepared
+    seen = {}
+
+    class Spy(TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kw):
+            seen["opt"] = getattr(optimizer, "optimizer", optimizer)
+
+    train = TrainConfig(max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-3,
+                        save_steps=100, seed=7)
+    adapter = train_adapter(base, data, LoraSection(r=8, alpha=16, dropout=0.0), train, work, callbacks=(Spy(),))
+    assert type(seen["opt"]) is torch.optim.AdamW and seen["opt"].defaults["fused"] is True
+    assert adapter.optim == "adamw_torch_fused"

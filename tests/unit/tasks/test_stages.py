@@ -87,7 +87,7 @@ def test_training_uses_bitsandbytes_8bit_adamw_and_extra_callbacks_see_it(prepar
             seen["state1"] = [s["state1"].dtype for s in opt.state.values() if "state1" in s and s["state1"].numel() >= 4096]
 
     train = TrainConfig(max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-3,
-                        save_steps=100, seed=7)
+                        save_steps=100, seed=7, optim="paged_adamw_8bit")
     train_adapter(base, data, LoraSection(r=32, alpha=32, dropout=0.0), train, work, callbacks=(Spy(),))
     assert isinstance(seen["opt"], bnb.optim.optimizer.Optimizer8bit) and seen["opt"].is_paged
     assert seen["state1"] and set(seen["state1"]) == {torch.uint8}

@@ -24,6 +24,10 @@ QLORA_BUNDLE_DIR   ?= $(CURDIR)/.qlora/bundles/{name}-v{version}
 deploy: export QLORA_BATCH_INPUT := $(QLORA_BATCH_INPUT)
 deploy: export QLORA_BATCH_OUTPUT := $(QLORA_BATCH_OUTPUT)
 deploy: export QLORA_BUNDLE_DIR := $(QLORA_BUNDLE_DIR)
+# `make team` points the notification automations (`qlora notifications setup`: failed flow runs, champion moves) at this
+# Prefect notification block, TYPE/NAME (e.g. slack-webhook/ml-team); unset, it makes none. The block holds the URL or
+# token on the server (data under SERVER_DIR): create it once in the UI's Blocks page.
+QLORA_NOTIFY_BLOCK ?=
 # NO_INSTALL=1 uses BIN as it is (tests run the targets from an existing environment).
 INSTALL := $(if $(NO_INSTALL),,install)
 
@@ -134,8 +138,10 @@ server: $(INSTALL)
 
 # `make team`: everything on 127.0.0.1 in one terminal (Ctrl-C stops it all): MLflow server (sqlite store, webhooks on
 # for loopback), Prefect server, the deployments, the bridge, the webhook of MODEL_NAME, a worker. Moving `champion`
-# then starts the batch-predict and serving-bundle flow runs. The webhook secret and MLflow's key for stored webhook
-# secrets are made once under SERVER_DIR (a server without a fixed key cannot read its webhooks after a restart).
+# then starts the batch-predict and serving-bundle flow runs. With QLORA_NOTIFY_BLOCK, failed flow runs and champion
+# moves are sent to that block (a block not made yet is said, and the team comes up without them). The webhook secret
+# and MLflow's key for stored webhook secrets are made once under SERVER_DIR (a server without a fixed key cannot read
+# its webhooks after a restart).
 # `python -m flows.cli`, not `qlora`: the checkout's code, installed or not (as the job variables' PYTHONPATH).
 BRIDGE_PORT ?= 8765
 MODEL_NAME  ?= qlora-demo
@@ -159,6 +165,9 @@ team: $(INSTALL)
 	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) > $(SERVER_DIR)/logs/prefect.log 2>&1 & \
 	$(WAIT_HTTP) $$MLFLOW_TRACKING_URI/health && $(WAIT_HTTP) $$PREFECT_API_URL/health && \
 	$(MAKE) --no-print-directory deploy NO_INSTALL=1 BIN=$(BIN) > $(SERVER_DIR)/logs/deploy.log 2>&1 && \
+	{ test -z "$(QLORA_NOTIFY_BLOCK)" || $(BIN)/python -m flows.cli notifications setup --block "$(QLORA_NOTIFY_BLOCK)" || \
+	  echo "notifications not set up (see above); once the block exists: PREFECT_API_URL=$$PREFECT_API_URL" \
+	    "$(BIN)/python -m flows.cli notifications setup --block $(QLORA_NOTIFY_BLOCK)"; } && \
 	{ $(BIN)/python -m flows.cli events serve --port $(BRIDGE_PORT) --state-dir $(SERVER_DIR)/events > $(SERVER_DIR)/logs/bridge.log 2>&1 & } && \
 	$(WAIT_HTTP) http://127.0.0.1:$(BRIDGE_PORT)/health && \
 	$(BIN)/python -m flows.cli events register $(MODEL_NAME) --bridge-url http://127.0.0.1:$(BRIDGE_PORT) && \

@@ -1,5 +1,5 @@
 """``qlora`` command line: run the flow, validate data, predict from the registry, list/promote/rollback versions,
-build the demo base.
+the events bridge and the notification automations, build the demo base.
 
 User errors (bad config, bad data, missing model) print one line per problem and exit 1, with no
 traceback; anything else is a bug or a fault and keeps its traceback. Exit codes are ``EXIT_CODES``
@@ -278,6 +278,13 @@ def cmd_events_register(args) -> int:
     return 0
 
 
+def cmd_notifications_setup(args) -> int:
+    from flows.notifications import setup
+
+    print("\n".join(setup(args.block)))
+    return 0
+
+
 def cmd_build_demo(args) -> int:
     from demo.build import build_demo_base
 
@@ -408,6 +415,16 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("name", help="registered model name")
     er.add_argument("--bridge-url", default="http://127.0.0.1:8765", help="where the bridge listens, as MLflow reaches it")
     er.set_defaults(func=cmd_events_register)
+
+    no = sub.add_parser("notifications", help="Prefect automations that tell people of failed runs and champion moves")
+    ns = no.add_subparsers(dest="notifications_command", required=True).add_parser(
+        "setup", help="create or update the two automations on the Prefect server (PREFECT_API_URL); idempotent",
+        description="Create or update, on the Prefect server PREFECT_API_URL names, the automations that send a "
+        "message through a notification block when a flow run of this project fails, crashes or times out, and when "
+        "a model's champion alias moves. Running it again updates them in place.")
+    ns.add_argument("--block", required=True, metavar="TYPE/NAME",
+                    help="an existing Prefect notification block, e.g. slack-webhook/ml-team (`prefect block ls`)")
+    ns.set_defaults(func=cmd_notifications_setup)
 
     b = sub.add_parser("build-demo", help="build the tiny demo base model (random weights, trained tokenizer)")
     b.add_argument("--out", default=DEMO_BASE_DIR)

@@ -1,19 +1,18 @@
 """``qlora events serve`` and ``qlora events register``: the bridge from MLflow webhooks to Prefect events, wired.
 
-``registry/events.py`` verifies and translates; here the events go to the Prefect API (``POST /api/events``, the
+``registry/events.py`` verifies, translates and sends the events to the Prefect API (``POST /api/events``, the
 events API behind ``emit_event``, answered synchronously so a delivery is acknowledged to MLflow only once Prefect
-has it), the secret comes from the environment or a Prefect Secret block, and uvicorn serves the app.
+has it); here the secret comes from the environment or a Prefect Secret block, and uvicorn serves the app.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from datetime import datetime, timezone
 from pathlib import Path
 
 from qlora.errors import ConfigError
-from registry.events import MAX_BODY_BYTES, PrefectEvent, SeenDeliveries, create_app
+from registry.events import MAX_BODY_BYTES, SeenDeliveries, create_app, emit_to_prefect
 
 log = logging.getLogger("qlora.events")
 SECRET_ENV = "QLORA_WEBHOOK_SECRET"
@@ -34,15 +33,6 @@ def webhook_secret(block: str | None = None) -> str:
         raise ConfigError(f"${SECRET_ENV} is {'unset' if not secret else 'shorter than 16 characters'}: set it to a "
                           "random string (e.g. `openssl rand -hex 32`) or name a Prefect Secret block with --secret-block")
     return secret
-
-
-def emit_to_prefect(event: PrefectEvent) -> None:
-    """Send one event to the Prefect API; raises when the API did not take it."""
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        r = client.request("POST", "/events", json=[event.as_json(datetime.now(timezone.utc).isoformat())])
-        r.raise_for_status()
 
 
 def app(secret: str, state_dir: Path | str, max_body: int = MAX_BODY_BYTES, models: set[str] | None = None):

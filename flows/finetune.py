@@ -8,7 +8,8 @@ Stages:
 4. evaluate  - base vs tuned on the held-out split -> eval/base/* and eval/tuned/* in MLflow
 5. register  - adapter -> MLflow Model Registry version (lineage tags); challenger always, champion when
                the promotion gate and the consumer check pass (and, if required, a human approves)
-6. report    - loss plot to MLflow; Prefect artifacts (run report, eval examples); notifications
+6. report    - loss plot to MLflow; Prefect artifacts (run report, eval examples)
+A failed run and a moved champion reach people through Prefect automations (``flows/notifications.py``).
 
 Failure semantics (issues 4, 13): an MLflow server that is down at the start or dies mid-run does not
 stop training or evaluation (one warning, requests bounded by qlora/tracking/outage.py); the run is opened again
@@ -32,7 +33,6 @@ from qlora.refs import MlflowRun, RegisteredVersion, TokenizedData, Trained
 from qlora.tracking.outage import bounded_requests, hurry, is_down_at
 from qlora.tracking.runs import end_run, fail_runs_of_flow_run, release_run_record, resolve_uri
 from registry.gate import gate_metric
-from tasks.reporting import notify
 from tasks.training.selection import GenerationEval
 
 log = logging.getLogger("qlora.flow")
@@ -55,18 +55,9 @@ def _fail_mlflow_runs(flow, flow_run, state) -> None:
         log.warning("flow run %s ended %s: MLflow run(s) %s marked FAILED", flow_run.name, state.type.value, failed)
 
 
-def _notify_failure(flow, flow_run, state) -> None:
-    """on_failure / on_crashed: the config comes from the flow run's own parameters."""
-    try:
-        cfg = PipelineConfig.model_validate(flow_run.parameters.get("config", {})).report
-    except Exception:  # invalid parameters never reach a running flow; be safe anyway
-        return
-    notify(cfg, "failure", f"flow run {flow_run.name} failed: {state.message}", flow_run_id=str(flow_run.id))
-
-
 @flow(
     name="qlora-finetune", log_prints=True,
-    on_failure=[_fail_mlflow_runs, _notify_failure], on_crashed=[_fail_mlflow_runs, _notify_failure],
+    on_failure=[_fail_mlflow_runs], on_crashed=[_fail_mlflow_runs],
 )
 def qlora_finetune(config: PipelineConfig = PipelineConfig()) -> RegisteredVersion:
     """Fine-tune ``config.model`` with QLoRA on ``config.data``, evaluate it and register the adapter."""

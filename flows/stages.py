@@ -176,10 +176,9 @@ def register(base: QuantizedModel, adapter: Adapter, report: EvalReport, cfg: Re
 @task(name="report", retries=2, retry_delay_seconds=5, log_prints=True)
 def publish_report(report: EvalReport, adapter: Adapter, version: RegisteredVersion, run: MlflowRun,
                    cfg: ReportConfig) -> list[str]:
-    """Loss plot to MLflow; Markdown report + eval examples table as Prefect artifacts; notify on promotion."""
+    """Loss plot to MLflow; Markdown report + eval examples table as Prefect artifacts."""
     md, decision = reporting.build_report(report, adapter, version, run, cfg)
     keys = [reporting.artifact_key(version.name, "report"), reporting.artifact_key(version.name, "eval-examples")]
     create_markdown_artifact(md, key=keys[0], description=f"{version.name} v{version.version}: {decision}")
     create_table_artifact(reporting.example_rows(report, cfg.examples), key=keys[1], description="held-out prompts, base vs tuned")
-    reporting.notify_promotion(cfg, version)
     return keys

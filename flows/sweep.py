@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from prefect import flow, runtime, task
 from prefect.artifacts import create_table_artifact
 
-from flows.finetune import _fail_mlflow_runs, _notify_failure, register_and_report, train_and_evaluate
+from flows.finetune import _fail_mlflow_runs, register_and_report, train_and_evaluate
 from flows.sweep_plan import SweepConfig, SweepResult, Trial, TrialOutcome, best, grid_trials, ranking_metric, table
 from qlora.config.schema import PipelineConfig
 from qlora.errors import ConfigError, UserError, retry_transient
@@ -67,8 +67,7 @@ def qlora_trial(config: PipelineConfig = PipelineConfig(), run: MlflowRun | None
             end_run(run, status)
 
 
-@flow(name="qlora-sweep", log_prints=True, on_failure=[_fail_mlflow_runs, _notify_failure],
-      on_crashed=[_fail_mlflow_runs, _notify_failure])
+@flow(name="qlora-sweep", log_prints=True, on_failure=[_fail_mlflow_runs], on_crashed=[_fail_mlflow_runs])
 def qlora_sweep(config: PipelineConfig = PipelineConfig(), sweep: SweepConfig = SweepConfig(grid={"train.learning_rate": [1e-4, 2e-4]})) -> SweepResult:
     """Train ``config`` once per point of ``sweep.grid`` and register only the best trial."""
     search = _search(config, sweep)  # every trial config validated before anything starts

@@ -3,7 +3,8 @@
 MLflow keeps no alias history, so without a record "the previous champion" would be unknowable. Each
 move of ``champion`` (the gate's and ``qlora promote``'s promotions, ``qlora rollback``) is written as
 its own registered-model tag ``champion_history/<time>-<id>``; replaying those events in key order gives
-the champion history (a promotion pushes, a rollback pops).
+the champion history (a promotion pushes, a rollback pops). Each move that lands is also announced as the Prefect
+event ``qlora.champion.moved`` (``registry/events.py``), which the notification automation listens for.
 
 Several writers may promote at once (concurrent flow runs against one registry), and MLflow offers
 no compare-and-swap: a single read-modify-write history tag loses entries and the alias can end up
@@ -23,6 +24,7 @@ import uuid
 
 from qlora.errors import UserError
 from qlora.tracking.names import filter_literal
+from registry.events import announce, champion_moved
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY = "champion_history"  # a JSON list of versions, written by earlier releases; read as the oldest events
@@ -123,10 +125,15 @@ def _append(client, name: str, event: dict) -> str:
 def set_champion(client, name: str, version: str, who: str, why: str) -> str:
     """Record a promotion of ``version`` and settle ``champion`` on the history's top; returns the champion
     (``version`` unless a concurrent promotion landed after it)."""
+    before = current(client, name, CHAMPION)
     _append(client, name, {"op": "promote", "version": str(version), "by": who, "why": why[:500]})
     for k, v in {"champion.by": who, "champion.why": why, "champion.at": _now()}.items():
         client.set_model_version_tag(name, version, k, v)
-    return _settle(client, name, CHAMPION, _top)
+    now = _settle(client, name, CHAMPION, _top)
+    previous = str(before.version) if before is not None else None
+    if now == str(version) != previous:  # not a retry of a move already made, nor one a later promotion overtook
+        announce(champion_moved(name, now, previous, who, why))
+    return now
 
 
 def _version(client, name: str, version: str):
@@ -162,6 +169,7 @@ def rollback(client, name: str, why: str = "rollback", who: str | None = None) -
     client.set_model_version_tag(name, frm, "rolled_back", f"{_now()} by {who}: {why}")
     for k, v in {"champion.by": who, "champion.why": f"rollback from v{frm}: {why}", "champion.at": _now()}.items():
         client.set_model_version_tag(name, to, k, v)
+    announce(champion_moved(name, to, frm, who, f"rollback from v{frm}: {why}"))
     return frm, to
 
 

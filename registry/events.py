@@ -10,6 +10,10 @@ a 4xx and emits nothing. The secret and raw bodies are never logged; a rejection
 
 Plain functions and a Starlette app (Starlette and uvicorn come with Prefect's server); ``emit`` is passed
 in, so this module needs no Prefect server and the app is tested with Starlette's TestClient.
+
+The same vocabulary names the project's own event ``qlora.champion.moved``: ``registry/aliases.py`` announces
+each move of ``champion`` it makes (``announce``), so the notification automation (``flows/notifications.py``)
+hears of a promotion with or without the bridge running.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import logging
 import sqlite3
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,6 +39,7 @@ MAX_BODY_BYTES = 64 * 1024  # an alias or tag event is < 1 KB; a model version w
 RESOURCE_PREFIX = "mlflow.registered_model."  # prefect.resource.id = mlflow.registered_model.<name>
 # Entities the bridge forwards (the registered-model side of MLflow's events; prompts are not models).
 FORWARDED = {"model_version", "model_version_alias", "model_version_tag", "registered_model"}
+CHAMPION_MOVED = "qlora.champion.moved"  # emitted by the process that moved the alias (not by MLflow)
 
 
 class Rejected(Exception):
@@ -90,25 +96,65 @@ class PrefectEvent:
                 "id": self.id, "occurred": occurred}
 
 
+def _model_resources(name: str, **labels) -> tuple[dict[str, str], list[dict[str, str]]]:
+    """Resource ``mlflow.registered_model.<name>`` with labels ``mlflow.model.<label>`` (what triggers match on and
+    what deployment parameters are templated from), and the version, when there is one, as a related resource."""
+    resource = {"prefect.resource.id": RESOURCE_PREFIX + name, "prefect.resource.name": name, "mlflow.model.name": name}
+    resource |= {f"mlflow.model.{k}": str(v) for k, v in labels.items() if v is not None}
+    version = labels.get("version")
+    related = [] if version is None else [{"prefect.resource.id": f"mlflow.model_version.{name}.{version}",
+                                           "prefect.resource.role": "model-version", "mlflow.model.version": str(version)}]
+    return resource, related
+
+
 def translate(delivery_id: str, payload: dict) -> PrefectEvent:
     """``model_version_alias.created`` for ``champion`` on v3 of ``qlora-demo`` becomes event
     ``mlflow.model_version_alias.created`` on resource ``mlflow.registered_model.qlora-demo`` with labels
-    ``mlflow.model.name``, ``mlflow.model.version``, ``mlflow.model.alias`` (what triggers match on and what
-    deployment parameters are templated from), and the version as a related resource."""
+    ``mlflow.model.name``, ``mlflow.model.version``, ``mlflow.model.alias``, and the version as a related resource."""
     data = payload["data"]
     name = str(data["name"])
-    resource = {"prefect.resource.id": RESOURCE_PREFIX + name, "prefect.resource.name": name, "mlflow.model.name": name}
-    for key in ("version", "alias", "key"):
-        if data.get(key) is not None:
-            resource[f"mlflow.model.{key}"] = str(data[key])
-    related = []
-    if data.get("version") is not None:
-        related.append({"prefect.resource.id": f"mlflow.model_version.{name}.{data['version']}",
-                        "prefect.resource.role": "model-version", "mlflow.model.version": str(data["version"])})
+    resource, related = _model_resources(name, **{k: data.get(k) for k in ("version", "alias", "key")})
     # The payload keeps MLflow's data but not free text (descriptions) or tag values that may hold secrets.
     kept = {k: v for k, v in data.items() if k in ("name", "version", "alias", "key", "source", "run_id")}
     return PrefectEvent(f"mlflow.{payload['entity']}.{payload['action']}", resource, related,
                         {"mlflow": kept, "mlflow_timestamp": payload.get("timestamp")}, delivery_id)
+
+
+def champion_moved(name: str, version: str, previous: str | None, by: str, why: str) -> PrefectEvent:
+    """``qlora.champion.moved``: the bridge's resource and labels for the same move (so one trigger matches both),
+    and who moved it from which version, and why, in the payload."""
+    resource, related = _model_resources(name, version=version, alias="champion")
+    return PrefectEvent(CHAMPION_MOVED, resource, related, {"previous": previous, "by": by, "why": why[:500]},
+                        str(uuid.uuid4()))
+
+
+def emit_to_prefect(event: PrefectEvent) -> None:
+    """Send one event to the Prefect API (``POST /api/events``, answered synchronously); raises when the API did
+    not take it."""
+    from datetime import datetime, timezone
+
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        r = client.request("POST", "/events", json=[event.as_json(datetime.now(timezone.utc).isoformat())])
+        r.raise_for_status()
+
+
+def announce(event: PrefectEvent) -> bool:
+    """Best effort, for a move that has already happened: the event goes to the Prefect server ``PREFECT_API_URL``
+    names; without one there is nobody to tell (Prefect would start a temporary server only to forget it), and a
+    server that does not take it costs a warning, never the promotion. True when Prefect has it."""
+    from prefect.settings import get_current_settings
+
+    if not get_current_settings().api.url:
+        return False
+    try:
+        emit_to_prefect(event)
+        return True
+    except Exception as e:  # noqa: BLE001 - the alias has moved; only the notification is lost
+        log.warning("%s on %s: the Prefect API did not take the event (%s: %s); no notification is sent for it",
+                    event.event, event.resource["prefect.resource.id"], type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+        return False
 
 
 class SeenDeliveries:

@@ -1,26 +1,21 @@
-"""What people look at after a run: the run report, the eval examples table, the loss plot in MLflow,
-and optional notifications (webhook / Prefect notification block).
+"""What people look at after a run: the run report, the eval examples table, the loss plot in MLflow.
 
 Builders only: no Prefect task or flow here. ``flows/stages.py`` turns them into artifacts per flow run
 (keys are stable, so the Artifacts page shows their history across runs):
 - ``<model>-report``         Markdown: base vs tuned metrics, promotion decision, MLflow links
 - ``<model>-eval-examples``  table: prompt, reference, base output, tuned output
 - ``data-report``            Markdown data validation report (the tokenize task)
-and ``flows/finetune.py``'s failure hook calls ``notify``.
+Notifications (a failed flow run, a moved champion) are Prefect automations on the server: ``flows/notifications.py``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import tempfile
-import urllib.request
 from pathlib import Path
 
 from qlora.config.schema import ReportConfig
-from qlora.errors import UserError
-from qlora.models.secrets import redact_url, webhook_url
 from qlora.refs import Adapter, EvalReport, MlflowRun, RegisteredVersion
 
 log = logging.getLogger("qlora.report")
@@ -116,33 +111,6 @@ def log_loss_plot(run: MlflowRun, report: EvalReport) -> str:
     return LOSS_PLOT
 
 
-def notify(cfg: ReportConfig, event: str, text: str, **fields) -> None:
-    """Best effort: a notification that cannot be delivered is logged, never fails the run. The webhook URL is
-    logged as scheme and host only (its path is a credential)."""
-    try:
-        url = webhook_url(cfg)
-    except UserError as e:
-        log.warning("%s; %s notification not sent", e, event)
-        url = None
-    if url:
-        body = json.dumps({"event": event, "text": text, **fields}).encode()
-        shown = redact_url(url)
-        try:
-            req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                log.info("notified webhook %s of %s (HTTP %d)", shown, event, resp.status)
-        except (OSError, ValueError) as e:  # the error text can hold the URL too: say what failed, not where
-            log.warning("webhook %s failed for %s: %s", shown, event, type(e).__name__ + (f" {e.code}" if hasattr(e, "code") else ""))
-    if cfg.notification_block:
-        from prefect.blocks.core import Block
-
-        try:
-            Block.load(cfg.notification_block).notify(body=text, subject=f"qlora-finetune: {event}")
-            log.info("notified block %s of %s", cfg.notification_block, event)
-        except Exception as e:  # a missing block or a chat outage must not fail a finished training run
-            log.warning("notification block %s failed for %s: %s", cfg.notification_block, event, e)
-
-
 def build_report(report: EvalReport, adapter: Adapter, version: RegisteredVersion, run: MlflowRun,
                  cfg: ReportConfig) -> tuple[str, str]:
     """Loss plot logged to MLflow; returns (run report Markdown, promotion decision line)."""
@@ -151,7 +119,3 @@ def build_report(report: EvalReport, adapter: Adapter, version: RegisteredVersio
     log.info("loss plot %s in MLflow run %s", plot, run.run_id)
     return render_report(report, adapter, version, decision, mlflow_links(run, version, cfg)), decision
 
-
-def notify_promotion(cfg: ReportConfig, version: RegisteredVersion) -> None:
-    if "champion" in version.aliases:
-        notify(cfg, "promotion", f"{version.name} v{version.version} promoted to champion", model_uri=version.model_uri)

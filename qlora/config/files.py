@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from qlora.config.schema import PipelineConfig
+from qlora.config.schema import REMOVED_KEYS, PipelineConfig
 from qlora.errors import ConfigError
 
 
@@ -19,7 +19,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see configs/demo.yaml for the known keys)"
+            msg = REMOVED_KEYS.get(key, "unknown key (check the spelling; see configs/demo.yaml for the known keys)")
         # The root, or a rule over a whole section, names its keys in the message: echoing that input adds nothing.
         whole = not e["loc"] or (e["type"] == "value_error" and isinstance(e.get("input"), (dict, list)))
         got = "" if e["type"] == "extra_forbidden" or whole else f" (got {e.get('input')!r})"

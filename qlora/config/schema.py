@@ -382,23 +382,20 @@ class TrackingConfig(Section):
     artifact_location: str = Field("mlartifacts", description="Artifact root for a new experiment when the store is local (sqlite/file).")
 
 
+# Keys that existed once: a config that still sets one is refused naming the key and what replaced it, not as a typo.
+_NOTIFICATIONS = ("removed: notifications are Prefect automations on the server now, not a run's config: "
+                  "`qlora notifications setup --block TYPE/NAME` (or `make team QLORA_NOTIFY_BLOCK=TYPE/NAME`) sends flow "
+                  "failures and champion moves to a Prefect notification block; delete this key (docs/team.md#notifications)")
+REMOVED_KEYS = {"report.webhook_url": _NOTIFICATIONS, "report.webhook_secret": _NOTIFICATIONS,
+                "report.notification_block": _NOTIFICATIONS}
+
+
 class ReportConfig(Section):
     mlflow_ui_url: str | None = Field(
         None, description="MLflow UI base URL for links in the run report (e.g. http://127.0.0.1:5000); "
         "unset means the tracking URI when it is http(s), else no links.",
     )
     examples: int = Field(5, ge=0, le=50, description="Eval examples (prompt, reference, base, tuned) shown in the report table.")
-    webhook_url: str | None = Field(
-        None, description="Optional URL that receives a JSON POST {event, text, ...} on flow failure and on promotion. "
-        "It is stored in the flow run's parameters (visible in the Prefect UI): prefer webhook_secret.",
-    )
-    webhook_secret: str | None = Field(
-        None, description="Name of a Prefect Secret block holding the webhook URL (webhook URLs carry their token); "
-        "preferred over webhook_url. Logs show only the URL's scheme and host.",
-    )
-    notification_block: str | None = Field(
-        None, description="Optional Prefect notification block, as 'block-type/name' (e.g. slack-webhook/ml-team), notified on the same events.",
-    )
 
 
 class TimeoutsConfig(Section):
@@ -427,7 +424,7 @@ class PipelineConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Base vs fine-tuned evaluation.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="MLflow Model Registry target.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking server or local store.")
-    report: ReportConfig = Field(default_factory=ReportConfig, description="Run report, links and notifications.")
+    report: ReportConfig = Field(default_factory=ReportConfig, description="Run report and its links.")
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig, description="Wall-clock limit per stage; a stage that exceeds it fails naming itself.")
 
     def fingerprint(self) -> str:
@@ -495,7 +492,4 @@ def config_warnings(cfg: PipelineConfig) -> list[str]:
     if cfg.eval.max_new_tokens > LONG_GENERATION:
         out.append(f"eval.max_new_tokens={cfg.eval.max_new_tokens} generates that many tokens per eval prompt, "
                    f"twice (base and tuned) for eval.max_samples={cfg.eval.max_samples} prompts")
-    if cfg.report.webhook_url and not cfg.report.webhook_secret:
-        out.append("report.webhook_url is stored in this flow run's parameters (readable in the Prefect UI and API); "
-                   "put the URL in a Prefect Secret block and set report.webhook_secret instead")
     return out

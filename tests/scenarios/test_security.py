@@ -1,71 +1,32 @@
-"""Security review findings (issue 13, item 11): webhook URLs (credentials in their path) stay out of logs
-and flow parameters, trust_remote_code is announced before the first load, and ``qlora predict`` refuses a
-registered version that would run shipped code or unpickle weights."""
+"""Security review findings (issue 13, item 11): webhook URLs (credentials in their path) stay out of configs,
+flow parameters and logs (notifications are Prefect blocks on the server now; an old config's URL is refused without
+being echoed), trust_remote_code is announced before the first load, and ``qlora predict`` refuses a registered
+version that would run shipped code or unpickle weights."""
 
 from __future__ import annotations
 
 import logging
 
 import prefect.main  # noqa: F401  Prefect configures logging on import: bind its console handler now, not to a test's capture
+import pytest
 import yaml
 
 from flows.cli import main
 from qlora.config.files import load_config
-from qlora.config.schema import DataConfig, ModelConfig, ReportConfig
+from qlora.config.schema import DataConfig, ModelConfig
+from qlora.errors import ConfigError
 from tests.conftest import DEMO_DATA
-from tests.unit.flows.test_reporting import _Hook
 
 TOKEN = "T0000/B0000/XXXXsecretXXXX"
 
 
-def test_webhook_url_from_a_secret_block_is_used_and_never_logged(prefect_server, caplog):
-    from prefect.blocks.system import Secret
-
-    from tasks.reporting import notify
-
-    hook = _Hook()
-    try:
-        Secret(value=f"{hook.url}/{TOKEN}").save("qlora-test-webhook", overwrite=True)
-        with caplog.at_level(logging.INFO, logger="qlora.report"):
-            notify(ReportConfig(webhook_secret="qlora-test-webhook"), "promotion", "v3 promoted")
-            notify(ReportConfig(webhook_url=f"http://127.0.0.1:9/{TOKEN}"), "failure", "x")  # plain URL, unreachable
-            notify(ReportConfig(webhook_secret="no-such-block"), "failure", "x")  # best effort: warned, not raised
-    finally:
-        hook.srv.shutdown()
-    assert hook.got == [{"event": "promotion", "text": "v3 promoted"}]
-    assert TOKEN not in caplog.text and "/hook" not in caplog.text
-    assert f"notified webhook http://127.0.0.1:{hook.srv.server_port}/... of promotion" in caplog.text
-    assert "webhook http://127.0.0.1:9/... failed for failure" in caplog.text
-    assert "report.webhook_secret: no Prefect Secret block named 'no-such-block'" in caplog.text
-
-
-def test_failed_flow_notifies_through_the_secret_and_keeps_the_url_out_of_its_parameters(prefect_server, tiny_base, tmp_path, mlflow_uri, caplog):
-    from prefect.blocks.system import Secret
-    from prefect.client.orchestration import get_client
-
-    from flows.finetune import qlora_finetune
-    from qlora.config.schema import config_warnings
-
-    hook = _Hook()
-    try:
-        Secret(value=f"{hook.url}/{TOKEN}").save("qlora-test-webhook", overwrite=True)
-        cfg = load_config(None, [f"model.name_or_path={tiny_base}", f"data.path={tmp_path / 'missing.jsonl'}",
-                                 f"workdir={tmp_path / 'work'}", "report.webhook_secret=qlora-test-webhook",
-                                 f"tracking.artifact_location={tmp_path / 'art'}"])
-        with caplog.at_level(logging.INFO):
-            state = qlora_finetune(config=cfg, return_state=True)
-    finally:
-        hook.srv.shutdown()
-    assert state.is_failed()
-    (msg,) = hook.got
-    assert msg["event"] == "failure" and "missing.jsonl" in msg["text"]
-    with get_client(sync_client=True) as c:
-        params = c.read_flow_run(state.state_details.flow_run_id).parameters
-    assert params["config"]["report"]["webhook_secret"] == "qlora-test-webhook"
-    assert TOKEN not in yaml.safe_dump(params) and TOKEN not in caplog.text
-    # and a plain URL in the config is warned about when a run starts
-    (warning,) = config_warnings(load_config(None, [f"report.webhook_url=https://hooks.example.com/{TOKEN}"]))
-    assert "report.webhook_secret" in warning and TOKEN not in warning
+def test_an_old_configs_webhook_url_is_refused_without_echoing_it(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump({"report": {"webhook_url": f"https://hooks.example.com/{TOKEN}"}}))
+    with pytest.raises(ConfigError) as e:
+        load_config(old)
+    assert str(e.value).startswith(f"{old}: report.webhook_url: removed: notifications are Prefect automations")
+    assert "qlora notifications setup --block" in str(e.value) and TOKEN not in str(e.value)
 
 
 def test_trust_remote_code_is_announced_before_the_first_load(tiny_base, tmp_path, monkeypatch):

@@ -71,6 +71,16 @@ def test_override_of_unknown_key_is_rejected():
         load_config(None, ["train.max_step=5"])
 
 
+@pytest.mark.parametrize("key", ["report.webhook_url", "report.webhook_secret", "report.notification_block"])
+def test_a_removed_key_says_what_replaced_it(key):
+    """Before: these keys made the flow post to a webhook itself; now Prefect automations notify. An old config
+    is told so, by key, instead of being refused as a typo."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"{key}=slack-webhook/ml-team"])
+    assert str(e.value).startswith(f"defaults + --set: {key}: removed: notifications are Prefect automations")
+    assert "`qlora notifications setup --block TYPE/NAME`" in str(e.value) and "QLORA_NOTIFY_BLOCK" in str(e.value)
+
+
 def test_malformed_override_says_how():
     with pytest.raises(ConfigError, match="expected dotted.key=value"):
         load_config(None, ["train.max_steps"])

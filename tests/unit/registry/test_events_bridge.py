@@ -1,6 +1,7 @@
 """The bridge's refusals and its one acceptance, through its real app (Starlette's TestClient) emitting to a
 real Prefect API (the test harness): a forged signature, a stale timestamp, a replayed delivery (also after a
-restart) and an oversized body get 4xx and emit nothing; a good delivery becomes one Prefect event."""
+restart) and an oversized body get 4xx and emit nothing; a good delivery becomes one Prefect event. And the
+project's own event: every move of champion registry/aliases.py makes is one ``qlora.champion.moved``."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from flows.events import app as bridge_app
-from registry.events import MAX_AGE_S, SeenDeliveries, create_app, signature, translate, verify, Rejected
+from registry.events import CHAMPION_MOVED, MAX_AGE_S, SeenDeliveries, champion_moved, create_app, signature, translate, verify, Rejected
 from registry.webhooks import webhook_url
 
 SECRET = "s3cret-for-tests-0123456789"
@@ -154,3 +155,46 @@ def test_register_webhook_is_idempotent(mlflow_uri, monkeypatch):
     assert set(hooks) == {"qlora-bridge-m1", "qlora-bridge-m2"}
     assert hooks["qlora-bridge-m1"].url == "http://127.0.0.1:9999/mlflow?model=m1"
     assert {str(e) for e in hooks["qlora-bridge-m1"].events} == set(EVENTS)
+
+
+def _settled_events(resource_id: str, n: int) -> list[dict]:
+    deadline = time.monotonic() + 30  # the server persists events in batches
+    while len(_events(resource_id)) < n and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(1)  # and nothing more comes
+    return sorted(_events(resource_id), key=lambda e: e["occurred"])
+
+
+def test_each_champion_move_is_announced_once(prefect_server, mlflow_uri, tmp_path):
+    """Before: the flow posted a promotion from its report task only; `qlora promote` and `qlora rollback` told
+    nobody. Now every move is an event on the Prefect server, except the register task's retry of a move made."""
+    import mlflow
+
+    from registry import aliases
+
+    name = f"tiny-moves-{uuid.uuid4().hex[:8]}"
+    client = mlflow.MlflowClient(mlflow_uri)
+    client.create_registered_model(name)
+    for i in (1, 2):
+        client.create_model_version(name, source=str(tmp_path / f"v{i}"))
+    aliases.set_champion(client, name, "1", "promotion gate", "beats the base")
+    aliases.set_champion(client, name, "1", "promotion gate", "beats the base")  # the register task's retry
+    aliases.promote(client, name, "2", "better on the new data", who="ann")
+    aliases.rollback(client, name, "v2 regressed", who="bob")
+    got = _settled_events(f"mlflow.registered_model.{name}", 3)
+    assert {e["event"] for e in got} == {CHAMPION_MOVED}
+    assert [(e["resource"]["mlflow.model.version"], e["payload"]["previous"], e["payload"]["by"], e["payload"]["why"])
+            for e in got] == [("1", None, "promotion gate", "beats the base"),
+                              ("2", "1", "ann", "manual: better on the new data"),
+                              ("1", "2", "bob", "rollback from v2: v2 regressed")]
+    assert got[0]["resource"]["mlflow.model.alias"] == "champion"
+
+
+def test_without_a_prefect_server_nothing_is_announced_and_nothing_starts(monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from registry import events
+
+    monkeypatch.setattr(events, "emit_to_prefect", lambda e: pytest.fail("no server to send to"))
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert events.announce(champion_moved("m", "1", None, "x", "y")) is False

@@ -12,6 +12,7 @@ import time
 
 
 def run(config_path: str, overrides: list[str]) -> dict[str, float]:
+    from flows.finetune import generation_eval
     from qlora.config.files import load_config
     from tasks.evaluate import evaluate_adapter
     from tasks.quantize import prepare_quantized_model
@@ -32,7 +33,8 @@ def run(config_path: str, overrides: list[str]) -> dict[str, float]:
     base = prepare_quantized_model(cfg.model, cfg.quantization, cfg.workdir)
     times["quantize"] = time.perf_counter() - t
     t = time.perf_counter()
-    adapter = train_adapter(base, data, cfg.lora, cfg.train, cfg.workdir)
+    # With eval.every_steps: generation eval during training, checkpoint selection and early stopping, as the flow does
+    adapter = train_adapter(base, data, cfg.lora, cfg.train, cfg.workdir, during=generation_eval(cfg, data))
     times["train"] = time.perf_counter() - t
     t = time.perf_counter()
     report = evaluate_adapter(base, adapter, data, cfg.eval)
@@ -41,6 +43,10 @@ def run(config_path: str, overrides: list[str]) -> dict[str, float]:
     times["tuned_eval_loss"] = report.metrics["eval/tuned/loss"]
     times["train_runtime"] = adapter.train_runtime_s
     times["steps"] = adapter.global_step
+    times["optim"] = adapter.optim
+    times["selected_step"] = adapter.selected_step
+    times["evaluations"] = adapter.evaluations
+    times["generation_eval_s"] = adapter.generation_eval_s
     times["compute_dtype"] = base.compute_dtype
     return times
 

@@ -48,7 +48,7 @@ def run_cell(seed: int, dtype: str, env: dict, root: Path) -> dict:
         raise SystemExit(f"quality cell failed: {' '.join(cmd)}")
     res = json.loads((out.stdout + out.stderr).split("BENCH ", 1)[1].splitlines()[0])
     return {"seed": seed, "exact_match": res["tuned_exact_match"], "eval_loss": round(res["tuned_eval_loss"], 4),
-            "compute_dtype": res["compute_dtype"], "steps": res["steps"],
+            "compute_dtype": res["compute_dtype"], "optim": res["optim"], "steps": res["steps"],
             "train_runtime_s": round(res["train_runtime"], 1), "steps_per_s": round(res["steps"] / res["train_runtime"], 2)}
 
 

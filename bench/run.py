@@ -1,7 +1,8 @@
 """``make bench``: how fast the demo job runs here against what users would pick instead, as ratios of
 runs measured together. This machine is noisy (single runs swing +-10%), so every comparison alternates
 its sides over ``BENCH_ROUNDS`` rounds (default 3) and compares medians; absolute seconds are context.
-Writes ``bench/results.json`` (the CPU named) and prints a Markdown table.
+Writes ``bench/results.json`` (the CPU named) and prints a Markdown table. ``BENCH_ONLY=peers,...`` re-measures
+only the named sections and carries the others over from the last results file, with their date and CPU.
 
 1. peers, alternating each round: a bare ``qlora run`` of the demo (ephemeral Prefect, MLflow, evaluation,
    registry), the same against a running Prefect server, TRL's ``SFTTrainer`` and a bare
@@ -228,20 +229,35 @@ def main() -> None:
     results: dict[str, dict] = {"context": {"cpu": cpu_name(), "cpu_count": os.cpu_count(),
                                             "aten_capability": torch.backends.cpu.get_cpu_capability(),
                                             "date": datetime.now().isoformat(timespec="seconds"), "rounds": ROUNDS}}
-    results["peers"] = peers(root, env, py)
-    results["compute_dtype_auto"] = dtype_choice(root, env, py)
-    results["warm_rerun"] = warm_rerun(root, env, py)
-    from bench import data as data_bench
+    # BENCH_ONLY=peers,generation_eval re-measures those sections and keeps the others from the last results
+    # file, each with the date and CPU it was measured on (context.carried_over says which).
+    only = {s for s in os.environ.get("BENCH_ONLY", "").split(",") if s}
+    previous = json.loads((REPO / "bench" / "results.json").read_text()) if only else {}
+    fresh = lambda section: not only or section in only  # noqa: E731
+    if fresh("peers"):
+        results["peers"] = peers(root, env, py)
+    if fresh("compute_dtype_auto"):
+        results["compute_dtype_auto"] = dtype_choice(root, env, py)
+    if fresh("warm_rerun"):
+        results["warm_rerun"] = warm_rerun(root, env, py)
+    if fresh("data"):
+        from bench import data as data_bench
 
-    results["data"] = data_bench.run(str(REPO / "data" / "public" / "code_alpaca_2k.json"), str(REPO / ".qlora" / "demo-base"))
-    base_dir = REPO / ".qlora" / "demo-base"
-    rss = median([x["peak_rss_mb"] for x in results["peers"]["runs"]["ours"]])
-    results["memory"] = {"flow_peak_rss_mb": rss, "base_bf16_mb": round(bf16_bytes(base_dir) / 2**20, 2),
-                         "ratio": round(rss * 2**20 / bf16_bytes(base_dir), 1)}
+        results["data"] = data_bench.run(str(REPO / "data" / "public" / "code_alpaca_2k.json"), str(REPO / ".qlora" / "demo-base"))
+    if fresh("peers"):
+        base_dir = REPO / ".qlora" / "demo-base"
+        rss = median([x["peak_rss_mb"] for x in results["peers"]["runs"]["ours"]])
+        results["memory"] = {"flow_peak_rss_mb": rss, "base_bf16_mb": round(bf16_bytes(base_dir) / 2**20, 2),
+                             "ratio": round(rss * 2**20 / bf16_bytes(base_dir), 1)}
+    if fresh("generation_eval"):
+        from bench import generation_eval
 
-    from bench import generation_eval
-
-    results["generation_eval"] = generation_eval.run()
+        results["generation_eval"] = generation_eval.run()
+    carried = {k: previous["context"].get("carried_over", {}).get(k, {"date": previous["context"]["date"], "cpu": previous["context"]["cpu"]})
+               for k in previous if k not in results}
+    results |= {k: previous[k] for k in carried}
+    if carried:
+        results["context"]["carried_over"] = carried
     (REPO / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     p, d = results["peers"], results["compute_dtype_auto"]
     c = results["context"]
@@ -251,11 +267,13 @@ def main() -> None:
     for name, label in (("ours", "`qlora run` (ephemeral Prefect)"), ("ours_running_server", "`qlora run`, running Prefect server"),
                         ("trl", "TRL SFTTrainer"), ("trl_fast", "TRL SFTTrainer set for speed (no checkpointing, fused AdamW)"),
                         ("bare", "bare PEFT + Trainer script")):
+        if name not in p:
+            continue
         vs = p.get(f"{name}_vs_trl", {"loop_speed": 1.0, "wall": 1.0})
         print(f"| {label} | {p[name]['steps_per_s']} | {p[name]['wall_s']} | {vs['loop_speed']} | {vs['wall']} |")
     print("\n| measure | value | goal |\n|---|---|---|")
     rows = [
-        ("training loop vs TRL set for speed", p["ours_vs_trl_fast"]["loop_speed"], ">= 0.95"),
+        ("training loop vs TRL set for speed", p.get("ours_vs_trl_fast", {}).get("loop_speed"), ">= 0.95"),
         ("training loop vs TRL (QLoRA recipe, its defaults)", p["ours_vs_trl"]["loop_speed"], ">= 1.6"),
         ("whole run wall vs TRL", p["ours_vs_trl"]["wall"], "<= 0.85"),
         ("compute_dtype auto vs the faster dtype, native (auto picks)", f"{d['native']['auto_vs_faster']} ({d['native']['auto_picks']})", ">= 0.9"),

@@ -176,9 +176,13 @@ def rollback(client, name: str, why: str = "rollback", who: str | None = None) -
 def _model(client, name: str):
     import mlflow
 
+    from qlora.errors import is_transient
+
     try:
         return client.get_registered_model(name)
-    except mlflow.exceptions.MlflowException:
+    except mlflow.exceptions.MlflowException as e:
+        if is_transient(e):  # a server that does not answer is not a missing model: the caller says "try again"
+            raise
         raise RegistryError(f"{name}: no such registered model (check registry.model_name / the tracking URI)") from None
 
 

@@ -38,11 +38,14 @@ def test_a_bad_command_line_is_2_and_only_that(capsys):
     assert EXIT_TRY_AGAIN != EXIT_USAGE
 
 
-def test_a_tracking_server_that_does_not_answer_is_75():
-    out = _qlora("predict", "models:/x/1", "hi", "--tracking-uri", "http://127.0.0.1:9",
+@pytest.mark.parametrize("command", [("predict", "models:/x/1", "hi"), ("registry", "list", "x")])
+def test_a_tracking_server_that_does_not_answer_is_75(command):
+    """Also for `registry list`, which used to call an unreachable server's model "no such registered model" (exit 1)."""
+    out = _qlora(*command, "--tracking-uri", "http://127.0.0.1:9",
                  MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="2")
     assert out.returncode == EXIT_TRY_AGAIN, out.stderr[-2000:]
     assert "the tracking server did not answer" in out.stderr and "Traceback" not in out.stderr
+    assert "no such registered model" not in out.stderr
 
 
 def _reproduce_returning(monkeypatch, outcome):

@@ -65,18 +65,19 @@ def cache_key(data: DataConfig, tok, template: list, local: tuple[list[LocalCont
 def tokenize_dataset(data: DataConfig, model: ModelConfig, workdir: str | Path, run: MlflowRun | None = None) -> TokenizedData:
     """Validate and tokenize ``data``; reuse the cached result when every input's content is unchanged.
 
-    Every local input is read once: its digest for the key, its bytes for parsing. Then, under the cache's
-    lock, the tokenizer and what it renders with: a tokenizer that does not load, or a base whose context is
-    shorter than ``data.max_length``, is said after the data's own problems (``_inputs``)."""
+    Every local input is read once: its digest for the key, its bytes for parsing. Then the tokenizer and what
+    it renders with: a tokenizer that does not load is said after the data's own problems (``_inputs``); a
+    base whose context is shorter than ``data.max_length`` at once, before anything is written."""
     local = local_inputs(data)
+    try:
+        tok, err = load_tokenizer(model), None
+    except (OSError, ValueError, UserError) as e:
+        tok, err = None, e
+    else:
+        check_context(data.max_length, model)
+    template = [PROMPT_TEMPLATE, chat_template_of(tok, data.chat_template),
+                template_kwargs(tok, data.chat_template, data.chat_template_kwargs)]
     with one_writer(workdir, "tokenized"):  # concurrent runs of one dataset: one writes it, the others wait, then hit
-        try:
-            tok, err = load_tokenizer(model), None
-            check_context(data.max_length, model)
-        except (OSError, ValueError, UserError) as e:
-            tok, err = None, e
-        template = [PROMPT_TEMPLATE, chat_template_of(tok, data.chat_template),
-                    template_kwargs(tok, data.chat_template, data.chat_template_kwargs)]
         return _tokenized(data, tok, err, template, local, Path(workdir) / "tokenized", run)
 
 

@@ -128,7 +128,7 @@ def cmd_validate_data(args) -> int:
     datasets.disable_progress_bars()  # the report is the output; bars would interleave with it
     parsed = validate_data(cfg.data)  # file and row structure first: needs no tokenizer
     tok = load_tokenizer(cfg.model)
-    check_context(cfg.data, cfg.model)
+    check_context(cfg.data.max_length, cfg.model)
     print(prepare_data(cfg.data, tok, parsed).report.markdown())
     return 0
 

@@ -37,7 +37,7 @@ from qlora.config.schema import (
     TrainConfig,
 )
 from qlora.errors import StageTimeout, retry_transient
-from qlora.locks import one_writer, training_slot
+from qlora.locks import training_slot
 from qlora.models.loading import ModelCache
 from qlora.refs import Adapter, EvalReport, MlflowRun, QuantizedModel, RegisteredVersion, TokenizedData
 from qlora.tracking.outage import required
@@ -130,7 +130,7 @@ def tokenize(data: DataConfig, model: ModelConfig, workdir: str, run: MlflowRun 
              evaluation: EvalConfig | None = None) -> TokenizedData:
     """Tokenize, then show the data report (drops by reason, lengths, examples) in the Prefect UI, with which eval
     rows the final evaluation and the gate score and which choose the checkpoint (``evaluation``: the eval section)."""
-    with _time_limit("tokenize", limit), one_writer(workdir, "tokenized"):
+    with _time_limit("tokenize", limit):
         ref = tokenize_dataset(data, model, workdir, run)
     if ref.report_path:
         roles = "" if evaluation is None else "\n\n## Eval rows\n\n" + row_roles(ref.eval_rows, evaluation)
@@ -141,7 +141,7 @@ def tokenize(data: DataConfig, model: ModelConfig, workdir: str, run: MlflowRun 
 
 @task(name="quantize", retries=2, retry_delay_seconds=10, **_common)
 def quantize(model: ModelConfig, quant: QuantizationConfig, workdir: str, limit: float | None = None) -> QuantizedModel:
-    with _time_limit("quantize", limit), one_writer(workdir, "quantized"):
+    with _time_limit("quantize", limit):
         return prepare_quantized_model(model, quant, workdir)
 
 

@@ -18,6 +18,7 @@ from qlora.config.schema import DataConfig, ModelConfig, stable_hash
 from qlora.errors import UserError
 from qlora.models.loading import check_context, load_tokenizer
 from qlora.refs import MlflowRun, TokenizedData
+from qlora.locks import one_writer
 from qlora.storage import cached, staged_dir
 from qlora.template import PROMPT_TEMPLATE, chat_template_of, template_kwargs
 from tasks.data.drops import refuse
@@ -35,7 +36,8 @@ def tokenizer_fingerprint(tok) -> str:
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
-def cache_key(data: DataConfig, tok, local: tuple[list[LocalContent | None], LocalContent | None], inputs: Inputs | None) -> str:
+def cache_key(data: DataConfig, tok, template: list, local: tuple[list[LocalContent | None], LocalContent | None],
+              inputs: Inputs | None) -> str:
     """Content, not names: data bytes (or hub revision), tokenizer, template, length, format, mapping.
     The contents come from the inputs as parsed, or, when nothing had to be parsed yet, as read."""
     train = [p.src.digest for p in inputs.sources] if inputs else [c.digest for c in local[0]]
@@ -47,8 +49,7 @@ def cache_key(data: DataConfig, tok, local: tuple[list[LocalContent | None], Loc
             if data.sources else train[0],
             "eval_data": evals,
             "tokenizer": tokenizer_fingerprint(tok),
-            "template": [PROMPT_TEMPLATE, chat_template_of(tok, data.chat_template),
-                         template_kwargs(tok, data.chat_template, data.chat_template_kwargs)],
+            "template": template,
             # 2: eval split carries message/standalone; rows a template is not prefix-stable for are split per turn
             # 3: eval scores the last answer, carries its conversation; the manifest carries the chat contract
             "layout": 3,
@@ -61,33 +62,44 @@ def cache_key(data: DataConfig, tok, local: tuple[list[LocalContent | None], Loc
     )
 
 
-def _tokenizer_and_inputs(data: DataConfig, model: ModelConfig):
-    """(local contents, tokenizer, inputs). Every local input is read once: its digest for the key, its bytes
-    for parsing. The inputs are parsed only where the cache key needs them first: a hub dataset's revision
-    is known once loaded; and a tokenizer that does not load is said after the data's own problems. Warm
-    re-runs of local data parse nothing: the same bytes were validated when the cache entry was written."""
+def tokenize_dataset(data: DataConfig, model: ModelConfig, workdir: str | Path, run: MlflowRun | None = None) -> TokenizedData:
+    """Validate and tokenize ``data``; reuse the cached result when every input's content is unchanged.
+
+    Every local input is read once: its digest for the key, its bytes for parsing. Then the tokenizer and what
+    it renders with: a tokenizer that does not load is said after the data's own problems (``_inputs``); a
+    base whose context is shorter than ``data.max_length`` at once, before anything is written."""
     local = local_inputs(data)
     try:
         tok, err = load_tokenizer(model), None
     except (OSError, ValueError, UserError) as e:
         tok, err = None, e
+    else:
+        check_context(data.max_length, model)
+    template = [PROMPT_TEMPLATE, chat_template_of(tok, data.chat_template),
+                template_kwargs(tok, data.chat_template, data.chat_template_kwargs)]
+    with one_writer(workdir, "tokenized"):  # concurrent runs of one dataset: one writes it, the others wait, then hit
+        return _tokenized(data, tok, err, template, local, Path(workdir) / "tokenized", run)
+
+
+def _inputs(data: DataConfig, tok, err: Exception | None, local) -> Inputs | None:
+    """The inputs parsed, where the cache key needs them first: a hub dataset's revision is known once loaded,
+    and a tokenizer that failed (``err``) is said after the data's own problems. Warm re-runs of local data
+    parse nothing: the same bytes were validated when the cache entry was written."""
     complete = None not in local[0] and (local[1] is not None or not data.eval_path)
     inputs = None if tok is not None and complete else validate_data(data, local)
     if err is not None:  # the data's own problems first: a bad row is said before a base that does not load
         for parsed in inputs.sources + ([inputs.eval] if inputs.eval else []):
             refuse(parsed.problems, parsed.rows_read, parsed.src.name, parsed.hint, data)
         raise err
-    check_context(data, model)
-    return local, tok, inputs
+    return inputs
 
 
-def tokenize_dataset(data: DataConfig, model: ModelConfig, workdir: str | Path, run: MlflowRun | None = None) -> TokenizedData:
-    """Validate and tokenize ``data``; reuse the cached result when every input's content is unchanged."""
+def _tokenized(data: DataConfig, tok, err: Exception | None, template: list, local, cache: Path,
+               run: MlflowRun | None) -> TokenizedData:
     from datasets import DatasetDict
 
-    local, tok, inputs = _tokenizer_and_inputs(data, model)
-    key = cache_key(data, tok, local, inputs)
-    out = Path(workdir) / "tokenized" / key
+    inputs = _inputs(data, tok, err, local)
+    out = cache / cache_key(data, tok, template, local, inputs)
     hit = cached(out, "the tokenized dataset", TokenizedData)  # checked before it is trusted (qlora/storage.py)
     if hit is not None:
         log.info("tokenized data cache hit: %s (key %s), not re-tokenizing", out, out.name)
@@ -98,7 +110,7 @@ def tokenize_dataset(data: DataConfig, model: ModelConfig, workdir: str | Path, 
     prep = prepare_data(data, tok, inputs, local)
     r = prep.report
     ref = TokenizedData(
-        path=str(out.resolve()), fingerprint=key, train_rows=len(prep.train), eval_rows=len(prep.eval),
+        path=str(out.resolve()), fingerprint=out.name, train_rows=len(prep.train), eval_rows=len(prep.eval),
         truncated_rows=r.truncated_rows, max_length=data.max_length, format=r.format, prompt_template=prep.prompt_template,
         report_path=str((out / "report.md").resolve()), chat=prep.chat,
     )

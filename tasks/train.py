@@ -19,8 +19,7 @@ from qlora.config.schema import LoraSection, TrainConfig, stable_hash
 from qlora.errors import is_disk_full
 from qlora.locks import locked_run_dir
 from qlora.refs import Adapter, MlflowRun, QuantizedModel, TokenizedData
-from qlora.storage import disk_full_error
-from tasks.training.checkpoints import finished_adapter
+from qlora.storage import cached, disk_full_error
 from tasks.training.launch import LaunchSpec, run_launcher
 from tasks.training.recipe import fit_with_oom_retry
 from tasks.training.selection import GenerationEval
@@ -66,8 +65,11 @@ def train_adapter(
 
 
 def _train_locked(base, data, lora, train: TrainConfig, run_dir: Path, run, callbacks, during=None, progress=None) -> Adapter:
+    # A completed training's adapter: its manifest and file index are written last; a folder cut short is
+    # removed with a warning, and training resumes from its last checkpoint to write it again (qlora/storage.py).
+    adapter = run_dir / "adapter"
     with locked_run_dir(run_dir):
-        done = finished_adapter(run_dir)
+        done = cached(adapter, "the trained adapter", Adapter)
         if done is not None:
             log.info("adapter already trained for this exact config and data: %s", Path(done.path))
             return done
@@ -78,7 +80,7 @@ def _train_locked(base, data, lora, train: TrainConfig, run_dir: Path, run, call
                         "separate processes", len(callbacks))
         t0 = time.perf_counter()
         run_launcher(LaunchSpec(base=base, data=data, lora=lora, train=train, run_dir=str(run_dir), run=run, during=during))
-        done = finished_adapter(run_dir)
+        done = cached(adapter, "the trained adapter", Adapter)
         if done is None:
             raise RuntimeError(f"distributed training finished but rank 0 wrote no {run_dir / 'adapter' / 'manifest.json'}")
     log.info("distributed training (%d processes) done in %.1f s: %d steps", train.num_processes,

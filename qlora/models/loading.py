@@ -11,7 +11,7 @@ import contextlib
 import logging
 from pathlib import Path
 
-from qlora.config.schema import DataConfig, ModelConfig, QuantizationConfig
+from qlora.config.schema import ModelConfig, QuantizationConfig
 from qlora.errors import ConfigError
 from qlora.models.quant import bnb_config, compute_dtype, device_map
 from qlora.models.secrets import hf_token
@@ -101,12 +101,12 @@ def context_length(model: ModelConfig) -> int | None:
     return None
 
 
-def check_context(data: DataConfig, model: ModelConfig) -> None:
+def check_context(max_length: int, model: ModelConfig) -> None:
     """``data.max_length`` must fit the base's context: found when the tokenizer loads (stage 1), not after training."""
     ctx = context_length(model)
-    if ctx is not None and data.max_length > ctx:
+    if ctx is not None and max_length > ctx:
         raise ConfigError(
-            f"data.max_length={data.max_length} is more than the context of model.name_or_path={model.name_or_path} "
+            f"data.max_length={max_length} is more than the context of model.name_or_path={model.name_or_path} "
             f"({ctx} tokens, max_position_embeddings in its config.json): set data.max_length to at most {ctx}"
         )
 

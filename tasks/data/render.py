@@ -44,6 +44,8 @@ class Rendered:
     problems: list[Problem] = field(default_factory=list)
     rows_read: int = 0
     rows_expanded: int = 0  # conversations split into one example per assistant turn
+    chat_template: str | None = None  # the template that rendered the rows: the tokenizer's, else data.chat_template
+    kwargs: dict = field(default_factory=dict)  # the chat template kwargs it was rendered with
 
 
 def char_cap(tok, max_length: int) -> int:
@@ -88,7 +90,8 @@ def render(parsed: Parsed, data: DataConfig, tok) -> Rendered:
     kwargs = template_kwargs(tok, data.chat_template, data.chat_template_kwargs)
     template = "{prompt}" if parsed.fmt == "text" else prompt_template_for(tok, data.chat_template, kwargs)
     out = Rendered(name=parsed.src.name, fmt=parsed.fmt, prompt_template=template, cap=cap, hint=parsed.hint,
-                   problems=list(parsed.problems), rows_read=parsed.rows_read)
+                   problems=list(parsed.problems), rows_read=parsed.rows_read,
+                   chat_template=chat_template_of(tok, data.chat_template), kwargs=kwargs)
     for (where, turns, cut), half in zip(rows, halves):
         group = len(out.items)
         if half is not None:
@@ -113,15 +116,15 @@ def chat_contract(rendered: list[Rendered], data: DataConfig, tok) -> ChatContra
     """The consumer contract of what was rendered: conversations when the rows were chat data (``messages``,
     ``sharegpt``) or a chat template rendered them; None (bare prompts through the prompt template) for
     instruction data on the built-in template, as the demo. The system prompt a consumer gets by default is
-    the one every row had; when rows differ (another prompt, or none) no default is applied."""
+    the one every row had; when rows differ (another prompt, or none) no default is applied. The template and
+    its kwargs are those ``render`` used (every source is rendered by the same tokenizer and data section)."""
     formats = {r.fmt for r in rendered} - {"text"}
-    template = chat_template_of(tok, data.chat_template)
-    if not formats or (template is None and not formats & {"messages", "sharegpt"}):
+    if not formats or (rendered[0].chat_template is None and not formats & {"messages", "sharegpt"}):
         return None
     rows = {(r.name, i.group): i.system for r in rendered if r.fmt != "text" for i in r.items}
     systems = {s for s in rows.values() if s is not None}
     without = sum(s is None for s in rows.values())
     return ChatContract(chat_template=None if getattr(tok, "chat_template", None) else data.chat_template,
-                        kwargs=template_kwargs(tok, data.chat_template, data.chat_template_kwargs),
+                        kwargs=dict(rendered[0].kwargs),
                         system=next(iter(systems)) if len(systems) == 1 and not without else None,
                         systems=len(systems), rows_without_system=without if systems else 0)

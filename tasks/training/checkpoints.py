@@ -84,16 +84,6 @@ def latest_valid_checkpoint(run_dir: Path) -> str | None:
     return None
 
 
-def finished_adapter(run_dir: Path):
-    """The ``Adapter`` a completed training of this run dir wrote, or None. Its manifest and file index are
-    written last; an adapter folder cut short is removed with a warning, and training resumes from its
-    last checkpoint to write it again (``qlora/storage.py``)."""
-    from qlora.refs import Adapter
-    from qlora.storage import cached
-
-    return cached(Path(run_dir) / "adapter", "the trained adapter", Adapter)
-
-
 def gather_fsdp_adapter(trainer) -> dict:
     """The LoRA tensors of the FSDP-wrapped model, unsharded, on rank 0 (CPU); empty on other ranks.
 

@@ -27,11 +27,11 @@ from tasks.training.selection import GenerationEval, GenerationEvalCallback, bes
 log = logging.getLogger("qlora.train")
 
 
-def build_peft_model(base_path: str, lora: LoraSection, gradient_checkpointing: bool, quantized: bool,
-                     attn: str | None = None, fsdp: bool = False, fp32_norms: bool = True):
+def build_peft_model(model, lora: LoraSection, gradient_checkpointing: bool, quantized: bool, fsdp: bool = False,
+                     fp32_norms: bool = True):
+    """The loaded base (``load_base``), prepared for k-bit training and wrapped with the LoRA adapter."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    model = load_base(base_path, attn=attn, fsdp=fsdp)
     if quantized and not upcasts_norms(fsdp, fp32_norms):
         # Skip the kbit preparation's fp32 upcast of norms and embeddings; training runs under bf16/fp16
         # autocast and RMSNorm still computes its variance in fp32. Profiled on an H100 (7B, seq 1024):
@@ -228,7 +228,6 @@ def fit(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: Tra
     from transformers import EarlyStoppingCallback, set_seed
 
     check_attention_trains_here(base.attn_implementation)
-    tok = load_tokenizer(base.path)
     splits = load_from_disk(data.path)
     # Seed before the LoRA matrices are initialised (the Trainer seeds only later): the same config then
     # starts from the same adapter in every process, which is what makes a resumed run match an uninterrupted one.
@@ -238,7 +237,8 @@ def fit(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: Tra
     if train.packing == "bfd":  # deterministic: every rank and every resume packs the same bins
         train_split = pack_bfd(train_split, bin_capacity(train.packing_tokens, data.max_length, train_split))
     checkpointing = resolve_checkpointing(base, train, train_split)
-    model = build_peft_model(base.path, lora, bool(checkpointing), base.quantized, base.attn_implementation, fsdp, train.fp32_norms)
+    tok, loaded = load_tokenizer(base.path), load_base(base.path, attn=base.attn_implementation, fsdp=fsdp)
+    model = build_peft_model(loaded, lora, bool(checkpointing), base.quantized, fsdp, train.fp32_norms)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA r=%d on %s: %d trainable of %d parameters (%.2f%%)", lora.r, lora.target_modules, trainable, total, 100 * trainable / total)
     optim = resolve_optim(train.optim, torch.cuda.is_available(), trainable)

@@ -41,6 +41,11 @@ def _fills_up(real, error):
     return save
 
 
+def _entries(cache) -> list[str]:
+    """What a cache folder holds besides its writer lock (``qlora.locks.one_writer``, taken by the task itself)."""
+    return [p.name for p in cache.iterdir() if p.name != ".lock"]
+
+
 @pytest.mark.parametrize("error", [_os_enospc, _safetensors_enospc], ids=["oserror", "safetensors"])
 def test_quantize_disk_full_cleans_up_and_names_the_path(tiny_base, tmp_path, monkeypatch, error):
     from transformers import PreTrainedModel
@@ -53,10 +58,10 @@ def test_quantize_disk_full_cleans_up_and_names_the_path(tiny_base, tmp_path, mo
     msg = str(e.value)
     assert "the disk is full" in msg and "quantized" in msg and ".tmp" in msg, msg
     assert not is_transient(e.value)  # retrying the same write into a full disk only wastes time
-    assert list((tmp_path / "quantized").iterdir()) == []  # no partial <key>.tmp left behind
+    assert _entries(tmp_path / "quantized") == []  # no partial <key>.tmp left behind
     monkeypatch.undo()  # space freed: the same call now completes
     ref = prepare_quantized_model(ModelConfig(name_or_path=str(tiny_base)), QuantizationConfig(), tmp_path)
-    assert [p.name for p in (tmp_path / "quantized").iterdir()] == [ref.fingerprint]
+    assert _entries(tmp_path / "quantized") == [ref.fingerprint]
 
 
 def test_tokenize_disk_full_cleans_up_and_names_the_path(tiny_base, tmp_path, monkeypatch):
@@ -70,7 +75,7 @@ def test_tokenize_disk_full_cleans_up_and_names_the_path(tiny_base, tmp_path, mo
     with pytest.raises(UserError, match=r"tokenized/\w+\.tmp: the disk is full") as e:
         tokenize_dataset(DataConfig(path=str(rows), max_length=64), ModelConfig(name_or_path=str(tiny_base)), tmp_path)
     assert not is_transient(e.value)
-    assert list((tmp_path / "tokenized").iterdir()) == []
+    assert _entries(tmp_path / "tokenized") == []
 
 
 def test_flow_with_a_full_disk_fails_once_with_one_line(prefect_server, tiny_base, tmp_path, mlflow_uri, monkeypatch, capsys, caplog):

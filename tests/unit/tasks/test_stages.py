@@ -34,7 +34,7 @@ def test_unknown_base_is_a_model_error(tmp_path):
 
 def test_only_lora_parameters_train(prepared):
     _, _, _, base = prepared
-    model = build_peft_model(base.path, LoraSection(r=4, alpha=8), gradient_checkpointing=True, quantized=True)
+    model = build_peft_model(load_base(base.path), LoraSection(r=4, alpha=8), gradient_checkpointing=True, quantized=True)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert count_4bit_layers(model) == 2 * 7

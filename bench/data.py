@@ -54,7 +54,7 @@ def run(data_path: str, model_path: str, max_length: int = 1024, batch_sizes=(4,
     import datasets
 
     from qlora.config.schema import DataConfig, ModelConfig
-    from qlora.models.loading import load_tokenizer
+    from qlora.models import load_tokenizer
     from tasks.data.encode import tokenize_items
     from tasks.data.parse import parse
     from tasks.data.pipeline import prepare_data

@@ -120,7 +120,7 @@ def run_case(base, seq: int, batch: int, steps: int, attn: str, workdir: Path, n
                         gradient_accumulation_steps=1, logging_steps=max(steps // 2, 1), save_steps=steps * 10,
                         learning_rate=2e-4, group_by_length=batching == "grouped", packing=packing,
                         packing_tokens=seq if batching == "bfd" else None,
-                        # every layer, as in the earlier tables; the diagnose case "auto" lets memory.py choose 1 in n
+                        # every layer, as in the earlier tables; the diagnose case "auto" lets tasks/training/recipe.py choose 1 in n
                         **({"gradient_checkpointing": True} | (overrides or {})))
     lora = LoraSection(r=64, alpha=16, dropout=0.05, target_modules="all-linear")
     timer: list[float] = []

@@ -43,7 +43,7 @@ def _base(cfg):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from qlora.models.quant import compute_dtype
+    from qlora.models import compute_dtype
 
     dtype = compute_dtype(cfg.quantization)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization.quant_type,

@@ -198,7 +198,7 @@ def dtype_choice(root: Path, env: dict[str, str], py: str) -> dict:
                        "--set", f"quantization.compute_dtype={dtype}", "--set", "eval.max_samples=8"]
                 _, _, log = timed_child(cmd, dict(env, **extra))
                 speed[dtype].append(steps / train_loop_seconds(log))
-        probe = subprocess.run([py, "-c", "from qlora.models.quant import cpu_compute_dtype as c; print(c()[0])"], cwd=REPO,
+        probe = subprocess.run([py, "-c", "from qlora.models import cpu_compute_dtype as c; print(c()[0])"], cwd=REPO,
                                env=dict(env, **extra), capture_output=True, text=True, check=True).stdout.split()[-1]
         picked = probe.removeprefix("torch.")
         med = {k: median(v) for k, v in speed.items()}

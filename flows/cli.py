@@ -119,7 +119,7 @@ def cmd_reproduce(args) -> int:
 def cmd_validate_data(args) -> int:
     """Validation and tokenization only (tokenizer, no model, writes nothing); prints the data report."""
     from qlora.config.files import load_config
-    from qlora.models.loading import check_context, load_tokenizer
+    from qlora.models import check_context, load_tokenizer
     from tasks.data.pipeline import prepare_data, validate_data
 
     cfg = load_config(args.config, args.set)

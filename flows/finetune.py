@@ -28,7 +28,7 @@ from flows import stages
 from flows.approval import await_approval
 from qlora.config.schema import PipelineConfig, config_warnings
 from qlora.locks import device_slot, set_threads
-from qlora.models.loading import ModelCache
+from qlora.models import ModelCache
 from qlora.refs import MlflowRun, RegisteredVersion, TokenizedData, Trained
 from qlora.tracking.outage import bounded_requests, hurry, is_down_at
 from qlora.tracking.runs import end_run, fail_runs_of_flow_run, release_run_record, resolve_uri

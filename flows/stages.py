@@ -38,7 +38,7 @@ from qlora.config.schema import (
 )
 from qlora.errors import StageTimeout, retry_transient
 from qlora.locks import training_slot
-from qlora.models.loading import ModelCache
+from qlora.models import ModelCache
 from qlora.refs import Adapter, EvalReport, MlflowRun, QuantizedModel, RegisteredVersion, TokenizedData
 from qlora.tracking.outage import required
 from qlora.tracking.records import log_config

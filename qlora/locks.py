@@ -298,7 +298,7 @@ def training_slot(cfg: TrainConfig):
 
 def device_lock_path() -> Path:
     """This machine's lock for its visible device set: every training loads onto the first visible device
-    (``qlora.models.quant.device_map``), so two on one set would share a GPU; a worker started per GPU
+    (``qlora.models.device_map``), so two on one set would share a GPU; a worker started per GPU
     (``CUDA_VISIBLE_DEVICES=1 prefect worker start ...``) gets its own slot."""
     devices = os.environ.get("CUDA_VISIBLE_DEVICES") or "all"
     return SLOT_DIR / re.sub(r"[^A-Za-z0-9_.-]+", "-", f"device-{devices}.lock")

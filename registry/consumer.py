@@ -49,7 +49,7 @@ def load(model_uri: str, tracking_uri: str | None = None):
     if base.get("hub_id") and base.get("commit"):
         from qlora.config.schema import QuantizationConfig
         from qlora.errors import ModelError
-        from qlora.models.loading import hub_base
+        from qlora.models import hub_base
 
         try:
             built = hub_base(base["hub_id"], base["commit"], QuantizationConfig(**base.get("quantization") or {}),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from qlora.models.loading import load_merged
+from qlora.models import load_merged
 from qlora.refs import Adapter, MlflowRun, QuantizedModel
 from qlora.tracking.runs import active_run
 from registry.chat import log_model

@@ -17,7 +17,7 @@ from importlib.metadata import version as pkg_version
 
 from qlora.config.schema import GENERATION_METRICS, RegistryConfig
 from qlora.errors import ModelError
-from qlora.models.loading import GENERATION_DEFAULTS, ModelCache, tuned
+from qlora.models import GENERATION_DEFAULTS, ModelCache, tuned
 from qlora.refs import Adapter, ChatContract, EvalReport, MlflowRun, QuantizedModel, RegisteredVersion, TokenizedData
 from qlora.template import PROMPT_TEMPLATE
 from qlora.tracking.names import filter_literal
@@ -32,7 +32,7 @@ from registry.merged import merged_name, register_merged
 
 log = logging.getLogger("qlora.register")
 # The params a consumer may send (predict(..., params={...})). MLflow fills every param a call leaves out
-# with its default here, so the defaults are evaluation's greedy decoding (qlora.models.loading.GENERATION_DEFAULTS).
+# with its default here, so the defaults are evaluation's greedy decoding (qlora.models.GENERATION_DEFAULTS).
 # One stop string goes as ``stop_sequence``: the text-generation pipeline's name, which it hands to generate()
 # as stop_strings. MLflow forwards params unchanged, so a ``stop`` key would reach generate() and be refused;
 # and it is a single string because a list param needs a list default, and an empty stop list makes

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from qlora.config.schema import GENERATION_METRICS, EvalConfig
-from qlora.models.loading import GENERATION_DEFAULTS, ModelCache, tuned
+from qlora.models import GENERATION_DEFAULTS, ModelCache, tuned
 from qlora.refs import Adapter, EvalReport, MlflowRun, QuantizedModel, TokenizedData
 from qlora.tracking.outage import logging_to
 
@@ -31,7 +31,7 @@ def load_metric(name: str):
 def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
     """Greedy completions of already-templated prompts, without the prompt, decoded as a registry consumer's
     pipeline decodes by default (GENERATION_DEFAULTS) and stopping where it stops: at the generation config's
-    EOS ids, which qlora.models.loading made include the tokenizer's end-of-turn."""
+    EOS ids, which qlora.models made include the tokenizer's end-of-turn."""
     import torch
     from tqdm.auto import tqdm
 

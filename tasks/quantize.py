@@ -13,9 +13,16 @@ from pathlib import Path
 from qlora.config.schema import ModelConfig, QuantizationConfig, stable_hash
 from qlora.errors import ModelError
 from qlora.locks import one_writer
-from qlora.models.loading import fix_generation_config, hub_commit, load_base, load_tokenizer
-from qlora.models.quant import count_4bit_layers, dtype_choice
-from qlora.models.source import base_identity, check_reference
+from qlora.models import (
+    base_identity,
+    check_reference,
+    count_4bit_layers,
+    dtype_choice,
+    fix_generation_config,
+    hub_commit,
+    load_base,
+    load_tokenizer,
+)
 from qlora.refs import QuantizedModel
 from qlora.storage import cached, staged_dir
 
@@ -37,7 +44,7 @@ def prepare_quantized_model(model: ModelConfig, quant: QuantizationConfig, workd
             return hit
 
         t0 = time.perf_counter()
-        m = load_base(model.name_or_path, quant, model)  # a bad model.name_or_path raises one ModelError (qlora/models/source.py)
+        m = load_base(model.name_or_path, quant, model)  # a bad model.name_or_path raises one ModelError (qlora/models.py)
         tok = load_tokenizer(model)  # saved with its pad token fixed: every later stage loads it from here
         fix_generation_config(m, tok)  # stop ids saved with the base: eval and MLflow consumers stop alike
         n4 = count_4bit_layers(m) if quant.load_in_4bit else 0

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from qlora.config.schema import DataConfig, ModelConfig, stable_hash
 from qlora.errors import UserError
-from qlora.models.loading import check_context, load_tokenizer
-from qlora.refs import MlflowRun, TokenizedData
 from qlora.locks import one_writer
+from qlora.models import check_context, load_tokenizer
+from qlora.refs import MlflowRun, TokenizedData
 from qlora.storage import cached, staged_dir
 from qlora.template import PROMPT_TEMPLATE, chat_template_of, template_kwargs
 from tasks.data.drops import refuse

@@ -43,7 +43,7 @@ def check_train_field(field: str, value, default, own_fields: set[str]):
 def check_trainer_choice(field: str, value: str) -> str:
     """``optim`` against transformers' OptimizerNames, ``lr_scheduler_type`` against SchedulerType."""
     if field == "optim":
-        if value == "auto":  # resolved at training time (tasks/training/memory.py: resolve_optim)
+        if value == "auto":  # resolved at training time (tasks/training/recipe.py: resolve_optim)
             return value
         from transformers.training_args import OptimizerNames as choices
     else:

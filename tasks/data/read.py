@@ -19,7 +19,7 @@ from pathlib import Path
 
 from qlora.config.schema import DataConfig
 from qlora.errors import DataError
-from qlora.models.source import is_hub_id
+from qlora.models import is_hub_id
 
 Problem = tuple[str, str, str]  # (where, reason, message line): a row a later step drops, counted in tasks/data/drops.py
 

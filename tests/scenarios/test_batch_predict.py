@@ -17,7 +17,6 @@ from qlora.tracking.runs import start_run
 from registry import batch
 from registry.consumer import generation_params, predict
 from registry.register import register_adapter
-
 from tests.registry_fixtures import trained  # noqa: F401
 
 NAME = "tiny-batch"

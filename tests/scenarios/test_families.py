@@ -18,7 +18,7 @@ import pytest
 
 from qlora.config.schema import DataConfig, ModelConfig
 from qlora.errors import DataError
-from qlora.models.loading import load_tokenizer
+from qlora.models import load_tokenizer
 from qlora.template import conversation_prompt, render_examples, template_kwargs
 from tasks.data.encode import IGNORE_INDEX
 from tasks.data.pipeline import prepare_data

@@ -204,7 +204,7 @@ def test_hub_token_from_prefect_secret_block_or_env(prefect_server, monkeypatch)
 
     from qlora.config.schema import ModelConfig
     from qlora.errors import ConfigError
-    from qlora.models.secrets import hf_token
+    from qlora.models import hf_token
 
     Secret(value=PLANTED_TOKEN).save("qlora-test-hf-token", overwrite=True)
     monkeypatch.setenv("HF_TOKEN", "hf_from_env")

@@ -61,7 +61,7 @@ def test_flow_end_to_end(prefect_server, tiny_base, tmp_path, mlflow_uri):
     import bitsandbytes as bnb
 
     from flows.finetune import qlora_finetune
-    from qlora.models.loading import load_base
+    from qlora.models import load_base
     from registry.consumer import predict
 
     cfg = _config(tiny_base, tmp_path)

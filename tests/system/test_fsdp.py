@@ -41,7 +41,7 @@ def test_float_storage_quantizes_the_same_weights(tiny_base, tmp_path):
     """bf16 storage reinterprets the same packed NF4 bytes: identical logits to the uint8 checkpoint."""
     import bitsandbytes as bnb
 
-    from qlora.models.loading import load_base
+    from qlora.models import load_base
     from tasks.quantize import prepare_quantized_model
 
     model = ModelConfig(name_or_path=str(tiny_base))

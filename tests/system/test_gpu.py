@@ -40,7 +40,7 @@ def demo_on_gpu(tmp_path_factory):
 def test_quantized_base_lives_on_the_gpu_in_nf4(demo_on_gpu):
     import bitsandbytes as bnb
 
-    from qlora.models.loading import load_base
+    from qlora.models import load_base
 
     _, _, _, base = demo_on_gpu
     m = load_base(base.path, None)
@@ -109,7 +109,7 @@ def test_fsdp_qlora_trains_saves_and_resumes(demo_on_gpu, caplog):
     assert weights and all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in weights)
     assert any(float(v.abs().sum()) > 0 for k, v in weights.items() if "lora_B" in k)  # B starts at 0: it trained
     # A plain PEFT adapter: it loads onto the 4-bit base outside FSDP, every LoRA tensor from the file.
-    from qlora.models.loading import load_tuned
+    from qlora.models import load_tuned
 
     tuned, _ = load_tuned(base, a)
     loaded = {n: p for n, p in tuned.named_parameters() if "lora_" in n}

@@ -25,7 +25,6 @@ from qlora.tracking.runs import start_run
 from registry.bundle import serve_check
 from registry.events import signature
 from registry.register import register_adapter
-
 from tests.conftest import REPO
 from tests.registry_fixtures import free_port, trained  # noqa: F401
 

@@ -9,7 +9,6 @@ import re
 import uuid
 from datetime import datetime, timezone
 
-
 from flows.notifications import CHAMPION, FAILED, NOTIFIED_FLOWS, automations
 from registry.events import CHAMPION_MOVED, PrefectEvent, champion_moved, translate
 from tests.conftest import REPO

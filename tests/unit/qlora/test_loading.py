@@ -1,4 +1,4 @@
-"""``qlora/models/loading.py``: one place loads every model and tokenizer, so a base whose tokenizer has no pad
+"""``qlora/models.py``: one place loads every model and tokenizer, so a base whose tokenizer has no pad
 token (Llama-3, Mistral) trains, evaluates and registers like any other."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from qlora.config.schema import (
     TrackingConfig,
     TrainConfig,
 )
-from qlora.models.loading import ModelCache, load_tokenizer
+from qlora.models import ModelCache, load_tokenizer
 from qlora.tracking.runs import start_run
 from registry.consumer import predict
 from registry.register import register_adapter

@@ -88,10 +88,11 @@ def test_sigterm_ends_a_wait_at_once(tmp_path, lock_dir):
         assert proc.stdout.readline().strip() == "waiting"
         time.sleep(1.0)
         assert proc.poll() is None  # still waiting for the holder
-        t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
+        # Ends within the wait (the bug was a process still alive 80 s later), by the handler: not by acquiring.
+        # No tighter clock here: on a loaded machine the exit itself took 4.5 s once.
         rc = proc.wait(10)
-        assert time.monotonic() - t0 < 3.0 and rc == 143
+        assert rc == 143
         assert "acquired" not in proc.stdout.read()
     finally:
         for p in (proc, holder):

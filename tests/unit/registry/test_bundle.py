@@ -14,7 +14,6 @@ from qlora.config.schema import RegistryConfig, TrackingConfig
 from qlora.tracking.runs import start_run
 from registry.bundle import BundleMismatch, serve_check
 from registry.register import register_adapter
-
 from tests.registry_fixtures import trained  # noqa: F401
 
 

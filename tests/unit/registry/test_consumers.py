@@ -25,7 +25,7 @@ from qlora.config.schema import (
     TrackingConfig,
     TrainConfig,
 )
-from qlora.models.loading import ModelCache, load_tuned
+from qlora.models import ModelCache, load_tuned
 from qlora.tracking.runs import start_run
 from registry import consumer
 from registry.register import ConsumerCheckError, register_adapter
@@ -198,7 +198,7 @@ def test_hub_ids_with_a_version_in_their_name_are_hub_ids():
     """Before: ``Path(name).suffix`` ('.1-8B-Instruct') made the quantize stage refuse the real ids of this
     issue's families, and configs/gpu-example.yaml's Qwen/Qwen2.5-0.5B-Instruct, as 'neither a local directory
     nor a hub id'."""
-    from qlora.models.source import base_identity
+    from qlora.models import base_identity
 
     for hub_id in ("meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen2.5-7B-Instruct", "mistralai/Mistral-7B-Instruct-v0.3",
                    "Qwen/Qwen3-8B", "gpt2"):

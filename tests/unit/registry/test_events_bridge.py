@@ -13,7 +13,17 @@ import pytest
 from starlette.testclient import TestClient
 
 from flows.events import app as bridge_app
-from registry.events import CHAMPION_MOVED, MAX_AGE_S, SeenDeliveries, champion_moved, create_app, signature, translate, verify, Rejected
+from registry.events import (
+    CHAMPION_MOVED,
+    MAX_AGE_S,
+    Rejected,
+    SeenDeliveries,
+    champion_moved,
+    create_app,
+    signature,
+    translate,
+    verify,
+)
 from registry.webhooks import webhook_url
 
 SECRET = "s3cret-for-tests-0123456789"

@@ -287,7 +287,7 @@ def test_register_logs_the_model_evaluate_loaded_then_releases_it(trained, mlflo
     import logging
 
     from qlora.config.schema import EvalConfig
-    from qlora.models.loading import ModelCache
+    from qlora.models import ModelCache
     from registry.register import log_adapter
     from tasks.evaluate import evaluate_adapter
 

@@ -10,7 +10,7 @@ import pytest
 
 from qlora.config.schema import EvalConfig, LoraSection, PipelineConfig, RegistryConfig, TrackingConfig, TrainConfig
 from tasks.train import train_adapter
-from tasks.training.selection import GenerationEval, best, during_rows, evaluations, evals_since_best, row_roles
+from tasks.training.selection import GenerationEval, best, during_rows, evals_since_best, evaluations, row_roles
 
 LORA = LoraSection(r=4, alpha=8, dropout=0.0)
 # The tiny random Llama's answers after a few steps overlap the references a little (ROUGE-L > 0) at some

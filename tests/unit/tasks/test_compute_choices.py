@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from qlora.config.schema import QuantizationConfig, TrainConfig
-from qlora.models.quant import compute_dtype, dtype_choice
-from tasks.training.memory import activation_bytes, checkpoint_every
+from qlora.models import compute_dtype, dtype_choice
+from tasks.training.recipe import activation_bytes, checkpoint_every
 from tests.conftest import REPO
 
-PROBE = "import json; from qlora.models.quant import cpu_compute_dtype as c; d, why = c(); print(json.dumps([str(d), why]))"
+PROBE = "import json; from qlora.models import cpu_compute_dtype as c; d, why = c(); print(json.dumps([str(d), why]))"
 
 
 def _probe(**env) -> tuple[str, str]:
@@ -80,7 +80,7 @@ def test_auto_checkpoints_one_in_n_layers_where_only_part_fits(monkeypatch, capl
     """7B shape, seq 1024 x 4, fp32 norms (the H100 case in memory.py): n as large as the activations allow."""
     from transformers import LlamaConfig
 
-    from tasks.training import memory
+    from tasks.training import recipe as memory
 
     big = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32)
     monkeypatch.setattr(memory, "free_memory_bytes", lambda: (int(free_gb * 1e9), "GPU 0"))
@@ -127,7 +127,7 @@ def test_one_in_n_checkpointing_reaches_the_layers_and_trains_the_same_adapter(p
 
 
 def test_auto_optim_is_paged_8bit_on_a_gpu_fused_adamw_on_a_cpu_and_8bit_for_a_large_adapter(monkeypatch, caplog):
-    from tasks.training import memory
+    from tasks.training import recipe as memory
 
     monkeypatch.setattr(memory, "free_memory_bytes", lambda: (20 * 2**30, "RAM"))
     with caplog.at_level(logging.INFO, logger="qlora.train"):

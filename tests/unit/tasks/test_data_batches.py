@@ -6,7 +6,7 @@ import pytest
 
 from bench.data import padding_efficiency
 from qlora.config.schema import DataConfig, ModelConfig, TrainConfig
-from qlora.models.loading import load_tokenizer
+from qlora.models import load_tokenizer
 from tasks.data.pipeline import prepare_data
 from tasks.training.recipe import training_arguments
 from tests.conftest import DEMO_DATA, SHARED_DATA

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from qlora.config.schema import DataConfig, ModelConfig
-from qlora.models.loading import load_tokenizer
+from qlora.models import load_tokenizer
 from qlora.template import PROMPT_TEMPLATE, inference_prompt, prompt_template_for, render_turns
 from tasks.data.encode import IGNORE_INDEX
 from tasks.data.pipeline import prepare_data

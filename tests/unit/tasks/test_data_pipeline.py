@@ -6,8 +6,7 @@ import pytest
 
 from qlora.config.schema import DataConfig, DataSource, ModelConfig
 from qlora.errors import DataError
-from qlora.models.loading import load_tokenizer
-from qlora.models.source import is_hub_id
+from qlora.models import is_hub_id, load_tokenizer
 from tasks.data.pipeline import prepare_data
 from tests.conftest import SHARED_DATA
 from tests.families import family_base  # noqa: F401

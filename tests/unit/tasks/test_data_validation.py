@@ -7,7 +7,7 @@ import pytest
 from flows.cli import main
 from qlora.config.schema import DataConfig, ModelConfig
 from qlora.errors import DataError
-from qlora.models.loading import load_tokenizer
+from qlora.models import load_tokenizer
 from tasks.data.pipeline import prepare_data
 
 GOOD = '{"instruction": "say hi", "output": "hi"}\n'

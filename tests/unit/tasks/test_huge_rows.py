@@ -15,7 +15,7 @@ import pytest
 
 from qlora.config.schema import DataConfig, ModelConfig
 from qlora.errors import DataError
-from qlora.models.loading import load_tokenizer
+from qlora.models import load_tokenizer
 from tasks.data.encode import encode
 from tasks.data.pipeline import prepare_data
 from tests.conftest import REPO

@@ -89,7 +89,7 @@ def test_two_source_mixture_report_counts_and_cache_key(tiny_base, tmp_path, mlf
 
 
 def test_the_mixture_is_the_same_every_time(tiny_base):
-    from qlora.models.loading import load_tokenizer
+    from qlora.models import load_tokenizer
     from tasks.data.pipeline import prepare_data
 
     tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_base)))

@@ -8,8 +8,7 @@ import pytest
 
 from qlora.config.schema import EvalConfig, LoraSection, ModelConfig, QuantizationConfig, TrainConfig
 from qlora.errors import ModelError
-from qlora.models.loading import load_base
-from qlora.models.quant import count_4bit_layers
+from qlora.models import count_4bit_layers, load_base
 from tasks.evaluate import evaluate_adapter
 from tasks.quantize import prepare_quantized_model
 from tasks.train import train_adapter

@@ -108,7 +108,7 @@ def test_a_garbled_run_record_starts_a_new_run_with_one_warning(tmp_path, mlflow
 
 
 def test_a_base_whose_weights_are_cut_short_is_one_clear_error(tiny_base, tmp_path):
-    from qlora.models.source import check_reference
+    from qlora.models import check_reference
 
     base = tmp_path / "base"
     shutil.copytree(tiny_base, base)

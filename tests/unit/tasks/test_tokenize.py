@@ -8,7 +8,7 @@ from datasets import load_from_disk
 
 from qlora.config.schema import DataConfig, ModelConfig
 from qlora.errors import DataError
-from qlora.models.loading import load_tokenizer
+from qlora.models import load_tokenizer
 from qlora.template import format_prompt, user_message
 from tasks.data.encode import IGNORE_INDEX
 from tasks.tokenize import tokenize_dataset

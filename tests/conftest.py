@@ -117,7 +117,8 @@ def prefect_server():
     """A throwaway Prefect API (temporary SQLite) for the whole session; flows run against it."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    # 300 s: two xdist workers start theirs at once, and on a loaded 2-core machine one start took over 120 s.
+    with prefect_test_harness(server_startup_timeout=300):
         yield
 
 

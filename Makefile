@@ -89,11 +89,15 @@ $(DEMO_BASE)/config.json: demo/build.py data/demo/reverse_words.jsonl | $(STAMP)
 demo: install $(DEMO_BASE)/config.json
 	$(BIN)/qlora run configs/demo.yaml
 
-# `make test`: everything but the slow tier (~9 min on 2 cores), the loop to run while you work.
+# `make test`: everything but the slow tier (~9 min on 2 cores in one process; two workers
+# split its ~530 s of CPU evenly, 261 / 252 s, see docs/development.md), the loop to run while you work.
 # `make test-slow`: tests/system and the tests marked slow (~19 min): real Prefect/MLflow/PostgreSQL servers, workers, killed processes,
 # sweeps, torchrun. CI (.ci/run) runs both; `make test-all` runs the whole suite in one pytest session.
+# XDIST: `make test` runs two pytest-xdist workers, whole files to one worker (module fixtures are built once); the
+# session fixtures' tiny base and prepared data are built once for both (tests/conftest.py). XDIST= runs in one process.
+XDIST ?= -n 2 --dist loadfile
 test: install
-	$(BIN)/python -m pytest -q -m "not slow" --durations=10
+	$(BIN)/python -m pytest -q -m "not slow" $(XDIST) --durations=10
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow --durations=15

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,10 +22,41 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # p
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# `make test` runs pytest-xdist workers (-n 2): each worker's torch gets its share of the cores, not all of them
+# (two processes of all-core OpenMP threads on 2 cores slow each other tens of times: qlora/locks.py, set_threads).
+# An OMP_NUM_THREADS already set wins, as in the pipeline.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+# Machine-wide device and training slots (qlora/locks.py) in a folder of this session (of this xdist worker): a
+# worker's trainings never wait for the other worker's, nor for a real run on this machine, and a test never
+# finds a slot another session left. Set before anything imports qlora.locks (it reads it once).
+if "QLORA_LOCK_DIR" not in os.environ:
+    os.environ["QLORA_LOCK_DIR"] = tempfile.mkdtemp(prefix="qlora-test-locks-")
+    atexit.register(shutil.rmtree, os.environ["QLORA_LOCK_DIR"], ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "data" / "demo" / "reverse_words.jsonl"
 SHARED_DATA = REPO / "data" / "public"  # verbatim copies of ../shared/data, see its SOURCES.md
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """``build(folder)`` once per test run: under pytest-xdist the first worker builds it in the run's shared
+    temporary root while the others wait on a file lock, then all read the same folder (read-only after)."""
+    from filelock import FileLock
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        out = tmp_path_factory.mktemp(name)
+        build(out)
+        return out
+    out = tmp_path_factory.getbasetemp().parent / name  # the root all workers' basetemps sit in
+    done = out.with_name(name + ".built")
+    with FileLock(str(out) + ".lock"):
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)  # a build cut short by a crashed worker
+            out.mkdir()
+            build(out)
+            done.touch()
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -30,9 +64,9 @@ def tiny_base(tmp_path_factory) -> Path:
     """A 2-layer, 64-wide Llama with a BPE tokenizer trained on the demo corpus (random weights)."""
     from demo.build import build_demo_base
 
-    out = tmp_path_factory.mktemp("tiny-base")
     # 2048 positions: the shared data's longest rows fit, as they would in a real base's context.
-    return build_demo_base(out, DEMO_DATA, hidden_size=64, num_layers=2, num_heads=2, vocab_size=512, max_positions=2048)
+    return built_once(tmp_path_factory, "tiny-base", lambda out: build_demo_base(
+        out, DEMO_DATA, hidden_size=64, num_layers=2, num_heads=2, vocab_size=512, max_positions=2048))
 
 
 @pytest.fixture(scope="session")
@@ -43,11 +77,12 @@ def prepared_once(tiny_base, tmp_path_factory) -> Path:
     from tasks.quantize import prepare_quantized_model
     from tasks.tokenize import tokenize_dataset
 
-    work = tmp_path_factory.mktemp("prepared-once")
-    model, data = _demo_sections(tiny_base)
-    tokenize_dataset(data, model, work)
-    prepare_quantized_model(model, QuantizationConfig(), work)
-    return work
+    def build(work: Path) -> None:
+        model, data = _demo_sections(tiny_base)
+        tokenize_dataset(data, model, work)
+        prepare_quantized_model(model, QuantizationConfig(), work)
+
+    return built_once(tmp_path_factory, "prepared-once", build)
 
 
 def _demo_sections(tiny_base: Path):
@@ -82,7 +117,8 @@ def prefect_server():
     """A throwaway Prefect API (temporary SQLite) for the whole session; flows run against it."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    # 300 s: two xdist workers start theirs at once, and on a loaded 2-core machine one start took over 120 s.
+    with prefect_test_harness(server_startup_timeout=300):
         yield
 
 

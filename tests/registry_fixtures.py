@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -45,28 +46,43 @@ def subprocess_env(**extra) -> dict:
     return env
 
 
-def start_mlflow_server(backend_uri: str, artifacts: Path, log: Path) -> tuple[subprocess.Popen, str]:
+def start_mlflow_server(backend_uri: str, artifacts: Path, log: Path, workers: int = 1) -> tuple[subprocess.Popen, str]:
+    """In its own process group, so ``stop`` ends uvicorn too. With several workers, uvicorn's supervisor kills one
+    that does not answer its health ping within 5 s (its default), and on a loaded machine (xdist workers beside
+    it) a worker still importing mlflow never did: the server restarted workers forever. Hence 120 s."""
     port = free_port()
     proc = subprocess.Popen(
         [MLFLOW, "server", "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, env=subprocess_env(),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
+         "--uvicorn-opts", "--timeout-worker-healthcheck 120"],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, env=subprocess_env(), start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url + "/health", proc)
     except Exception:
-        proc.kill()
+        stop(proc)
         raise RuntimeError(log.read_text()[-3000:])
     return proc, url
 
 
 def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
+    """End the server and, when it leads its own process group, what it started (``mlflow server`` runs uvicorn
+    as a child: killing only the parent left uvicorn serving)."""
     try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        group = os.getpgid(proc.pid) == proc.pid
+    except ProcessLookupError:
+        group = False
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(30)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 @pytest.fixture(scope="session")  # shared by the registry test modules: training is the slow part

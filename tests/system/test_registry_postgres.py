@@ -35,7 +35,8 @@ def pg_mlflow_server(tmp_path_factory):
     d = tmp_path_factory.mktemp("mlflow-pg")
     try:
         db = pg.start()
-        proc, url = start_mlflow_server(db, d / "artifacts", d / "server.log")
+        # Two server processes: the concurrent writers below reach PostgreSQL from more than one process.
+        proc, url = start_mlflow_server(db, d / "artifacts", d / "server.log", workers=2)
     except Exception:
         pg.stop()
         raise

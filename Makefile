@@ -31,7 +31,7 @@ QLORA_NOTIFY_BLOCK ?=
 # NO_INSTALL=1 uses BIN as it is (tests run the targets from an existing environment).
 INSTALL := $(if $(NO_INSTALL),,install)
 
-.PHONY: team install lock demo test test-slow test-all test-gpu bench bench-packing bench-quality bench-gpu clean mlflow-ui prefect-ui server deploy worker
+.PHONY: team install lock demo test test-slow test-all test-gpu bench bench-packing bench-quality bench-gpu chaos clean mlflow-ui prefect-ui server deploy worker
 
 # Every package pinned: what CI tested is what a clone installs next month (pyproject.toml keeps the
 # ranges, for people who install the package into their own environment). `make lock` regenerates it.
@@ -111,6 +111,15 @@ bench-packing: install $(DEMO_BASE)/config.json
 # The demo recipe's quality grid: seeds x {bf16, float32, auto under AVX2-only dispatch}: nine 1,800-step runs, ~45 min on 2 idle cores.
 bench-quality: install $(DEMO_BASE)/config.json
 	$(BIN)/python -m bench.quality
+
+# Team mode under a seeded fault schedule (bench/chaos.py): PostgreSQL + MLflow server, Prefect server, worker,
+# CHAOS_RUNS tiny flow runs, CHAOS_FAULTS kills (flow-run stages, worker, both servers) with restarts and re-runs,
+# then the checks -> bench/results-chaos.json. Needs PostgreSQL's initdb (tests/postgres.py installs it as root).
+CHAOS_SEED   ?= 1
+CHAOS_RUNS   ?= 10
+CHAOS_FAULTS ?= 30
+chaos: install
+	$(BIN)/python -m bench.chaos --seed $(CHAOS_SEED) --runs $(CHAOS_RUNS) --faults $(CHAOS_FAULTS)
 
 # On a CUDA machine: the GPU-only tests (demo recipe on the GPU, FSDP + QLoRA) and the 7B-shape benchmark.
 test-gpu: install

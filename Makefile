@@ -136,6 +136,9 @@ prefect-ui: install
 	$(BIN)/prefect server start --host 127.0.0.1
 
 # Foreground Prefect server; the MLflow server runs beside it and stops with it (Ctrl-C stops both).
+# Slot leases on disk under its PREFECT_HOME (qlora/locks.py: SERVER_LEASE_STORAGE): with Prefect's default, in memory,
+# a restart while a run trains leaves the training slot taken for good and every later training waits.
+PREFECT_LEASE_STORAGE := prefect.server.concurrency.lease_storage.filesystem
 server: $(INSTALL)
 	mkdir -p $(SERVER_DIR)/prefect $(SERVER_DIR)/mlartifacts
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \
@@ -143,6 +146,7 @@ server: $(INSTALL)
 	  --artifacts-destination $(abspath $(SERVER_DIR))/mlartifacts & MLFLOW_PID=$$!; \
 	trap 'kill $$MLFLOW_PID' EXIT INT TERM; \
 	PREFECT_HOME=$(abspath $(SERVER_DIR))/prefect PREFECT_SERVER_ANALYTICS_ENABLED=false \
+	  PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=$(PREFECT_LEASE_STORAGE) \
 	  $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 # `make team`: everything on 127.0.0.1 in one terminal (Ctrl-C stops it all): MLflow server (sqlite store, webhooks on

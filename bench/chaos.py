@@ -188,9 +188,12 @@ class Team:
             "mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri", self.pg_url, "--artifacts-destination",
                        str(self.root / "mlartifacts"), "--host", "127.0.0.1", "--port", port, "--workers", "2"],
             base | {"PYTHONPATH": str(REPO)}, self.logs, self.mlflow_url + "/health")
-        self.services["prefect"] = Service(
+        from qlora.locks import SERVER_LEASE_STORAGE
+
+        self.services["prefect"] = Service(  # as `make server` starts it
             "prefect", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                        self.api.rsplit(":", 1)[1].split("/")[0]], base, self.logs, self.api + "/health")
+                        self.api.rsplit(":", 1)[1].split("/")[0]],
+            base | {"PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": SERVER_LEASE_STORAGE}, self.logs, self.api + "/health")
         # `make worker`'s command; at most 2 flow runs at once on this worker (2 cores)
         self.services["worker"] = Service(
             "worker", [str(BIN / "prefect"), "worker", "start", "--pool", "qlora-process", "--type", "process",

@@ -25,7 +25,7 @@ def _server(env: dict, port: int, log: Path) -> subprocess.Popen:
     proc = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1",
                              "--port", str(port)], env=env, stdout=log.open("a"), stderr=subprocess.STDOUT,
                             start_new_session=True)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600  # a loaded 2-core machine took up to 300 s
     while time.monotonic() < deadline:
         assert proc.poll() is None, log.read_text()[-3000:]
         try:

@@ -34,6 +34,7 @@ def _server(env: dict, port: int, log: Path) -> subprocess.Popen:
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # not left behind
     pytest.fail("the Prefect server did not start")
 
 

@@ -198,7 +198,7 @@ class Team:
         self.services["worker"] = Service(
             "worker", [str(BIN / "prefect"), "worker", "start", "--pool", "qlora-process", "--type", "process",
                        "--limit", "2"], base | {"PREFECT_WORKER_QUERY_SECONDS": "1"}, self.logs)
-        self.http = httpx.Client(base_url=self.api, timeout=20)
+        self.http = httpx.Client(base_url=self.api, timeout=60)  # a loaded server answers slowly, not never
 
     def start(self) -> None:
         self.services["mlflow"].start()
@@ -265,7 +265,10 @@ class Chaos:
             live = marked_pids(self.team.token)
             by_run = {r: p for p, r in live.items() if r}
             for i, ids in self.attempts.items():
-                if i in self.done or not ids:
+                if i in self.done:
+                    continue
+                if not ids:  # its first submission did not get through (the server down or busy): again
+                    self.submit(i)
                     continue
                 state = runs.get(ids[-1], {}).get("state", {}).get("type")
                 if state == "COMPLETED":

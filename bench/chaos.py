@@ -540,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import shutil
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` or CI stopping us: servers and PostgreSQL stop too
     shutil.rmtree(args.dir, ignore_errors=True)
     res = run(args.dir, args.seed, args.runs, args.faults, args.limit_s)
     args.out.write_text(json.dumps(res, indent=1) + "\n")

@@ -31,7 +31,7 @@ QLORA_NOTIFY_BLOCK ?=
 # NO_INSTALL=1 uses BIN as it is (tests run the targets from an existing environment).
 INSTALL := $(if $(NO_INSTALL),,install)
 
-.PHONY: team install lock demo test test-slow test-all test-gpu bench bench-packing bench-quality bench-gpu clean mlflow-ui prefect-ui server deploy worker
+.PHONY: team install lock demo test test-slow test-all test-gpu bench bench-packing bench-quality bench-gpu chaos clean mlflow-ui prefect-ui server deploy worker
 
 # Every package pinned: what CI tested is what a clone installs next month (pyproject.toml keeps the
 # ranges, for people who install the package into their own environment). `make lock` regenerates it.
@@ -116,6 +116,15 @@ bench-packing: install $(DEMO_BASE)/config.json
 bench-quality: install $(DEMO_BASE)/config.json
 	$(BIN)/python -m bench.quality
 
+# Team mode under a seeded fault schedule (bench/chaos.py): PostgreSQL + MLflow server, Prefect server, worker,
+# CHAOS_RUNS tiny flow runs, CHAOS_FAULTS kills (flow-run stages, worker, both servers) with restarts and re-runs,
+# then the checks -> bench/results-chaos.json. Needs PostgreSQL's initdb (tests/postgres.py installs it as root).
+CHAOS_SEED   ?= 1
+CHAOS_RUNS   ?= 10
+CHAOS_FAULTS ?= 30
+chaos: install
+	$(BIN)/python -m bench.chaos --seed $(CHAOS_SEED) --runs $(CHAOS_RUNS) --faults $(CHAOS_FAULTS)
+
 # On a CUDA machine: the GPU-only tests (demo recipe on the GPU, FSDP + QLoRA) and the 7B-shape benchmark.
 test-gpu: install
 	$(BIN)/python -m pytest -v -m gpu tests/system/test_gpu.py
@@ -131,6 +140,9 @@ prefect-ui: install
 	$(BIN)/prefect server start --host 127.0.0.1
 
 # Foreground Prefect server; the MLflow server runs beside it and stops with it (Ctrl-C stops both).
+# Slot leases on disk under its PREFECT_HOME (qlora/locks.py: SERVER_LEASE_STORAGE): with Prefect's default, in memory,
+# a restart while a run trains leaves the training slot taken for good and every later training waits.
+PREFECT_LEASE_STORAGE := prefect.server.concurrency.lease_storage.filesystem
 server: $(INSTALL)
 	mkdir -p $(SERVER_DIR)/prefect $(SERVER_DIR)/mlartifacts
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \
@@ -138,6 +150,7 @@ server: $(INSTALL)
 	  --artifacts-destination $(abspath $(SERVER_DIR))/mlartifacts & MLFLOW_PID=$$!; \
 	trap 'kill $$MLFLOW_PID' EXIT INT TERM; \
 	PREFECT_HOME=$(abspath $(SERVER_DIR))/prefect PREFECT_SERVER_ANALYTICS_ENABLED=false \
+	  PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=$(PREFECT_LEASE_STORAGE) \
 	  $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 # `make team`: everything on 127.0.0.1 in one terminal (Ctrl-C stops it all): MLflow server (sqlite store, webhooks on

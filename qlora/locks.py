@@ -54,6 +54,11 @@ SLOT_DIR = Path(os.environ.get("QLORA_LOCK_DIR") or
 POLL_S = 0.5  # how often a waiter tries again; a freed lock is taken within this
 LEASE_S = 60.0  # Prefect slot lease (its server's minimum): renewed while the holder lives; after a kill the
 # slot is the server's again within this plus the repossessor's loop (15 s)
+# How a Prefect server must keep those leases (``make server`` sets PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE to it):
+# on disk under its PREFECT_HOME. Prefect's default keeps them in the server's memory: a server restart while a run
+# held a slot forgot the lease, no expiry ever freed the slot, and with one slot per worker every later training
+# waited for good (found while building `make chaos`; tests/system/test_prefect_leases.py).
+SERVER_LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
 _IN_PROCESS = threading.Lock()  # the device slot between threads of one process (a sweep's in-process trials)
 
 

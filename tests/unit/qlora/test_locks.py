@@ -114,3 +114,13 @@ def test_one_writer_and_run_records_are_released_by_the_os(tmp_path, lock_dir):
     assert locks.own_run_record(record, "flow-run-a") and not locks.own_run_record(record, "flow-run-b")
     locks.release_run_record(record)
     assert not (record.parent / "key.lock.holder").exists()
+
+
+def test_make_server_keeps_slot_leases_where_a_restart_finds_them():
+    """tests/system/test_prefect_leases.py shows why; this keeps `make server` on the setting."""
+    from qlora.locks import SERVER_LEASE_STORAGE
+    from tests.conftest import REPO
+
+    makefile = (REPO / "Makefile").read_text()
+    assert f"PREFECT_LEASE_STORAGE := {SERVER_LEASE_STORAGE}" in makefile
+    assert "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=$(PREFECT_LEASE_STORAGE)" in makefile

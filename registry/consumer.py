@@ -103,8 +103,12 @@ def predict(model_uri: str, prompts: list, max_new_tokens: int = 64, temperature
     conversation ``[{"role": ..., "content": ...}, ...]`` ending with a user turn; ``system``: a system prompt
     for inputs that bring none (else a chat version applies its default, if the training data had one);
     ``params``: top_p, top_k, repetition_penalty, stop (see ``generation_params``)."""
+    import mlflow
+
     from registry.chat import contract_of
 
+    if tracking_uri:  # before the contract is read: it is the version's metadata, in that store (found by make chaos)
+        mlflow.set_tracking_uri(tracking_uri)
     sent = requests(prompts, contract_of(model_uri), system)
     return generate(load(model_uri, tracking_uri), sent, generation_params(max_new_tokens, temperature, **params))
 

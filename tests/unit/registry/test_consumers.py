@@ -93,7 +93,7 @@ def test_the_check_sends_conversations_with_history_and_a_check_that_compares_no
     assert skipped.consumer_checked == 0 and skipped.aliases == ["challenger"]
 
 
-def test_input_example_signature_and_every_param_end_to_end(llama, mlflow_uri, tmp_path):
+def test_input_example_signature_and_every_param_end_to_end(llama, mlflow_uri, tmp_path, monkeypatch):
     """Before: every model was logged with the demo's 'Reverse the order...' example, and top_p, top_k,
     repetition_penalty and stop strings were not in the params schema (MLflow drops unknown params)."""
     import torch
@@ -118,6 +118,14 @@ def test_input_example_signature_and_every_param_end_to_end(llama, mlflow_uri, t
 
     greedy = pyfunc(max_new_tokens=12)
     assert greedy == consumer.predict(uri, [message], max_new_tokens=12)[0]
+    # tracking_uri= alone finds the version (no MLFLOW_TRACKING_URI; another store current): make chaos found
+    # predict reading the chat contract from the default store first ("Registered Model ... not found")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    try:
+        assert consumer.predict(uri, [message], max_new_tokens=12, tracking_uri=mlflow_uri)[0] == greedy
+    finally:
+        mlflow.set_tracking_uri(mlflow_uri)
     # max_new_tokens: fewer tokens, same greedy start
     short = pyfunc(max_new_tokens=3)
     assert greedy.startswith(short) and len(short) < len(greedy)

@@ -33,6 +33,7 @@ sys.argv = ["uvicorn", *sys.argv[2:]]
 runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
 """
 POLL_S = 0.5
+STARTUP_TIMEOUT_S = 120
 
 
 def _tied_server_class():
@@ -70,16 +71,23 @@ def start_ephemeral_prefect_server() -> threading.Thread | None:
     come up while this process imports the libraries the tasks need anyway (5.5 s here); the flow's
     ``get_client()`` then finds it running. If the start fails, the server is marked not running and the
     flow's own start raises the error as before."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_EPHEMERAL_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    )
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return None
     server = _tied_server_class()()
     t0 = time.perf_counter()
+    # Prefect waits 20 s by default; a first start creates the database, and on a busy 2-core machine (CI,
+    # 2026-12-02) that took longer, so the run failed before doing anything. A larger setting of the user's wins.
+    timeout = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), STARTUP_TIMEOUT_S)
 
     def start() -> None:
         try:
-            server.start()
+            server.start(timeout=timeout)
             thread.up_s = time.perf_counter() - t0
         except Exception:  # reported by the flow's own start, in the main thread
             pass

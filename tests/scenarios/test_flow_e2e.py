@@ -184,9 +184,12 @@ def test_bare_run_starts_prefects_temporary_server_early_and_the_flow_reuses_it(
         "    return str(get_client(sync_client=True).api_url)\n"
         "print('FLOW-API', where(), 'STARTED-API', server.api_url)\n"
     )
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=str(REPO))
+    # Prefect's own 20 s wait failed a first start (database creation) in CI; the run waits at least
+    # flows.ephemeral.STARTUP_TIMEOUT_S. A 1 s setting shows it: no temporary server comes up in 1 s.
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=str(REPO),
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="1")
     env.pop("PREFECT_API_URL", None)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     flow_api, started_api = out.split("FLOW-API ", 1)[1].split()[0], out.split("STARTED-API ", 1)[1].split()[0]

@@ -107,10 +107,10 @@ def predict(model_uri: str, prompts: list, max_new_tokens: int = 64, temperature
 
     from registry.chat import contract_of
 
-    if tracking_uri:  # before the contract is read: it is the version's metadata, in that store (found by make chaos)
+    if tracking_uri:  # once, before the contract is read: it is the version's metadata, in that store (found by make chaos)
         mlflow.set_tracking_uri(tracking_uri)
     sent = requests(prompts, contract_of(model_uri), system)
-    return generate(load(model_uri, tracking_uri), sent, generation_params(max_new_tokens, temperature, **params))
+    return generate(load(model_uri), sent, generation_params(max_new_tokens, temperature, **params))
 
 
 def generate(model, inputs: list, params: dict) -> list[str]:

@@ -73,12 +73,13 @@ def resolve_checkpointing(base: QuantizedModel, train: TrainConfig, train_split)
     return checkpoint_every("auto", AutoConfig.from_pretrained(base.path), tokens, 4 if fp32 else 2, base.footprint_bytes)
 
 
-def training_arguments(train: TrainConfig, output_dir: Path, compute_dtype, checkpointing: int | bool,
-                       loss_early_stopping: bool | None = None, optim: str | None = None):
+def training_arguments(train: TrainConfig, output_dir: Path, compute_dtype, checkpointing: int | bool, optim: str,
+                       loss_early_stopping: bool | None = None):
     """TrainingArguments of the recipe; ``checkpointing`` as ``resolve_checkpointing`` returns it (True = every layer).
     ``loss_early_stopping``: the Trainer's own eval-loss early stopping (default: with early_stopping_patience);
     off when generation eval during training (``selection.py``) does the evaluating instead. ``optim``: the
-    optimizer ``resolve_optim`` chose (default: ``train.optim``, resolved for this machine without a model)."""
+    optimizer ``resolve_optim`` chose for this model (``auto`` needs the trainable parameter count, so it is
+    resolved once, by the caller, and the same name goes to the Trainer and the lineage)."""
     import torch
     from transformers import TrainingArguments
 
@@ -100,7 +101,7 @@ def training_arguments(train: TrainConfig, output_dir: Path, compute_dtype, chec
         gradient_accumulation_steps=train.gradient_accumulation_steps,
         learning_rate=train.learning_rate,
         weight_decay=train.weight_decay,
-        optim=optim or resolve_optim(train.optim, on_gpu, 0),
+        optim=optim,
         lr_scheduler_type=train.lr_scheduler_type,
         warmup_steps=train.warmup_steps,  # transformers 5: a float < 1 is a ratio
         max_grad_norm=train.max_grad_norm,
@@ -251,7 +252,7 @@ def fit(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: Tra
         all_callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
     trainer = _trainer_class()(
         model=model,
-        args=training_arguments(train, run_dir, _compute_dtype(model), checkpointing, loss_early_stopping, optim),
+        args=training_arguments(train, run_dir, _compute_dtype(model), checkpointing, optim, loss_early_stopping),
         train_dataset=train_split,
         # The eval split also carries prompt/reference text for generation; the Trainer needs only tokens.
         eval_dataset=splits["eval"].select_columns(splits["train"].column_names)

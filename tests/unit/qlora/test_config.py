@@ -125,7 +125,7 @@ def test_extra_args_reach_training_arguments(tmp_path):
     from tasks.training.recipe import training_arguments
 
     cfg = load_config(None, ["train.extra_args={adam_beta2: 0.95, neftune_noise_alpha: 5, bf16: false}"])
-    args = training_arguments(cfg.train, tmp_path, torch.float32, checkpointing=False)
+    args = training_arguments(cfg.train, tmp_path, torch.float32, checkpointing=False, optim="adamw_torch")
     assert args.adam_beta2 == 0.95 and args.neftune_noise_alpha == 5
     assert args.report_to == []  # "none": MLflow is attached as our own callback, nothing else asked for
 

@@ -26,7 +26,7 @@ def test_length_grouping_reaches_095_padding_efficiency_on_code_alpaca(tiny_base
 def test_train_config_sets_the_trainer_sampler(tmp_path, group, strategy):
     import torch
 
-    args = training_arguments(TrainConfig(group_by_length=group), tmp_path, torch.float32, checkpointing=False)
+    args = training_arguments(TrainConfig(group_by_length=group), tmp_path, torch.float32, checkpointing=False, optim="adamw_torch")
     assert args.train_sampling_strategy == strategy
 
 

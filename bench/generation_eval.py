@@ -4,7 +4,7 @@ the during-training slice (``eval.every_steps``), on the demo job through the re
 ``python -m bench.generation_eval [EVERY_STEPS]`` (default: the demo's ``eval.every_steps``, else its
 ``save_steps``) trains the demo recipe for two eval intervals with generation eval on and reports
 ``generation_eval_s / train_runtime_s`` (the Trainer's own loop time, evals included). Goal: <= 10%.
-Two intervals, not the demo's whole 1,800 steps: each interval costs the same one eval, so the share is
+Two intervals, not the demo's whole run: each interval costs the same one eval, so the share is
 the same and the measurement takes a minute instead of several.
 """
 

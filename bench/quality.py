@@ -49,6 +49,7 @@ def run_cell(seed: int, dtype: str, env: dict, root: Path) -> dict:
     res = json.loads((out.stdout + out.stderr).split("BENCH ", 1)[1].splitlines()[0])
     return {"seed": seed, "exact_match": res["tuned_exact_match"], "eval_loss": round(res["tuned_eval_loss"], 4),
             "compute_dtype": res["compute_dtype"], "optim": res["optim"], "steps": res["steps"],
+            "selected_step": res["selected_step"],
             "train_runtime_s": round(res["train_runtime"], 1), "steps_per_s": round(res["steps"] / res["train_runtime"], 2)}
 
 
@@ -67,9 +68,10 @@ def main() -> None:
               f"eval loss < {GOAL_LOSS} in every cell", "all_cells_meet_goal": ok, "runs": rows}
     (REPO / "bench" / "results-quality.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{result['cpu']} ({result['cpu_count']} cores, ATen {result['aten_capability']}), {result['date']}\n")
-    print("| cell | seed | dtype | exact match | eval loss | steps/s |\n|---|---|---|---|---|---|")
+    print("| cell | seed | dtype | exact match | eval loss | steps run | checkpoint kept | steps/s | training s |\n|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['cell']} | {r['seed']} | {r['compute_dtype']} | {r['exact_match']:.3f} | {r['eval_loss']:.4f} | {r['steps_per_s']} |")
+        print(f"| {r['cell']} | {r['seed']} | {r['compute_dtype']} | {r['exact_match']:.3f} | {r['eval_loss']:.4f} | {r['steps']} | "
+              f"{r['selected_step']} | {r['steps_per_s']} | {r['train_runtime_s']} |")
     print(f"\nevery cell meets the goal: {ok}")
 
 

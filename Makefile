@@ -120,8 +120,8 @@ bench-quality: install $(DEMO_BASE)/config.json
 # CHAOS_RUNS tiny flow runs, CHAOS_FAULTS kills (flow-run stages, worker, both servers) with restarts and re-runs,
 # then the checks -> bench/results-chaos.json. Needs PostgreSQL's initdb (tests/postgres.py installs it as root).
 CHAOS_SEED   ?= 1
-CHAOS_RUNS   ?= 10
-CHAOS_FAULTS ?= 30
+CHAOS_RUNS   ?= 24
+CHAOS_FAULTS ?= 36
 chaos: install
 	$(BIN)/python -m bench.chaos --seed $(CHAOS_SEED) --runs $(CHAOS_RUNS) --faults $(CHAOS_FAULTS)
 

@@ -41,7 +41,7 @@ STAGES = ("tokenize", "quantize", "train", "evaluate", "register")
 SERVICES = ("worker", "mlflow", "prefect")
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 NAMES = ("chaos-a", "chaos-b")  # two model names: half the runs register into each, side by side
-# tokenize and quantize last about a second on the tiny configs: their faults wait a tenth of the drawn delay,
+# tokenize and quantize last about a second on the tiny configs: their faults are drawn with a tenth of the delay,
 # or they would rarely find the stage still running (10 of 36 never fired at the full delay)
 BRIEF = {"tokenize": 0.1, "quantize": 0.1}
 MARK = "QLORA_CHAOS"  # in every process we start (inherited by flow runs): finds leftovers
@@ -65,7 +65,7 @@ def schedule(seed: int, n: int) -> list[Fault]:
     out = []
     for _ in range(n):
         target = rng.choice(STAGES) if rng.random() < 0.65 else rng.choice(SERVICES)
-        delay = rng.uniform(0.0, 1.5) if target in STAGES else rng.uniform(1.0, 5.0)
+        delay = rng.uniform(0.0, 1.5) * BRIEF.get(target, 1.0) if target in STAGES else rng.uniform(1.0, 5.0)
         out.append(Fault(target, rng.choice(("SIGKILL", "SIGTERM")), round(delay, 2)))
     return out
 
@@ -307,7 +307,7 @@ class Chaos:
             return
         if fault.target in STAGES:
             run, pid = stages[fault.target]
-            time.sleep(fault.delay * BRIEF.get(fault.target, 1.0))
+            time.sleep(fault.delay)
             if self.stages_running({run: pid}).get(fault.target) is None:
                 return  # the stage ended meanwhile: wait for another chance
             try:

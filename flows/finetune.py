@@ -15,7 +15,8 @@ Failure semantics (issues 4, 13): an MLflow server that is down at the start or 
 stop training or evaluation (one warning, requests bounded by qlora/tracking/outage.py); the run is opened again
 (with retries) before registering, which fails with TrackingUnavailable if the server stays away. A
 failed or crashed flow run marks its MLflow run FAILED (hooks below), a SIGTERM'd one KILLED; a
-SIGKILLed one leaves it RUNNING until the re-run continues it.
+SIGKILLed one leaves it RUNNING until the re-run continues it. A successful one ends with the close-mlflow-run
+task (FINISHED, retried): a flow run never ends COMPLETED with its MLflow run left RUNNING (issue 29's chaos run).
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def _run(config: PipelineConfig) -> RegisteredVersion:
         trained = train_and_evaluate(config, run, models)
         run = run or stages.open_run(**opening)  # registering needs the server: retried, then a clear error
         version = register_and_report(config, trained, run, models)
-        status = "FINISHED"
+        stages.close_run(run, version)  # retried; a server that stays away fails the flow run (re-run finishes it)
+        status = None  # closed
         return version
     except BaseException as e:
         if not isinstance(e, Exception):  # SIGTERM (Prefect's TerminationSignal) or Ctrl-C: stopped, not failed
@@ -90,9 +92,11 @@ def _run(config: PipelineConfig) -> RegisteredVersion:
         raise
     finally:
         models.release()
-        if run is not None:
-            end_run(run, status)  # never leave the MLflow run RUNNING, whatever happened
-        release_run_record(config.workdir, opening["key"])  # a later run of this config may now continue it
+        try:
+            if run is not None and status is not None:
+                end_run(run, status)  # never leave the MLflow run RUNNING, whatever happened
+        finally:
+            release_run_record(config.workdir, opening["key"])  # a later run of this config may now continue it
 
 
 def train_and_evaluate(config: PipelineConfig, run: MlflowRun | None, models: ModelCache | None = None) -> Trained:

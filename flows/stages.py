@@ -42,7 +42,7 @@ from qlora.models import ModelCache
 from qlora.refs import Adapter, EvalReport, MlflowRun, QuantizedModel, RegisteredVersion, TokenizedData
 from qlora.tracking.outage import required
 from qlora.tracking.records import log_config
-from qlora.tracking.runs import start_or_resume_run
+from qlora.tracking.runs import end_run, start_or_resume_run
 from registry.register import register_adapter
 from tasks import reporting
 from tasks.evaluate import evaluate_adapter
@@ -123,6 +123,18 @@ def open_run(cfg: TrackingConfig, workdir: str, key: str, run_name: str | None, 
     if config is not None:
         log_config(run, config)
     return run
+
+
+@task(name="close-mlflow-run", retries=3, retry_delay_seconds=[2, 10, 30], **_common)
+def close_run(run: MlflowRun, version: RegisteredVersion | None = None) -> None:
+    """Mark the flow's MLflow run FINISHED, the last thing a successful flow run does. A tracking server restarting
+    just then is waited for (retries, ~45 s); one that stays away fails the flow run with TrackingUnavailable
+    rather than let it end COMPLETED over a run left RUNNING. Its re-run continues that run, reuses every stage
+    and the registered version, and finishes it."""
+    done = f"{version.name} v{version.version} is registered and" if version else "Everything"
+    with required(run.tracking_uri, f"marking MLflow run {run.run_id} FINISHED",
+                  f"{done} the adapter and its checkpoints are kept"):
+        end_run(run, "FINISHED", required=True)
 
 
 @task(name="tokenize", retries=2, retry_delay_seconds=5, **_common)

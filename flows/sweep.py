@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from prefect import flow, runtime, task
 from prefect.artifacts import create_table_artifact
 
+from flows import stages
 from flows.finetune import _fail_mlflow_runs, register_and_report, train_and_evaluate
 from flows.sweep_plan import SweepConfig, SweepResult, Trial, TrialOutcome, best, grid_trials, ranking_metric, table
 from qlora.config.schema import PipelineConfig
@@ -87,7 +88,7 @@ def qlora_sweep(config: PipelineConfig = PipelineConfig(), sweep: SweepConfig = 
                             + "; ".join(f"trial {o.index}: {o.message}" for o in outcomes))
         log.info("best trial %d (%s) by %s = %s", winner.index, winner.values, metric, winner.metrics.get(metric))
         version = register_and_report(winner.config, winner.trained, winner.run)
-        end_run(winner.run, "FINISHED")  # registering re-opened it
+        stages.close_run(winner.run, version)  # registering re-opened it; retried like the flow's own close
         status = "FINISHED"
         return SweepResult(version=version, best_trial=winner.index, metric=metric, rows=rows)
     finally:

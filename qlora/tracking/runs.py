@@ -145,13 +145,15 @@ def fail_runs_of_flow_run(cfg: TrackingConfig, flow_run_id: str) -> list[str]:
     return [r.info.run_id for r in runs]
 
 
-def end_run(run: MlflowRun, status: str = "FINISHED") -> None:
+def end_run(run: MlflowRun, status: str = "FINISHED", required: bool = False) -> None:
+    """Mark ``run`` ``status``. A tracking server that does not answer is one warning (the run stays RUNNING until
+    a re-run continues it), unless ``required``: then the error is raised, for the caller to retry."""
     import mlflow
 
     try:
         mlflow.MlflowClient(run.tracking_uri).set_terminated(run.run_id, status=status)
     except Exception as e:  # noqa: BLE001 - must not hide the flow's own outcome or error
-        if not is_transient(e):
+        if required or not is_transient(e):
             raise
         log.warning("could not mark MLflow run %s %s (%s); it stays RUNNING until a re-run continues it", run.run_id, status, e)
 

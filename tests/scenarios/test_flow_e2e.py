@@ -69,11 +69,11 @@ def test_flow_end_to_end(prefect_server, tiny_base, tmp_path, mlflow_uri):
     assert state.is_completed(), state.message
     version = state.result()
 
-    # Five stages (plus opening the MLflow run), each its own completed Prefect task run.
+    # Five stages (plus opening and closing the MLflow run), each its own completed Prefect task run.
     runs = _task_runs(state.state_details.flow_run_id)
     names = [r.name.rsplit("-", 1)[0] for r in runs]
     assert sorted(n for n in names if n in STAGES) == sorted(STAGES)  # each stage exactly once
-    assert set(names) - set(STAGES) <= {"open-mlflow-run"}  # plus the run bookkeeping task
+    assert set(names) - set(STAGES) == {"open-mlflow-run", "close-mlflow-run"}  # plus the run's bookkeeping tasks
     assert all(r.state.is_completed() for r in runs)
 
     # What people look at: the run report and the eval examples as artifacts of this flow run.

@@ -13,7 +13,7 @@ import pytest
 
 from qlora.config.schema import TrackingConfig
 
-pytestmark = pytest.mark.slow  # MLflow servers killed and SIGTERMed runs: ~95 s
+pytestmark = pytest.mark.slow  # MLflow servers killed and restarted, SIGTERMed runs: ~150 s
 
 
 def _hold_sqlite_lock(db, seconds: float) -> subprocess.Popen:
@@ -111,17 +111,18 @@ def _checkpoints(work) -> list[int]:
     return sorted(int(c.name.split("-")[1]) for c in work.glob("runs/*/checkpoint-*") if checkpoint_problem(c) is None)
 
 
-def _mlflow_server(tmp_path, name: str = "server"):
-    """A real `mlflow server` in its own process group: it forks workers, and a dying server takes them along."""
+def _mlflow_server(tmp_path, name: str = "server", port: int | None = None):
+    """A real `mlflow server` in its own process group: it forks workers, and a dying server takes them along.
+    The same ``name`` and ``port`` again: the same server restarted (same store)."""
     import os
 
     from tests.registry_fixtures import MLFLOW, free_port, subprocess_env, wait_http
 
-    port = free_port()
+    port = port or free_port()
     proc = subprocess.Popen(
         [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{tmp_path / (name + '.db')}", "--artifacts-destination",
          str(tmp_path / f"{name}-art"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=(tmp_path / f"{name}.log").open("w"), stderr=subprocess.STDOUT, env=subprocess_env(), start_new_session=True)
+        stdout=(tmp_path / f"{name}.log").open("a"), stderr=subprocess.STDOUT, env=subprocess_env(), start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url + "/health", proc)
@@ -203,6 +204,53 @@ def test_mlflow_server_dying_mid_training(prefect_server, tiny_base, tmp_path, m
     assert tasks["register"].run_count == 4  # retried 3 times, then the clear error
     assert caplog.text.count("the run goes on untracked") == 1  # the outage's one warning
     assert ended - killed_at["t"] < 120  # bounded: with MLflow's defaults one log call alone waited ~4.4 min
+
+
+def test_mlflow_server_restarting_as_the_flow_closes_its_run(prefect_server, tiny_base, tmp_path, monkeypatch):
+    """The chaos run's finding (issue 29): the MLflow server SIGKILLed right after registering and back 5 s later.
+    The close-mlflow-run task retries until it answers: the flow run ends COMPLETED with its MLflow run FINISHED
+    (before, set_terminated only warned and the flow ended COMPLETED over a run left RUNNING for good)."""
+    import threading
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows import finetune
+    from qlora.config.files import load_config
+
+    server, url = _mlflow_server(tmp_path)
+    port, restarted = int(url.rsplit(":", 1)[1]), {}
+
+    def restart():
+        time.sleep(5)  # the operator (or systemd's RestartSec)
+        restarted["server"], _ = _mlflow_server(tmp_path, port=port)
+
+    real = finetune.register_and_report
+
+    def then_the_server_dies(*a, **kw):
+        version = real(*a, **kw)
+        _kill_group(server)
+        threading.Thread(target=restart, daemon=True).start()
+        return version
+
+    monkeypatch.setattr(finetune, "register_and_report", then_the_server_dies)
+    try:
+        state = finetune.qlora_finetune(config=load_config(None, _overrides(tiny_base, tmp_path, url, **{"train.max_steps": 4})),
+                                        return_state=True)
+        assert state.is_completed(), state.message
+        version = state.result()
+        client = mlflow.MlflowClient(url)
+        run_id = client.get_model_version(version.name, version.version).run_id
+        assert client.get_run(run_id).info.status == "FINISHED"  # before the fix: RUNNING
+        with get_client(sync_client=True) as c:
+            (close,) = [t for t in c.read_task_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))) if t.name.startswith("close-mlflow-run")]
+        assert close.run_count >= 2  # the first try met the dead server
+    finally:
+        _kill_group(server)
+        if "server" in restarted:
+            _kill_group(restarted["server"])
 
 
 def test_sigterm_ends_the_run_within_seconds_and_marks_it_killed(tiny_base, tmp_path):

@@ -174,6 +174,15 @@ def test_mlflow_down_training_completes_and_registration_fails_clearly(prepared,
     with pytest.raises(TrackingUnavailable, match="unreachable.*Nothing was registered.*re-run the same command") as e:
         start_or_resume_run(TrackingConfig(uri=closed_port_uri), tmp_path, "k", "r")
     assert is_transient(e.value)  # so the open-mlflow-run task retries it
+    from flows.stages import close_run
+    from qlora.refs import RegisteredVersion
+    from qlora.tracking.runs import end_run
+
+    end_run(dead, "FAILED")  # a failed flow run's close: one warning, the flow's own error stays what it was
+    version = RegisteredVersion(name="x", version="3", model_uri="models:/m-1", aliases=["challenger"])
+    with pytest.raises(TrackingUnavailable, match=r"marking MLflow run 0+ FINISHED.*x v3 is registered.*re-run") as c:
+        close_run.fn(dead, version)  # a successful one's: raised, for the task's retries and then the flow run
+    assert is_transient(c.value)
     with pytest.raises(Exception) as reg:
         register_adapter(base, a, None, RegistryConfig(model_name="x"), dead)
     assert is_transient(reg.value)  # the register task retries it

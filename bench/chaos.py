@@ -481,7 +481,9 @@ def run(root: Path, seed: int, n_runs: int, n_faults: int, limit_s: float = 1800
         except TimeoutError as e:
             error = str(e)
         loop_s = chaos.now()
+        t_check = time.monotonic()
         violations = check(team, cfgs, chaos.attempts, generate)
+        check_s = round(time.monotonic() - t_check, 1)
         if error:
             violations["registered"].append(error)
     finally:
@@ -504,7 +506,7 @@ def run(root: Path, seed: int, n_runs: int, n_faults: int, limit_s: float = 1800
         "marked_crashed_by_operator": len(chaos.operator_crashed),
         "violations": {k: len(x) for k, x in violations.items()}, "violation_details": violations,
         "total_violations": sum(len(x) for x in violations.values()),
-        "wall_s": round(time.monotonic() - t0, 1), "setup_s": setup_s, "chaos_s": loop_s,
+        "wall_s": round(time.monotonic() - t0, 1), "setup_s": setup_s, "chaos_s": loop_s, "check_s": check_s,
         "machine": f"{os.cpu_count()} cores", "logs": str(team.logs),
     }
 

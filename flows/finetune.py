@@ -83,7 +83,7 @@ def _run(config: PipelineConfig) -> RegisteredVersion:
         run = run or stages.open_run(**opening)  # registering needs the server: retried, then a clear error
         version = register_and_report(config, trained, run, models)
         stages.close_run(run, version)  # retried; a server that stays away fails the flow run (re-run finishes it)
-        status = None  # closed
+        status = "FINISHED"
         return version
     except BaseException as e:
         if not isinstance(e, Exception):  # SIGTERM (Prefect's TerminationSignal) or Ctrl-C: stopped, not failed
@@ -93,7 +93,7 @@ def _run(config: PipelineConfig) -> RegisteredVersion:
     finally:
         models.release()
         try:
-            if run is not None and status is not None:
+            if run is not None and status != "FINISHED":  # FINISHED: close_run has marked it
                 end_run(run, status)  # never leave the MLflow run RUNNING, whatever happened
         finally:
             release_run_record(config.workdir, opening["key"])  # a later run of this config may now continue it

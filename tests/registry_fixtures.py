@@ -107,9 +107,9 @@ def trained(tiny_base, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
+def mlflow_server(tmp_path_factory, mlflow_store):
     """A real ``mlflow server`` process (sqlite backend, proxied artifacts) on a free loopback port."""
     d = tmp_path_factory.mktemp("mlflow-server")
-    proc, url = start_mlflow_server(f"sqlite:///{d / 'mlflow.db'}", d / "artifacts", d / "server.log")
+    proc, url = start_mlflow_server(mlflow_store(d / "mlflow.db"), d / "artifacts", d / "server.log")
     yield url
     stop(proc)

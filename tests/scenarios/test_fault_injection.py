@@ -62,7 +62,7 @@ def _valid_checkpoints(work: Path) -> list[int]:
 
 
 @pytest.mark.slow  # two `qlora run` processes: ~35 s
-def test_sigkill_then_rerun_resumes_same_step_same_run_same_weights(tiny_base, tmp_path):
+def test_sigkill_then_rerun_resumes_same_step_same_run_same_weights(tiny_base, tmp_path, mlflow_store):
     import torch
     from safetensors.torch import load_file
 
@@ -71,7 +71,7 @@ def test_sigkill_then_rerun_resumes_same_step_same_run_same_weights(tiny_base, t
     from tasks.train import train_adapter
 
     over = _overrides(tiny_base, tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PREFECT_HOME=str(tmp_path / "prefect"),
                PYTHONPATH=str(REPO), HF_TOKEN=PLANTED_TOKEN)
     env.pop("PREFECT_API_URL", None)
@@ -215,7 +215,7 @@ def test_hub_token_from_prefect_secret_block_or_env(prefect_server, monkeypatch)
 
 
 @pytest.mark.slow  # two `qlora run` processes and a reference training: ~45 s
-def test_sigkill_then_rerun_keeps_the_eval_history_and_selects_the_same_checkpoint(tiny_base, tmp_path):
+def test_sigkill_then_rerun_keeps_the_eval_history_and_selects_the_same_checkpoint(tiny_base, tmp_path, mlflow_store):
     """eval.every_steps: the re-run resumes with its generation-eval history, best-so-far and patience counter
     (all in the checkpoint's trainer_state.json) and registers the checkpoint an uninterrupted run selects."""
     from flows.finetune import generation_eval
@@ -225,7 +225,7 @@ def test_sigkill_then_rerun_keeps_the_eval_history_and_selects_the_same_checkpoi
 
     over = _overrides(tiny_base, tmp_path, **{"eval.every_steps": 3, "train.early_stopping_patience": 2,
                                               "registry.gate_metric": "rouge", "registry.consumer_check_prompts": 0})
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=str(REPO))
     env.pop("PREFECT_API_URL", None)
     cmd = [sys.executable, "-m", "flows.cli", "run", str(REPO / "configs" / "demo.yaml")]

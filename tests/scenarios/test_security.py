@@ -74,10 +74,10 @@ def _fake_version(client, root, name: str, cls: str, files: list[str], pyfunc: d
     client.create_model_version(name, source=str(src))
 
 
-def test_predict_refuses_versions_that_would_run_code_or_unpickle(tmp_path, capsys):
+def test_predict_refuses_versions_that_would_run_code_or_unpickle(tmp_path, capsys, mlflow_store):
     import mlflow
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     client = mlflow.MlflowClient(uri)
     _fake_version(client, tmp_path, "custom-arch", "EvilForCausalLM", ["model/config.json", "model/modeling_evil.py"])
     _fake_version(client, tmp_path, "pickled", "LlamaForCausalLM", ["model/config.json", "model/pytorch_model.bin"])
@@ -89,12 +89,12 @@ def test_predict_refuses_versions_that_would_run_code_or_unpickle(tmp_path, caps
     assert "model/pytorch_model.bin" in err and "safetensors only" in err and "Traceback" not in err
 
 
-def test_predict_refuses_a_pyfunc_loader_it_does_not_know(tmp_path, capsys):
+def test_predict_refuses_a_pyfunc_loader_it_does_not_know(tmp_path, capsys, mlflow_store):
     """A chat version's pyfunc loader is registry.chat (a module name the registry writer chooses): any other
     loader, or code shipped for the loader to import, is refused before anything is imported."""
     import mlflow
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     client = mlflow.MlflowClient(uri)
     _fake_version(client, tmp_path, "other-loader", "LlamaForCausalLM", ["model/config.json"],
                   {"loader_module": "evil_loader", "python_version": "3.11"})

@@ -148,8 +148,8 @@ def test_unreadable_files_as_a_user_without_root_powers(tiny_base, tmp_path):
     assert "error: model.name_or_path: cannot read" in model_err and "permission denied" in model_err
 
 
-def test_predict_and_registry_commands_with_unknown_names(tmp_path, capsys, caplog):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_predict_and_registry_commands_with_unknown_names(tmp_path, capsys, caplog, mlflow_store):
+    uri = mlflow_store(tmp_path / "mlflow.db")
     _one_clean_error(capsys, caplog, main(["predict", "models:/nope@champion", "hi", "--tracking-uri", uri]),
                      "models:/nope@champion", "not found")
     _one_clean_error(capsys, caplog, main(["predict", "nope", "hi", "--tracking-uri", uri]), "error: nope:")

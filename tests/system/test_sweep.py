@@ -38,7 +38,7 @@ def _cli(env, cwd, *args, timeout=600) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def swept(prefect_server, tiny_base, tmp_path_factory):
+def swept(prefect_server, tiny_base, tmp_path_factory, mlflow_store):
     """`qlora sweep` in a subprocess against the session's Prefect server (so its flow runs can be read back);
     data and base are copies, so the reproduce tests may change them."""
     from prefect.settings import PREFECT_API_URL
@@ -47,7 +47,7 @@ def swept(prefect_server, tiny_base, tmp_path_factory):
     data, base = tmp / "reverse_words.jsonl", tmp / "base"
     shutil.copy(DEMO_DATA, data)
     shutil.copytree(tiny_base, base)
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = mlflow_store(tmp / "mlflow.db")
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": uri, "PREFECT_API_URL": PREFECT_API_URL.value()}
     t0 = time.monotonic()
     proc = _cli(env, tmp, "sweep", str(REPO / "configs" / "demo.yaml"), *GRID, *_sets(tmp, data, base), "--max-parallel", "2")

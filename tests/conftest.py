@@ -112,14 +112,49 @@ def prepared(tiny_base, prepared_once, tmp_path_factory):
     return work, model, data, base
 
 
-@pytest.fixture(scope="session")
-def prefect_server():
-    """A throwaway Prefect API (temporary SQLite) for the whole session; flows run against it."""
-    from prefect.testing.utilities import prefect_test_harness
+def _migrated_prefect_db(out: Path) -> None:
+    """A Prefect server database with every migration applied (what a temporary server's start spends ~8 s on)."""
+    import asyncio
 
-    # 300 s: two xdist workers start theirs at once, and on a loaded 2-core machine one start took over 120 s.
-    with prefect_test_harness(server_startup_timeout=300):
-        yield
+    import prefect.settings
+    from prefect.server.database import provide_database_interface
+    from prefect.server.database.dependencies import temporary_database_interface
+
+    url = f"sqlite+aiosqlite:///{out / 'prefect.db'}"
+    with temporary_database_interface(), prefect.settings.temporary_settings(
+            updates={prefect.settings.PREFECT_SERVER_DATABASE_CONNECTION_URL: url}):
+        async def create() -> None:
+            db = provide_database_interface()
+            await db.create_db()
+            await (await db.engine()).dispose()
+
+        asyncio.run(create())
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A throwaway Prefect API (temporary SQLite) for the whole session; flows run against it. One per xdist
+    worker, not one for all: the train stage's Prefect concurrency limit (``train.concurrency_limit``, per host)
+    would otherwise make the workers' trainings wait for each other. Its database starts as a copy of one
+    migrated once per test run (``prefect_test_harness`` names it ``prefect-test.db`` in a folder it makes; were
+    that ever renamed, the server would migrate its own database, only slower)."""
+    import prefect.testing.utilities as harness
+
+    template = built_once(tmp_path_factory, "prefect-db", _migrated_prefect_db) / "prefect.db"
+    make_folder = harness.mkdtemp
+
+    def folder_with_database(*args, **kwargs) -> str:
+        folder = make_folder(*args, **kwargs)
+        shutil.copyfile(template, Path(folder) / "prefect-test.db")
+        return folder
+
+    harness.mkdtemp = folder_with_database
+    try:
+        # 300 s: two xdist workers start theirs at once, and on a loaded 2-core machine one start took over 120 s.
+        with harness.prefect_test_harness(server_startup_timeout=300):
+            yield
+    finally:
+        harness.mkdtemp = make_folder
 
 
 @pytest.fixture(scope="session")
@@ -158,6 +193,19 @@ def mlflow_uri(tmp_path, monkeypatch, mlflow_store) -> str:
     uri = mlflow_store(tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+def qlora(capfd, *argv: str) -> tuple[int, str, str]:
+    """``qlora ARGV`` run in this process by ``flows.cli.main``, the function the command runs: (exit code, stdout,
+    stderr). A fresh interpreter per call would spend ~8 s importing what this one already has; the command's own
+    entry point is tested in a subprocess once (tests/unit/flows/test_cli.py). Output is read at the file
+    descriptors, so a traceback a logging handler writes counts too."""
+    from flows.cli import main
+
+    capfd.readouterr()  # only this command's output
+    code = main(list(argv))
+    out, err = capfd.readouterr()
+    return code, out, err
 
 
 def pytest_collection_modifyitems(config, items):

@@ -12,7 +12,7 @@ import pytest
 
 from qlora.config.files import load_config
 from qlora.template import PROMPT_TEMPLATE
-from tests.conftest import DEMO_DATA, REPO
+from tests.conftest import DEMO_DATA, REPO, qlora
 
 pytestmark = pytest.mark.e2e
 STAGES = ["tokenize", "quantize", "train", "evaluate", "register", "report"]
@@ -200,13 +200,12 @@ def test_bare_run_starts_prefects_temporary_server_early_and_the_flow_reuses_it(
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, timeout=120)
 
 
-def test_cli_bad_config_names_the_key(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", str(REPO / "configs" / "demo.yaml"), "--set", "train.learning_rate=-1"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 1
-    assert "train.learning_rate" in proc.stderr and "Traceback" not in proc.stderr
+def test_cli_bad_config_names_the_key(tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = qlora(capfd, "run", str(REPO / "configs" / "demo.yaml"), "--set", "train.learning_rate=-1")
+    assert code == 1
+    assert "train.learning_rate" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # refused before anything started
 
 
 def _alive(pid: int) -> bool:

@@ -13,7 +13,7 @@ import pytest
 
 from flows import cli
 from flows.cli import EXIT_CODES, EXIT_DIFFERS, EXIT_OK, EXIT_REFUSED, EXIT_TRY_AGAIN, EXIT_USAGE, main
-from tests.conftest import REPO
+from tests.conftest import REPO, qlora
 
 
 def _qlora(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -39,13 +39,14 @@ def test_a_bad_command_line_is_2_and_only_that(capsys):
 
 
 @pytest.mark.parametrize("command", [("predict", "models:/x/1", "hi"), ("registry", "list", "x")])
-def test_a_tracking_server_that_does_not_answer_is_75(command):
+def test_a_tracking_server_that_does_not_answer_is_75(command, monkeypatch, capfd):
     """Also for `registry list`, which used to call an unreachable server's model "no such registered model" (exit 1)."""
-    out = _qlora(*command, "--tracking-uri", "http://127.0.0.1:9",
-                 MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="2")
-    assert out.returncode == EXIT_TRY_AGAIN, out.stderr[-2000:]
-    assert "the tracking server did not answer" in out.stderr and "Traceback" not in out.stderr
-    assert "no such registered model" not in out.stderr
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    code, _, err = qlora(capfd, *command, "--tracking-uri", "http://127.0.0.1:9")
+    assert code == EXIT_TRY_AGAIN, err[-2000:]
+    assert "the tracking server did not answer" in err and "Traceback" not in err
+    assert "no such registered model" not in err
 
 
 def _reproduce_returning(monkeypatch, outcome):

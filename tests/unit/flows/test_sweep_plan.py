@@ -3,10 +3,6 @@ config, the ranking, and the CLI's one-line errors for bad input."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 from flows.sweep_plan import (
@@ -25,7 +21,7 @@ from qlora.config.files import load_config
 from qlora.config.schema import PipelineConfig
 from qlora.errors import ConfigError
 from qlora.refs import Adapter, EvalReport, MlflowRun, QuantizedModel, TokenizedData, Trained
-from tests.conftest import REPO
+from tests.conftest import REPO, qlora
 
 
 def test_grid_values_are_yaml_and_brackets_keep_their_commas():
@@ -132,10 +128,8 @@ def test_trials_are_ranked_by_the_metric_the_gate_would_use():
     assert _ranking(cfg, outs) == "eval/tuned/rouge"
 
 
-def _cli(*args, cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "flows.cli", "sweep", str(REPO / "configs" / "demo.yaml"), *args],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+def _sweep(capfd, *args) -> tuple[int, str, str]:
+    return qlora(capfd, "sweep", str(REPO / "configs" / "demo.yaml"), *args)
 
 
 @pytest.mark.parametrize("args, says", [
@@ -143,19 +137,25 @@ def _cli(*args, cwd) -> subprocess.CompletedProcess:
     (["--grid", "train.learnig_rate=1e-4,2e-4"], "error: --grid train.learnig_rate: unknown key"),
     (["--grid", "lora.r=8,-1"], "error: sweep trial 1 (lora.r=-1): lora.r: Input should be greater than 0"),
 ])
-def test_cli_bad_sweep_input_is_one_line_exit_1(args, says, tmp_path):
-    proc = _cli(*args, cwd=tmp_path)
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    assert says in proc.stderr and "Traceback" not in proc.stderr
+def test_cli_bad_sweep_input_is_one_line_exit_1(args, says, tmp_path, monkeypatch, capfd):
+    from prefect.server.api.server import SubprocessASGIServer
+
+    monkeypatch.chdir(tmp_path)
+    servers = dict(SubprocessASGIServer._instances)
+    code, _, err = _sweep(capfd, *args)
+    assert code == 1, err[-2000:]
+    assert says in err and "Traceback" not in err
     assert not (tmp_path / "mlflow.db").exists()  # refused before anything started
+    assert SubprocessASGIServer._instances == servers  # no temporary Prefect server either
 
 
-def test_tpe_without_optuna_says_which_extra(tmp_path):
+def test_tpe_without_optuna_says_which_extra(tmp_path, monkeypatch, capfd):
     try:
         import optuna  # noqa: F401
     except ImportError:
-        proc = _cli("--grid", "lora.r=8,16", "--sampler", "tpe", "--trials", "2", cwd=tmp_path)
-        assert proc.returncode == 1 and "pip install 'qlora-pipeline[sweep]'" in proc.stderr
+        monkeypatch.chdir(tmp_path)
+        code, _, err = _sweep(capfd, "--grid", "lora.r=8,16", "--sampler", "tpe", "--trials", "2")
+        assert code == 1 and "pip install 'qlora-pipeline[sweep]'" in err
         return
     pytest.skip("optuna is installed (the sweep extra); tests/system/test_sweep.py runs a TPE sweep")
 

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import subprocess
-import sys
 
 import mlflow
 import pytest
@@ -17,7 +14,7 @@ from qlora.config.files import load_config
 from qlora.config.schema import DataConfig, ModelConfig
 from qlora.errors import ConfigError
 from tasks.data.split import draw, shares
-from tests.conftest import REPO, SHARED_DATA
+from tests.conftest import REPO, SHARED_DATA, qlora
 
 ALPACA, SHAREGPT = SHARED_DATA / "code_alpaca_2k.json", SHARED_DATA / "sharegpt_dummy_conversation.json"
 
@@ -112,15 +109,15 @@ def test_bad_mixtures_are_refused_at_load_naming_the_key(overrides, says):
     assert says in str(e.value)
 
 
-def test_cli_validate_data_prints_both_sources_or_one_error_line(tiny_base, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def test_cli_validate_data_prints_both_sources_or_one_error_line(tiny_base, tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
     sources = f"data.sources=[{{path: {ALPACA}, weight: 0.5}}, {{path: {SHAREGPT}, weight: 0.5}}]"
-    cmd = [sys.executable, "-m", "flows.cli", "validate-data", str(REPO / "configs" / "demo.yaml"), "--set", "data.path=null",
+    cmd = ["validate-data", str(REPO / "configs" / "demo.yaml"), "--set", "data.path=null",
            "--set", "data.max_length=256", "--set", "data.max_drop_fraction=0.2", "--set", f"model.name_or_path={tiny_base}", "--set"]
-    ok = subprocess.run(cmd + [sources], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert ok.returncode == 0, ok.stderr[-3000:]
-    assert f"| 0 | {ALPACA} | alpaca | 0.5 |" in ok.stdout and f"| 1 | {SHAREGPT} | sharegpt | 0.5 |" in ok.stdout
-    bad = subprocess.run(cmd + [sources.replace("0.5}]", "0.4}]")], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 1
-    assert "data.sources weights add up to 0.9 (0.5 + 0.4)" in bad.stderr and "Traceback" not in bad.stderr
+    code, out, err = qlora(capfd, *cmd, sources)
+    assert code == 0, err[-3000:]
+    assert f"| 0 | {ALPACA} | alpaca | 0.5 |" in out and f"| 1 | {SHAREGPT} | sharegpt | 0.5 |" in out
+    code, _, err = qlora(capfd, *cmd, sources.replace("0.5}]", "0.4}]"))
+    assert code == 1
+    assert "data.sources weights add up to 0.9 (0.5 + 0.4)" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # validation writes nothing

@@ -91,19 +91,20 @@ demo: install $(DEMO_BASE)/config.json
 
 # `make test`: everything but the slow tier (~9 min on 2 cores in one process; two workers
 # split its ~530 s of CPU evenly, 261 / 252 s, see docs/development.md), the loop to run while you work.
-# `make test-slow`: tests/system and the tests marked slow (~19 min): real Prefect/MLflow/PostgreSQL servers, workers, killed processes,
-# sweeps, torchrun. CI (.ci/run) runs both; `make test-all` runs the whole suite in one pytest session.
-# XDIST: `make test` runs two pytest-xdist workers, whole files to one worker (module fixtures are built once); the
+# `make test-slow`: tests/system and the tests marked slow (~16 min on 2 cores): real Prefect/MLflow/PostgreSQL servers, workers,
+# killed processes, sweeps, torchrun. CI (.ci/run) runs both; `make test-all` runs the whole suite in one pytest session.
+# XDIST: every test target runs two pytest-xdist workers, whole files to one worker (module fixtures are built once); the
 # session fixtures' tiny base and prepared data are built once for both (tests/conftest.py). XDIST= runs in one process.
+# The slow tier waits on servers and subprocesses for much of its time: two workers took it from 1,602 s to 983 s.
 XDIST ?= -n 2 --dist loadfile
 test: install
 	$(BIN)/python -m pytest -q -m "not slow" $(XDIST) --durations=10
 
 test-slow: install
-	$(BIN)/python -m pytest -q -m slow --durations=15
+	$(BIN)/python -m pytest -q -m slow $(XDIST) --durations=15
 
 test-all: install
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q $(XDIST) --durations=15
 
 bench: install $(DEMO_BASE)/config.json
 	$(BIN)/python -m bench.run

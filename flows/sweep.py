@@ -89,10 +89,12 @@ def qlora_sweep(config: PipelineConfig = PipelineConfig(), sweep: SweepConfig = 
         log.info("best trial %d (%s) by %s = %s", winner.index, winner.values, metric, winner.metrics.get(metric))
         version = register_and_report(winner.config, winner.trained, winner.run)
         stages.close_run(winner.run, version)  # registering re-opened it; retried like the flow's own close
+        stages.close_run(parent, version)  # the same for the parent: a one-try end_run only warned in an outage
         status = "FINISHED"
         return SweepResult(version=version, best_trial=winner.index, metric=metric, rows=rows)
     finally:
-        end_run(parent, status)
+        if status != "FINISHED":  # FINISHED: close_run has marked it
+            end_run(parent, status)
 
 
 def _ranking(config: PipelineConfig, outcomes: list[TrialOutcome]) -> str:

@@ -21,7 +21,15 @@ def pg_bin(name: str) -> str | None:
 
 
 def ensure_installed() -> str | None:
-    """Path of initdb, installing Debian's postgresql when we can (root + apt-get); None when we cannot."""
+    """Path of initdb, installing Debian's postgresql when we can (root + apt-get); None when we cannot. One
+    install at a time on the machine (pytest-xdist workers ask at once; apt-get holds dpkg's lock)."""
+    from filelock import FileLock
+
+    with FileLock(os.path.join(tempfile.gettempdir(), "qlora-test-postgres-install.lock")):
+        return _ensure_installed()
+
+
+def _ensure_installed() -> str | None:
     if pg_bin("initdb") is None and os.geteuid() == 0 and shutil.which("apt-get"):
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         subprocess.run(["apt-get", "install", "-y", "-q", "postgresql"], env=env, capture_output=True, timeout=600)

@@ -181,7 +181,8 @@ def test_tpe_sweep_runs_the_asked_trials_in_process(prefect_server, tiny_base, t
 
     cfg = load_config(None, _sets(tmp_path, DEMO_DATA, tiny_base)[1::2] + ["registry.model_name=tiny-tpe"])
     sweep = SweepConfig(grid={"train.learning_rate": [1e-4, 2e-3], "lora.r": [4, 8]}, sampler="tpe", trials=3, max_parallel=2)
-    result = qlora_sweep(config=cfg, sweep=sweep)
+    state = qlora_sweep(config=cfg, sweep=sweep, return_state=True)
+    result = state.result()
     assert [r["trial"] for r in result.rows] == [0, 1, 2] and all(r["status"] == "COMPLETED" for r in result.rows)
     client = mlflow.MlflowClient(mlflow_uri)
     runs = client.search_runs([client.get_experiment_by_name("qlora-finetune").experiment_id])
@@ -190,6 +191,25 @@ def test_tpe_sweep_runs_the_asked_trials_in_process(prefect_server, tiny_base, t
     assert parent.data.tags["sweep.sampler"] == "tpe"
     (mv,) = client.search_model_versions("name='tiny-tpe'")
     assert mv.run_id == parent.data.tags["sweep.best_run_id"] and result.version.version == str(mv.version)
+    # The winner's run and the parent are both closed by the retried close-mlflow-run task (a one-try end_run left
+    # the parent RUNNING when the server was away at that moment), and both are FINISHED.
+    assert parent.info.status == client.get_run(mv.run_id).info.status == "FINISHED"
+    assert _closes(state.state_details.flow_run_id) == 2
+
+
+def _closes(flow_run_id, want: int = 2, wait_s: float = 30) -> int:
+    """Completed close-mlflow-run task runs of the flow run (their states reach the API through events: polled)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline, n = time.monotonic() + wait_s, 0
+    with get_client(sync_client=True) as c:
+        while True:
+            runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            n = sum(r.name.startswith("close-mlflow-run") and r.state is not None and r.state.is_completed() for r in runs)
+            if n >= want or time.monotonic() > deadline:
+                return n
+            time.sleep(0.5)
 
 
 def test_a_failed_trial_is_a_row_and_the_best_of_the_rest_is_registered(prefect_server, tiny_base, tmp_path, mlflow_uri):

@@ -243,10 +243,15 @@ def test_mlflow_server_restarting_as_the_flow_closes_its_run(prefect_server, tin
         client = mlflow.MlflowClient(url)
         run_id = client.get_model_version(version.name, version.version).run_id
         assert client.get_run(run_id).info.status == "FINISHED"  # before the fix: RUNNING
+        deadline = time.monotonic() + 30  # task-run states reach the API through events: polled
         with get_client(sync_client=True) as c:
-            (close,) = [t for t in c.read_task_runs(flow_run_filter=FlowRunFilter(
-                id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))) if t.name.startswith("close-mlflow-run")]
-        assert close.run_count >= 2  # the first try met the dead server
+            while True:
+                (close,) = [t for t in c.read_task_runs(flow_run_filter=FlowRunFilter(
+                    id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))) if t.name.startswith("close-mlflow-run")]
+                if (close.run_count >= 2 and close.state.is_completed()) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+        assert close.run_count >= 2 and close.state.is_completed()  # the first try met the dead server
     finally:
         _kill_group(server)
         if "server" in restarted:

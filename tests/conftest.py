@@ -208,6 +208,17 @@ def qlora(capfd, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+def pytest_collection_finish(session):
+    """Everything collection imported (torch, transformers, MLflow, Prefect: millions of objects) moves to the
+    garbage collector's permanent generation. A full collection walks every tracked object, and the Trainer's
+    ``free_memory`` and the model cache's release run one per training and per registration: ~0.7 s each here
+    with those objects in the heap. What the tests create afterwards is collected as before."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def pytest_collection_modifyitems(config, items):
     """Tiers by folder: everything under tests/system is slow (servers, workers, kills: `make test-slow`);
     unit/ and scenarios/ tests are slow only where marked (`make test` leaves those out)."""

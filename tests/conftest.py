@@ -113,7 +113,7 @@ def prepared(tiny_base, prepared_once, tmp_path_factory):
 
 
 def _migrated_prefect_db(out: Path) -> None:
-    """A Prefect server database with every migration applied (what a temporary server's start spends ~8 s on)."""
+    """A Prefect server database with every migration applied (what a temporary server's start spent ~10 s on here)."""
     import asyncio
 
     import prefect.settings
@@ -160,7 +160,7 @@ def prefect_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mlflow_store(tmp_path_factory):
     """``mlflow_store(db)`` makes ``db`` a fresh, empty sqlite tracking store and returns its URI. MLflow builds a
-    new store by running its ~60 schema migrations (1.4-4.5 s here, in every test and every ``qlora`` subprocess
+    new store by running its 68 schema migrations (1.4-4.5 s here, in every test and every ``qlora`` subprocess
     that opens one); this copies one migrated once per test run instead. The copy is what MLflow would have made:
     only its Default experiment's artifact location (``./mlruns/0``, resolved when the store was made) is moved
     next to ``db``."""
@@ -206,6 +206,23 @@ def qlora(capfd, *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capfd.readouterr()
     return code, out, err
+
+
+def task_runs(flow_run_id, until=lambda runs: True, wait_s: float = 30) -> list:
+    """The flow run's Prefect task runs. Their states reach the API through events, a little after the flow run
+    ends: read again every 0.5 s until ``until(runs)`` holds or ``wait_s`` has passed (then the last read)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + wait_s
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            if until(runs) or time.monotonic() > deadline:
+                return runs
+            time.sleep(0.5)
 
 
 def pytest_collection_finish(session):

@@ -12,7 +12,7 @@ import pytest
 
 from qlora.config.files import load_config
 from qlora.template import PROMPT_TEMPLATE
-from tests.conftest import DEMO_DATA, REPO, qlora
+from tests.conftest import DEMO_DATA, REPO, qlora, task_runs
 
 pytestmark = pytest.mark.e2e
 STAGES = ["tokenize", "quantize", "train", "evaluate", "register", "report"]
@@ -48,15 +48,6 @@ def _flow_run_name(flow_run_id) -> str:
         return client.read_flow_run(flow_run_id).name
 
 
-def _task_runs(flow_run_id):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return runs
-
-
 def test_flow_end_to_end(prefect_server, tiny_base, tmp_path, mlflow_uri):
     import bitsandbytes as bnb
 
@@ -70,7 +61,7 @@ def test_flow_end_to_end(prefect_server, tiny_base, tmp_path, mlflow_uri):
     version = state.result()
 
     # Five stages (plus opening and closing the MLflow run), each its own completed Prefect task run.
-    runs = _task_runs(state.state_details.flow_run_id)
+    runs = task_runs(state.state_details.flow_run_id)
     names = [r.name.rsplit("-", 1)[0] for r in runs]
     assert sorted(n for n in names if n in STAGES) == sorted(STAGES)  # each stage exactly once
     assert set(names) - set(STAGES) == {"open-mlflow-run", "close-mlflow-run"}  # plus the run's bookkeeping tasks

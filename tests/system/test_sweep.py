@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import mlflow
 import pytest
 
-from tests.conftest import DEMO_DATA, REPO
+from tests.conftest import DEMO_DATA, REPO, task_runs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # four trials and a reproduce: ~105 s
 GRID = ["--grid", "train.learning_rate=1e-4,2e-3", "--grid", "lora.r=4,8"]
@@ -197,19 +197,12 @@ def test_tpe_sweep_runs_the_asked_trials_in_process(prefect_server, tiny_base, t
     assert _closes(state.state_details.flow_run_id) == 2
 
 
-def _closes(flow_run_id, want: int = 2, wait_s: float = 30) -> int:
-    """Completed close-mlflow-run task runs of the flow run (their states reach the API through events: polled)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+def _closes(flow_run_id) -> int:
+    """Completed close-mlflow-run task runs of the flow run."""
+    def closed(runs) -> int:
+        return sum(r.name.startswith("close-mlflow-run") and r.state is not None and r.state.is_completed() for r in runs)
 
-    deadline, n = time.monotonic() + wait_s, 0
-    with get_client(sync_client=True) as c:
-        while True:
-            runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            n = sum(r.name.startswith("close-mlflow-run") and r.state is not None and r.state.is_completed() for r in runs)
-            if n >= want or time.monotonic() > deadline:
-                return n
-            time.sleep(0.5)
+    return closed(task_runs(flow_run_id, until=lambda runs: closed(runs) >= 2))
 
 
 def test_a_failed_trial_is_a_row_and_the_best_of_the_rest_is_registered(prefect_server, tiny_base, tmp_path, mlflow_uri):

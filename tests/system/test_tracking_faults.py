@@ -12,6 +12,7 @@ import prefect.main  # noqa: F401  Prefect configures logging on import: before 
 import pytest
 
 from qlora.config.schema import TrackingConfig
+from tests.conftest import task_runs
 
 pytestmark = pytest.mark.slow  # MLflow servers killed and restarted, SIGTERMed runs: ~150 s
 
@@ -151,9 +152,6 @@ def test_mlflow_server_dying_mid_training(prefect_server, tiny_base, tmp_path, m
     import threading
     import time
 
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
     from flows import stages
     from flows.finetune import qlora_finetune
     from qlora.config.files import load_config
@@ -189,16 +187,11 @@ def test_mlflow_server_dying_mid_training(prefect_server, tiny_base, tmp_path, m
     assert f"{url} is unreachable while registering" in str(err) and "re-run the same command" in str(err)
     (manifest,) = work.glob("runs/*/adapter/manifest.json")  # training finished, untracked
     assert json.loads(manifest.read_text())["global_step"] == 12
-    deadline = time.monotonic() + 30
-    while True:  # task run states reach the API through events: wait until the last ones are in
-        with get_client(sync_client=True) as c:
-            tasks = {t.name.rsplit("-", 1)[0]: t for t in c.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))}
-        if all(t.state.is_final() for t in tasks.values()) and tasks.get("register") and tasks["register"].run_count == 4:
-            break
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    def by_name(runs):
+        return {t.name.rsplit("-", 1)[0]: t for t in runs}
+
+    tasks = by_name(task_runs(state.state_details.flow_run_id, until=lambda runs: all(t.state.is_final() for t in runs)
+                              and by_name(runs).get("register") is not None and by_name(runs)["register"].run_count == 4))
     assert tasks["train"].state.is_completed() and tasks["train"].run_count == 1
     assert tasks["evaluate"].state.is_completed() and tasks["evaluate"].run_count == 1  # untracked, not failed
     assert tasks["register"].run_count == 4  # retried 3 times, then the clear error
@@ -212,9 +205,6 @@ def test_mlflow_server_restarting_as_the_flow_closes_its_run(prefect_server, tin
     (before, set_terminated only warned and the flow ended COMPLETED over a run left RUNNING for good)."""
     import threading
     import time
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     from flows import finetune
     from qlora.config.files import load_config
@@ -243,14 +233,12 @@ def test_mlflow_server_restarting_as_the_flow_closes_its_run(prefect_server, tin
         client = mlflow.MlflowClient(url)
         run_id = client.get_model_version(version.name, version.version).run_id
         assert client.get_run(run_id).info.status == "FINISHED"  # before the fix: RUNNING
-        deadline = time.monotonic() + 30  # task-run states reach the API through events: polled
-        with get_client(sync_client=True) as c:
-            while True:
-                (close,) = [t for t in c.read_task_runs(flow_run_filter=FlowRunFilter(
-                    id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))) if t.name.startswith("close-mlflow-run")]
-                if (close.run_count >= 2 and close.state.is_completed()) or time.monotonic() > deadline:
-                    break
-                time.sleep(0.5)
+        def close_of(runs):
+            (close,) = [t for t in runs if t.name.startswith("close-mlflow-run")]
+            return close
+
+        close = close_of(task_runs(state.state_details.flow_run_id,
+                                   until=lambda runs: close_of(runs).run_count >= 2 and close_of(runs).state.is_completed()))
         assert close.run_count >= 2 and close.state.is_completed()  # the first try met the dead server
     finally:
         _kill_group(server)

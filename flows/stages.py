@@ -37,7 +37,6 @@ from qlora.config.schema import (
     TrainConfig,
 )
 from qlora.errors import StageTimeout, retry_transient
-from qlora.locks import training_slot
 from qlora.models import ModelCache
 from qlora.refs import Adapter, EvalReport, MlflowRun, QuantizedModel, RegisteredVersion, TokenizedData
 from qlora.tracking.outage import required
@@ -160,11 +159,11 @@ def quantize(model: ModelConfig, quant: QuantizationConfig, workdir: str, limit:
 @task(name="train", retries=1, retry_delay_seconds=30, **_common)
 def train(base: QuantizedModel, data: TokenizedData, lora: LoraSection, cfg: TrainConfig, workdir: str,
           run: MlflowRun | None = None, limit: float | None = None, during: GenerationEval | None = None) -> Adapter:
-    """Holds a training slot of the worker (and of the Prefect limit) while it trains: qlora/locks.py.
-    ``during``: generation eval during training (eval.every_steps), as the flow resolved it."""
+    """``during``: generation eval during training (eval.every_steps), as the flow resolved it. The training slots
+    are taken inside ``train_adapter``, once it knows the adapter is not already trained (``qlora/locks.py``)."""
     progress = _ProgressArtifact("train-progress")
     try:
-        with _time_limit("train", limit), training_slot(cfg):
+        with _time_limit("train", limit):
             return train_adapter(base, data, lora, cfg, workdir, run, during=during, progress=progress)
     finally:
         progress.close()

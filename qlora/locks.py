@@ -24,8 +24,9 @@ wait at once: the signal interrupts the sleep in the waiting thread.
   (issue 13, item 10). A run uses ``cores available / training slots`` threads; an OMP_NUM_THREADS the
   user set is respected as is.
 
-The flow takes the device slot around training and evaluation first, then the training slots inside the
-train stage: always in that order, so two runs never hold one each and wait for the other.
+The flow takes the device slot around training and evaluation first, then training takes its run dir's lock
+and, only when the adapter is not already trained, the training slots (``tasks/train.py``): always in that order,
+so two runs never hold one each and wait for the other, and a re-run that finds its adapter never queues.
 ``QLORA_LOCK_DIR`` moves the machine-wide lock folder (containers sharing one GPU host mount one folder).
 """
 

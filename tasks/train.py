@@ -2,7 +2,8 @@
 
 The recipe is in ``tasks/training/recipe.py``; this entry decides where it runs. One run dir per
 (base, data, LoRA, train config), locked while training, so a retry or a second flow run of the same
-config never writes the same checkpoints: it waits, then returns the adapter the first one finished.
+config never writes the same checkpoints: it waits, then returns the adapter the first one finished. Only a
+training that has work to do takes a training slot of the worker (``qlora/locks.py``).
 Training resumes from the newest *valid* checkpoint (``training/checkpoints.py``), a NaN/inf loss or
 gradient stops it at once (``TrainingDiverged``, never retried), a CUDA OOM retries once with half the
 micro-batch, and a tracking outage costs the loss curve, not the training (``training/callbacks.py``).
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from qlora.config.schema import LoraSection, TrainConfig, stable_hash
 from qlora.errors import is_disk_full
-from qlora.locks import locked_run_dir
+from qlora.locks import locked_run_dir, training_slot
 from qlora.refs import Adapter, MlflowRun, QuantizedModel, TokenizedData
 from qlora.storage import cached, disk_full_error
 from tasks.training.launch import LaunchSpec, run_launcher
@@ -70,16 +71,17 @@ def _train_locked(base, data, lora, train: TrainConfig, run_dir: Path, run, call
     adapter = run_dir / "adapter"
     with locked_run_dir(run_dir):
         done = cached(adapter, "the trained adapter", Adapter)
-        if done is not None:
+        if done is not None:  # before the training slots: finding a finished adapter must not queue behind trainings
             log.info("adapter already trained for this exact config and data: %s", Path(done.path))
             return done
-        if train.num_processes <= 1 and train.distributed == "ddp":
-            return fit_with_oom_retry(base, data, lora, train, run_dir, run, tuple(callbacks), during, progress)
-        if callbacks:
-            log.warning("train_adapter: %d extra callback(s) ignored: the ranks of a multi-process run are "
-                        "separate processes", len(callbacks))
-        t0 = time.perf_counter()
-        run_launcher(LaunchSpec(base=base, data=data, lora=lora, train=train, run_dir=str(run_dir), run=run, during=during))
+        with training_slot(train):
+            if train.num_processes <= 1 and train.distributed == "ddp":
+                return fit_with_oom_retry(base, data, lora, train, run_dir, run, tuple(callbacks), during, progress)
+            if callbacks:
+                log.warning("train_adapter: %d extra callback(s) ignored: the ranks of a multi-process run are "
+                            "separate processes", len(callbacks))
+            t0 = time.perf_counter()
+            run_launcher(LaunchSpec(base=base, data=data, lora=lora, train=train, run_dir=str(run_dir), run=run, during=during))
         done = cached(adapter, "the trained adapter", Adapter)
         if done is None:
             raise RuntimeError(f"distributed training finished but rank 0 wrote no {run_dir / 'adapter' / 'manifest.json'}")

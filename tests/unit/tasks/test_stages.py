@@ -68,6 +68,46 @@ def test_train_resume_and_evaluate(prepared):
     assert len(report.samples) == 4
 
 
+def test_only_a_training_with_work_to_do_takes_a_training_slot(prepared):
+    """Every training slot of the worker taken: a config whose adapter is already trained returns it at once (a
+    re-run or a retry never queues behind other trainings to find it), and a new training starts only once a
+    slot is free."""
+    import threading
+    import time
+
+    from transformers import TrainerCallback
+
+    from qlora.locks import machine_slot
+
+    work, _, data, base = prepared
+    lora = LoraSection(r=4, alpha=8, dropout=0.0)
+    train = TrainConfig(max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=1, save_steps=100, seed=11)
+    done = train_adapter(base, data, lora, train, work)
+    began: list[float] = []
+
+    class Began(TrainerCallback):
+        def on_train_begin(self, *args, **kwargs):
+            began.append(time.monotonic())
+
+    got: dict[str, object] = {}
+
+    def run(name, cfg):
+        got[name] = train_adapter(base, data, lora, cfg, work, callbacks=(Began(),))
+
+    with machine_slot(train.slots_per_worker):  # held by this thread: train_adapter in another one must wait for it
+        again = threading.Thread(target=run, args=("again", train))
+        again.start()
+        again.join(30)
+        assert got.get("again") == done  # returned while the slot was taken
+        waiting = threading.Thread(target=run, args=("new", train.model_copy(update={"seed": 12})))
+        waiting.start()
+        time.sleep(2)
+        released = time.monotonic()
+    waiting.join(120)
+    assert got["new"].global_step == 2 and got["new"].run_dir != done.run_dir
+    assert len(began) == 1 and began[0] > released  # trained only after the slot was free
+
+
 def test_training_uses_bitsandbytes_8bit_adamw_and_extra_callbacks_see_it(prepared):
     """optim=paged_adamw_8bit is bitsandbytes' 8-bit AdamW (paged on CUDA; bitsandbytes falls back to
     unpaged memory on CPU), with 8-bit state for the larger LoRA matrices. ``callbacks=`` is how tests

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run(every_steps: int | None = None) -> dict:
-    from flows.finetune import generation_eval
+    from flows.stages import generation_eval
     from qlora.config.files import load_config
     from tasks.quantize import prepare_quantized_model
     from tasks.tokenize import tokenize_dataset
@@ -33,7 +33,7 @@ def run(every_steps: int | None = None) -> dict:
                                                         f"data.path={REPO / 'data' / 'demo' / 'reverse_words.jsonl'}"])
     data = tokenize_dataset(cfg.data, cfg.model, work)
     base = prepare_quantized_model(cfg.model, cfg.quantization, work)
-    a = train_adapter(base, data, cfg.lora, cfg.train, work, during=generation_eval(cfg, data))
+    a = train_adapter(base, data, cfg.lora, cfg.train, work, during=generation_eval(cfg.train, cfg.eval, cfg.registry.gate_metric, data))
     return {"every_steps": every, "steps": a.global_step, "during_samples": cfg.eval.during_samples,
             "train_runtime_s": round(a.train_runtime_s, 2), "generation_eval_s": round(a.generation_eval_s, 2),
             "share": round(a.generation_eval_s / a.train_runtime_s, 4)}

@@ -12,7 +12,7 @@ import time
 
 
 def run(config_path: str, overrides: list[str]) -> dict[str, float]:
-    from flows.finetune import generation_eval
+    from flows.stages import generation_eval
     from qlora.config.files import load_config
     from tasks.evaluate import evaluate_adapter
     from tasks.quantize import prepare_quantized_model
@@ -34,7 +34,7 @@ def run(config_path: str, overrides: list[str]) -> dict[str, float]:
     times["quantize"] = time.perf_counter() - t
     t = time.perf_counter()
     # With eval.every_steps: generation eval during training, checkpoint selection and early stopping, as the flow does
-    adapter = train_adapter(base, data, cfg.lora, cfg.train, cfg.workdir, during=generation_eval(cfg, data))
+    adapter = train_adapter(base, data, cfg.lora, cfg.train, cfg.workdir, during=generation_eval(cfg.train, cfg.eval, cfg.registry.gate_metric, data))
     times["train"] = time.perf_counter() - t
     t = time.perf_counter()
     report = evaluate_adapter(base, adapter, data, cfg.eval)

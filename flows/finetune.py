@@ -30,11 +30,9 @@ from flows.approval import await_approval
 from qlora.config.schema import PipelineConfig, config_warnings
 from qlora.locks import device_slot, set_threads
 from qlora.models import ModelCache
-from qlora.refs import MlflowRun, RegisteredVersion, TokenizedData, Trained
+from qlora.refs import MlflowRun, RegisteredVersion, Trained
 from qlora.tracking.outage import bounded_requests, hurry, is_down_at
 from qlora.tracking.runs import end_run, fail_runs_of_flow_run, release_run_record, resolve_uri
-from registry.gate import gate_metric
-from tasks.training.selection import GenerationEval
 
 log = logging.getLogger("qlora.flow")
 
@@ -105,23 +103,11 @@ def train_and_evaluate(config: PipelineConfig, run: MlflowRun | None, models: Mo
     limit = config.timeouts
     data = stages.tokenize(config.data, config.model, config.workdir, run, limit=limit.tokenize, evaluation=config.eval)
     base = stages.quantize(config.model, config.quantization, config.workdir, limit=limit.quantize)
-    during = generation_eval(config, data)
     with device_slot():
-        adapter = stages.train(base, data, config.lora, config.train, config.workdir, run, limit=limit.train, during=during)
+        adapter = stages.train(base, data, config.lora, config.train, config.workdir, run, limit=limit.train,
+                               evaluation=config.eval, gate_choice=config.registry.gate_metric)
         report = stages.evaluate(base, adapter, data, config.eval, run, models, limit=limit.evaluate)
     return Trained(data=data, base=base, adapter=adapter, report=report)
-
-
-def generation_eval(config: PipelineConfig, data: TokenizedData) -> GenerationEval | None:
-    """``eval.every_steps``'s settings for the train stage, scored with the promotion gate's metric resolved on the
-    gate's own rows (``registry.gate_metric`` auto: exact_match for short references, else rouge); None when off."""
-    if config.eval.every_steps is None:
-        return None
-    from datasets import load_from_disk
-
-    references = load_from_disk(data.path)["eval"]["reference"][: config.eval.max_samples]
-    metric = gate_metric(config.registry.gate_metric, [{"reference": r} for r in references])
-    return GenerationEval.of(config.train, config.eval, metric)
 
 
 def register_and_report(config: PipelineConfig, trained: Trained, run: MlflowRun, models: ModelCache | None = None) -> RegisteredVersion:

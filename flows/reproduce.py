@@ -78,7 +78,8 @@ def qlora_reproduce(model_uri: str, workdir: str | None = None, tracking_uri: st
     data = stages.tokenize(cfg.data, cfg.model, cfg.workdir, limit=cfg.timeouts.tokenize)
     check_data(lineage, data, cfg)
     with device_slot():
-        adapter = stages.train(base, data, cfg.lora, cfg.train, cfg.workdir, limit=cfg.timeouts.train)
+        adapter = stages.train(base, data, cfg.lora, cfg.train, cfg.workdir, limit=cfg.timeouts.train,
+                               evaluation=cfg.eval, gate_choice=cfg.registry.gate_metric)
     verdict = compare(lineage, adapter.path)
     create_markdown_artifact(f"# Reproduce {model_uri}\n\n**{verdict.line}**\n\nRebuilt in `{cfg.workdir}`.",
                              key=artifact_key(lineage.name, f"v{lineage.version}-reproduce"), description=verdict.line[:200])

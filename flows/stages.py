@@ -42,6 +42,7 @@ from qlora.refs import Adapter, EvalReport, MlflowRun, QuantizedModel, Registere
 from qlora.tracking.outage import required
 from qlora.tracking.records import log_config
 from qlora.tracking.runs import end_run, start_or_resume_run
+from registry.gate import gate_metric
 from registry.register import register_adapter
 from tasks import reporting
 from tasks.evaluate import evaluate_adapter
@@ -158,15 +159,32 @@ def quantize(model: ModelConfig, quant: QuantizationConfig, workdir: str, limit:
 
 @task(name="train", retries=1, retry_delay_seconds=30, **_common)
 def train(base: QuantizedModel, data: TokenizedData, lora: LoraSection, cfg: TrainConfig, workdir: str,
-          run: MlflowRun | None = None, limit: float | None = None, during: GenerationEval | None = None) -> Adapter:
-    """``during``: generation eval during training (eval.every_steps), as the flow resolved it. The training slots
-    are taken inside ``train_adapter``, once it knows the adapter is not already trained (``qlora/locks.py``)."""
+          run: MlflowRun | None = None, limit: float | None = None, evaluation: EvalConfig | None = None,
+          gate_choice: str = "auto") -> Adapter:
+    """``evaluation`` (the eval section) and ``gate_choice`` (``registry.gate_metric``) decide generation eval during
+    training (``eval.every_steps``): every flow that trains (``qlora run``, ``qlora reproduce``) passes them, so
+    the same config trains the same steps and selects the same checkpoint. The training slots are taken inside
+    ``train_adapter``, once it knows the adapter is not already trained (``qlora/locks.py``)."""
     progress = _ProgressArtifact("train-progress")
     try:
         with _time_limit("train", limit):
+            during = generation_eval(cfg, evaluation, gate_choice, data)
             return train_adapter(base, data, lora, cfg, workdir, run, during=during, progress=progress)
     finally:
         progress.close()
+
+
+def generation_eval(train: TrainConfig, evaluation: EvalConfig | None, gate_choice: str,
+                    data: TokenizedData) -> GenerationEval | None:
+    """``eval.every_steps``'s settings for training, scored with the promotion gate's metric resolved on the gate's
+    own rows (``registry.gate_metric`` auto: exact_match for short references, else rouge); None when off."""
+    if evaluation is None or evaluation.every_steps is None:
+        return None
+    from datasets import load_from_disk
+
+    references = load_from_disk(data.path)["eval"]["reference"][: evaluation.max_samples]
+    metric = gate_metric(gate_choice, [{"reference": r} for r in references])
+    return GenerationEval.of(train, evaluation, metric)
 
 
 @task(name="evaluate", retries=2, retry_delay_seconds=10, cache_policy=_WITHOUT_MODELS, **_common)

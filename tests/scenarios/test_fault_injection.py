@@ -218,7 +218,7 @@ def test_hub_token_from_prefect_secret_block_or_env(prefect_server, monkeypatch)
 def test_sigkill_then_rerun_keeps_the_eval_history_and_selects_the_same_checkpoint(tiny_base, tmp_path, mlflow_store):
     """eval.every_steps: the re-run resumes with its generation-eval history, best-so-far and patience counter
     (all in the checkpoint's trainer_state.json) and registers the checkpoint an uninterrupted run selects."""
-    from flows.finetune import generation_eval
+    from flows.stages import generation_eval
     from tasks.quantize import prepare_quantized_model
     from tasks.tokenize import tokenize_dataset
     from tasks.train import train_adapter
@@ -250,7 +250,7 @@ def test_sigkill_then_rerun_keeps_the_eval_history_and_selects_the_same_checkpoi
     cfg = load_config(REPO / "configs" / "demo.yaml", [f"{k}={v}" for k, v in over.items()])
     data = tokenize_dataset(cfg.data, cfg.model, work)
     base = prepare_quantized_model(cfg.model, cfg.quantization, work)
-    ref = train_adapter(base, data, cfg.lora, cfg.train, tmp_path / "ref", during=generation_eval(cfg, data))
+    ref = train_adapter(base, data, cfg.lora, cfg.train, tmp_path / "ref", during=generation_eval(cfg.train, cfg.eval, cfg.registry.gate_metric, data))
     assert ref.resumed_from_step is None and len(ref.evaluations) >= 2
     # The whole history, not only what the re-run evaluated itself: the steps before the kill came from the checkpoint.
     assert [e["step"] for e in resumed["evaluations"]] == [e["step"] for e in ref.evaluations]

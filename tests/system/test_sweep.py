@@ -144,6 +144,24 @@ def test_reproduce_the_registered_version_is_identical(swept):
     assert "trained 3 steps" in proc.stderr
 
 
+def test_reproduce_a_checkpoint_chosen_during_training_is_identical(swept):
+    """eval.every_steps with early stopping: the registered adapter is an early checkpoint, not max_steps'. Reproduce
+    trains the same steps and selects the same checkpoint (it hands the train stage the eval section, as `qlora run`
+    does; it once did not, and trained all max_steps: "differs", exit 3)."""
+    chosen = ["--set", "registry.model_name=tiny-chosen", "--set", "train.max_steps=6", "--set", "eval.every_steps=1",
+              "--set", "train.early_stopping_patience=1"]
+    proc = _cli(swept.env, swept.tmp, "run", str(REPO / "configs" / "demo.yaml"), *_sets(swept.tmp, swept.data, swept.base), *chosen)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    (mv,) = mlflow.MlflowClient(swept.uri).search_model_versions("name='tiny-chosen'")
+    step = int(mv.tags["checkpoint.step"])
+    assert step < 6 and mv.tags["checkpoint.selected_by"] == "task_metric"  # exact match ties at 0: the earliest
+
+    proc = _cli(swept.env, swept.tmp, "reproduce", "models:/tiny-chosen/1", "--workdir", str(swept.tmp / "r-chosen"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith("identical: tiny-chosen v1 rebuilt") and "max abs difference 0 over" in line
+
+
 def test_reproduce_refuses_when_data_or_base_changed(swept):
     original = swept.data.read_bytes()
     swept.data.write_bytes(original.replace(b"tiger", b"tigre", 1))

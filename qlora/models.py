@@ -330,6 +330,25 @@ GENERATION_DEFAULTS = {"max_new_tokens": 64, "do_sample": False, "temperature": 
                        "repetition_penalty": 1.0}
 
 
+def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy completions of already-templated prompts, without the prompt, decoded as a registry consumer's
+    pipeline decodes by default (GENERATION_DEFAULTS) and stopping where it stops: at the generation config's
+    EOS ids, which this module made include the tokenizer's end-of-turn. Evaluation and generation eval batch
+    (left-padded); the registry's consumer check runs one prompt at a time, as a consumer's pipeline does: with
+    bf16 kernels (AMX CPUs, GPUs) a batch's padding can flip a near-tie and change a greedy answer."""
+    import torch
+    from tqdm.auto import tqdm
+
+    out: list[str] = []
+    # A progress bar in the terminal: generation is the slow part of evaluation (two passes: base, tuned).
+    for i in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch", leave=False):
+        enc = tok(prompts[i : i + batch_size], return_tensors="pt", padding=True).to(model.device)
+        with torch.no_grad():
+            gen = model.generate(**enc, **(GENERATION_DEFAULTS | {"max_new_tokens": max_new_tokens}), pad_token_id=tok.pad_token_id)
+        out += tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [o.strip() for o in out]
+
+
 def fix_pad_token(tok):
     """A tokenizer without a pad token (Llama-3, Mistral) pads with EOS: batches and batched generation need
     one, and the padded positions are masked (attention mask 0, labels -100), so which id it is does not matter."""

@@ -119,24 +119,27 @@ def generate(model, inputs: list, params: dict) -> list[str]:
     return [str(o).strip() for o in model.predict(list(inputs), params=params)]
 
 
-def consumer_check(name: str, version: str, samples: list[dict], max_new_tokens: int, k: int, tracking_uri: str,
-                   chat: ChatContract | None = None) -> tuple[int, list[str]]:
-    """Generate greedily through ``models:/<name>/<version>`` on ``k`` eval rows: (how many were compared,
-    mismatches with eval).
+def check_rows(samples: list[dict], k: int, chat: ChatContract | None = None) -> list[tuple]:
+    """The first ``k`` eval samples a consumer could send, as (what the consumer sends, the sample).
 
     A chat version is sent each row's whole conversation before the scored answer (system and earlier turns
     included), as its consumers send it; so every eval row is comparable. A version that takes bare prompts
-    is sent the user message of rows whose prompt is that message alone (every row of instruction data).
-    Same model, same prompts, greedy: any difference means the registered artifact is not what was evaluated
-    (wrong base, lost template, tokenizer drift), so consumers would get another model.
-    """
+    is sent the user message of rows whose prompt is that message alone (every row of instruction data)."""
     if chat is not None:
-        rows = [(json.loads(s["conversation"]), s["tuned"]) for s in samples if s.get("conversation")][:k]
-    else:
-        rows = [(s["message"], s["tuned"]) for s in samples if s.get("standalone") and s.get("message")][:k]
-    if not rows:
-        return 0, []
+        return [(json.loads(s["conversation"]), s) for s in samples if s.get("conversation")][:k]
+    return [(s["message"], s) for s in samples if s.get("standalone") and s.get("message")][:k]
+
+
+def consumer_check(name: str, version: str, rows: list[tuple], references: list[str], max_new_tokens: int,
+                   tracking_uri: str, chat: ChatContract | None = None) -> list[str]:
+    """Generate greedily through ``models:/<name>/<version>`` on ``rows`` (``check_rows``); the mismatches with
+    ``references``: what the evaluated model answered each row's prompt as evaluation rendered it, one prompt at
+    a time as a consumer's pipeline generates (``registry.register.evaluated_answers``). Same model, same prompt,
+    same shapes, greedy: any difference means the registered artifact is not what was evaluated (wrong base, lost
+    template, tokenizer drift), so consumers would get another model. Evaluation's own batched answers are not the
+    reference: with bf16 kernels (AMX CPUs, GPUs) a batch's padding flips near-ties, and a correct artifact failed
+    the check that way (measured on the tiny family models: 2 of 4 on a Xeon with AMX)."""
     got = predict(f"models:/{name}/{version}", [m for m, _ in rows], max_new_tokens=max_new_tokens,
                   tracking_uri=tracking_uri)
-    return len(rows), [f"{'conversation' if chat else 'prompt'} {m!r}: evaluation generated {want!r}, the registered "
-                       f"model {g!r}" for (m, want), g in zip(rows, got) if g != want]
+    return [f"{'conversation' if chat else 'prompt'} {m!r}: the evaluated model generated {want!r}, the registered "
+            f"model {g!r}" for (m, _), want, g in zip(rows, references, got) if g != want]

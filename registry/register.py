@@ -17,7 +17,7 @@ from importlib.metadata import version as pkg_version
 
 from qlora.config.schema import GENERATION_METRICS, RegistryConfig
 from qlora.errors import ModelError
-from qlora.models import GENERATION_DEFAULTS, ModelCache, tuned
+from qlora.models import GENERATION_DEFAULTS, ModelCache, generate, tuned
 from qlora.refs import Adapter, ChatContract, EvalReport, MlflowRun, QuantizedModel, RegisteredVersion, TokenizedData
 from qlora.template import PROMPT_TEMPLATE
 from qlora.tracking.names import filter_literal
@@ -25,7 +25,7 @@ from qlora.tracking.runs import active_run
 from registry import aliases
 from registry.aliases import CHALLENGER, CHAMPION
 from registry.chat import log_model
-from registry.consumer import BASE_KEY, consumer_check
+from registry.consumer import BASE_KEY, check_rows, consumer_check
 from registry.gate import Decision, decide, eval_set_fingerprint, gate_metric, log_scores, stored_scores
 from registry.lineage import description, lineage_tags
 from registry.merged import merged_name, register_merged
@@ -127,6 +127,24 @@ def log_adapter(base: QuantizedModel, adapter: Adapter, run: MlflowRun, prompt_t
             models.release()
 
 
+def evaluated_answers(base: QuantizedModel, adapter: Adapter, models: ModelCache | None, rows: list[tuple],
+                      max_new_tokens: int) -> list[str]:
+    """The consumer check's references: what the evaluated pair (the evaluate stage's, when ``models`` holds it)
+    answers each row's prompt, as evaluation rendered it, one prompt at a time as a consumer's pipeline generates."""
+    if not rows:
+        return []
+    model, tok = tuned(base, adapter, models)
+    try:
+        answers = generate(model, tok, [s["prompt"] for _, s in rows], max_new_tokens, batch_size=1)
+    finally:
+        del model
+    for (_, s), answer in zip(rows, answers):
+        if answer != s["tuned"]:
+            log.info("consumer check: one prompt at a time the evaluated model answers %r where evaluation's batch "
+                     "answered %r (batch-dependent numerics, not a fault); the check compares the former", answer, s["tuned"])
+    return answers
+
+
 def gate(client, report: EvalReport, cfg: RegistryConfig, run: MlflowRun) -> Decision:
     """Store this version's per-example scores, then compare them with the champion's (or the base's) on
     ``registry.gate_metric``."""
@@ -177,6 +195,9 @@ def register_adapter(
     client = mlflow.MlflowClient(run.tracking_uri)
     mv = version_of_run(client, cfg.model_name, run.run_id)  # a retry or re-run reuses its version (issue 4)
     chat = data.chat if data else None
+    rows = check_rows(report.samples, cfg.consumer_check_prompts, chat)
+    max_new = report.max_new_tokens or GENERATION_DEFAULTS["max_new_tokens"]
+    references = evaluated_answers(base, adapter, models, rows, max_new)  # before log_adapter releases the pair
     if mv is None:
         info = log_adapter(base, adapter, run, data.prompt_template if data else PROMPT_TEMPLATE, models,
                            example_of(report.samples, chat), chat)
@@ -184,8 +205,8 @@ def register_adapter(
     name, version = cfg.model_name, str(mv.version)
     aliases.set_challenger(client, name, version)
     decision = gate(client, report, cfg, run)
-    checked, mismatches = consumer_check(name, version, report.samples, report.max_new_tokens or GENERATION_DEFAULTS["max_new_tokens"],
-                                         cfg.consumer_check_prompts, run.tracking_uri, chat)
+    checked = len(rows)
+    mismatches = consumer_check(name, version, rows, references, max_new, run.tracking_uri, chat) if rows else []
     if cfg.consumer_check_prompts > 0 and checked == 0:  # a check that compared nothing must not pass
         mismatches = ["no eval sample holds what a consumer sends (a conversation, or a single user message), so "
                       "nothing was compared; set registry.consumer_check_prompts=0 to skip the check"]
@@ -196,7 +217,7 @@ def register_adapter(
         publish(f"registry-{name}", text)
     if mismatches:
         raise ConsumerCheckError(f"{name} version {version} kept as challenger only: loaded through models:/{name}/{version} "
-                                 f"it does not generate what evaluation generated: {'; '.join(mismatches)}")
+                                 f"it does not generate what the evaluated model generated: {'; '.join(mismatches)}")
     out = [CHALLENGER]
     if decision.promote and not cfg.require_approval:
         if aliases.set_champion(client, name, version, who="promotion gate", why=decision.reason) == version:

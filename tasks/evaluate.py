@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from qlora.config.schema import GENERATION_METRICS, EvalConfig
-from qlora.models import GENERATION_DEFAULTS, ModelCache, tuned
+from qlora.models import ModelCache, generate, tuned
 from qlora.refs import Adapter, EvalReport, MlflowRun, QuantizedModel, TokenizedData
 from qlora.tracking.outage import logging_to
 
@@ -26,23 +26,6 @@ def load_metric(name: str):
     import evaluate
 
     return evaluate.load(str(METRICS_DIR / name))
-
-
-def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy completions of already-templated prompts, without the prompt, decoded as a registry consumer's
-    pipeline decodes by default (GENERATION_DEFAULTS) and stopping where it stops: at the generation config's
-    EOS ids, which qlora.models made include the tokenizer's end-of-turn."""
-    import torch
-    from tqdm.auto import tqdm
-
-    out: list[str] = []
-    # A progress bar in the terminal: generation is the slow part of evaluation (two passes: base, tuned).
-    for i in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch", leave=False):
-        enc = tok(prompts[i : i + batch_size], return_tensors="pt", padding=True).to(model.device)
-        with torch.no_grad():
-            gen = model.generate(**enc, **(GENERATION_DEFAULTS | {"max_new_tokens": max_new_tokens}), pad_token_id=tok.pad_token_id)
-        out += tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    return [o.strip() for o in out]
 
 
 def token_nll(model, tok, ds, batch_size: int) -> tuple[list[float], list[int]]:

@@ -142,7 +142,8 @@ class GenerationEvalCallback(TrainerCallback):
     def evaluate(self, model) -> dict[str, float]:
         """Score ``model`` on the slice: batched greedy generation with the KV cache, then the eval loss; the
         model is back in train mode (and without cache) afterwards."""
-        from tasks.evaluate import generate, token_nll
+        from qlora.models import generate
+        from tasks.evaluate import token_nll
 
         was_training, cache, side = model.training, model.config.use_cache, self.tok.padding_side
         # bitsandbytes (CPUs with AVX512-BF16) repacks every 4-bit weight into a CPU layout at the first forward in

@@ -70,9 +70,10 @@ def test_consumer_check_sends_the_eval_messages_through_a_chat_template(llama, m
     assert v.consumer_checked == 3
     assert mlflow.MlflowClient(mlflow_uri).get_run(mlflow.MlflowClient(mlflow_uri).get_model_version("chat", v.version).run_id
                                                    ).data.metrics["gate/consumer_checked"] == 3
-    tampered = report.model_copy(deep=True)
-    tampered.samples[0]["tuned"] = "not what the model says"
-    with pytest.raises(ConsumerCheckError, match=r"models:/chat/2 it does not generate .*not what the model says"):
+    tampered = report.model_copy(deep=True)  # evaluation rendered the first row without the chat template
+    tampered.samples[0]["prompt"] = tampered.samples[0]["message"]
+    with pytest.raises(ConsumerCheckError, match=r"models:/chat/2 it does not generate what the evaluated model generated: "
+                                                 r"conversation \["):
         register_adapter(base, adapter, tampered, cfg, _run(mlflow_uri, tmp_path), data)
     assert mlflow.MlflowClient(mlflow_uri).get_registered_model("chat").aliases == {"challenger": 2}  # sqlite store: an int
 

@@ -120,11 +120,21 @@ def test_every_version_carries_lineage(registered, trained):
 
 
 def test_consumer_check_failure_keeps_only_challenger(trained, mlflow_server):
+    """A lost template: evaluation rendered the row as the bare message, the registered model applies the training
+    template, so a consumer gets another answer. Evaluation's batched answer is not the reference (it may differ
+    by batch numerics alone): a report whose recorded answer differs, prompt intact, passes the check."""
     base, adapter, report = trained
+    numerics = _with_scores(report, 0.0, 1.0)
+    numerics.samples[0]["tuned"] = "what a batch of bf16 prompts answered"
+    ok = register_adapter(base, adapter, numerics, RegistryConfig(model_name="tiny-numerics", bootstrap_resamples=200),
+                          _run(mlflow_server))
+    assert ok.consumer_checked == 3 and "champion" in ok.aliases
+
     tampered = _with_scores(report, 0.0, 1.0)
-    tampered.samples[0]["tuned"] = "not what the model says"
+    tampered.samples[0]["prompt"] = tampered.samples[0]["message"]
     cfg = RegistryConfig(model_name="tiny-broken", bootstrap_resamples=200)
-    with pytest.raises(ConsumerCheckError, match="models:/tiny-broken/1.*not what the model says"):
+    with pytest.raises(ConsumerCheckError, match=r"models:/tiny-broken/1 it does not generate what the evaluated model generated: "
+                                                 r"prompt 'Reverse the order"):
         register_adapter(base, adapter, tampered, cfg, _run(mlflow_server))
     client = mlflow.MlflowClient(mlflow_server)
     assert client.get_registered_model("tiny-broken").aliases == {"challenger": "1"}

@@ -31,20 +31,39 @@ def test_learning_rate_1e9_stops_on_the_exploding_adapter_norm(prepared):
 
 
 def test_loss_rising_far_above_its_start_stops_the_run(prepared):
-    """A random-weight base starts near ln(vocab), so its loss has little room to rise: lr 10 with plain AdamW
-    lifts it from 6.48 to 6.85 at step 2 in bf16 (a NaN gradient follows; in float32 the NaN comes at step 3,
-    before the loss has risen). With train.divergence_loss_factor lowered to 1.02 that rise is the divergence;
-    the default 4 is for a real base, whose first loss is 1-2 nats and whose saturated loss is ln(vocab) ~ 12.
-    The compute dtype is pinned: ``auto`` picks float32 on an AVX2-only CPU."""
-    from tasks.quantize import prepare_quantized_model
-
-    work, model, data, _ = prepared
-    base = prepare_quantized_model(model, QuantizationConfig(compute_dtype="bfloat16"), work)
-    train = _train(learning_rate=10.0, optim="adamw_torch", warmup_steps=0, divergence_loss_factor=1.02)
-    with pytest.raises(TrainingDiverged, match=r"loss [\d.]+ at step 2 is more than train.divergence_loss_factor=1.02 times its first value"):
-        train_adapter(base, data, LORA, train, work)
+    """A loss that climbs while every gradient stays finite. It is made to climb for sure: the LoRA gradients are
+    reversed (gradient ascent), since whether a huge learning rate raises the loss of a random-weight base, which
+    starts near ln(vocab), depends on the CPU's kernels (lr 10 with plain AdamW raised it at step 2 on a Zen 4 in
+    bf16, and lowered it from 6.48 to 4.93 over 11 steps on a Xeon with AMX). With train.divergence_loss_factor
+    lowered to 1.02 the climb is the divergence; the default 4 is for a real base, whose first loss is 1-2 nats and
+    whose saturated loss is ln(vocab) ~ 12."""
+    work, _, data, base = prepared
+    ascent = _ReversedGradients()
+    train = _train(learning_rate=1e-2, optim="adamw_torch", warmup_steps=0, divergence_loss_factor=1.02)
+    with pytest.raises(TrainingDiverged, match=r"loss [\d.]+ at step \d+ is more than train.divergence_loss_factor=1.02 times its first value"):
+        train_adapter(base, data, LORA, train, work, callbacks=(ascent.callback,))
+    assert ascent.hooked > 0
     sane = _train(learning_rate=2e-3, max_steps=6)  # and a sane run with the defaults trains through
     assert train_adapter(base, data, LORA, sane, work).global_step == 6
+
+
+class _ReversedGradients:
+    """Reverses every LoRA gradient (a backward hook per trainable parameter): the optimizer then ascends the loss."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        outer = self
+        self.hooked = 0
+
+        class Cb(TrainerCallback):
+            def on_train_begin(self, args, state, control, model=None, **kw):
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.register_hook(lambda g: -g)
+                        outer.hooked += 1
+
+        self.callback = Cb()
 
 
 class _NanGradientAt:

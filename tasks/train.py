@@ -33,7 +33,7 @@ def run_dir_for(base: QuantizedModel, data: TokenizedData, lora: LoraSection, tr
     """Keyed by what is trained (not a timestamp), so a retry or re-run finds its checkpoints. Generation eval
     during training is part of the key only when on (it decides where training stops and which checkpoint is
     the adapter)."""
-    what = {"base": base.fingerprint, "data": data.fingerprint, "lora": lora.model_dump(), "train": train.model_dump()}
+    what = {"base": base.fingerprint, "data": data.fingerprint, "lora": lora.key_fields(), "train": train.model_dump()}
     key = stable_hash(what | ({"during": during.model_dump()} if during else {}))
     return Path(workdir) / "runs" / key
 

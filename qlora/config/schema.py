@@ -88,6 +88,14 @@ class LoraSection(Section):
         "all-linear", description="Modules to adapt: 'all-linear' (QLoRA paper) or a list such as [q_proj, v_proj]."
     )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train alongside the adapters.")
+    loraplus_lr_ratio: float | None = Field(None, ge=1.0, description=(
+        "LoRA+ (Hayou et al., 2024): the lora_B matrices learn at this many times train.learning_rate, lora_A at "
+        "train.learning_rate (PEFT's create_loraplus_optimizer, with the optimizer train.optim names). The paper "
+        "uses 16 with a somewhat lower learning rate; unset: one learning rate for both (plain LoRA)."))
+
+    def key_fields(self) -> dict:
+        """What keys a run dir: a knob left at None is left out, so configs written before it existed keep theirs."""
+        return self.model_dump(exclude={"loraplus_lr_ratio"} if self.loraplus_lr_ratio is None else set())
 
 
 FORMATS = Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"]

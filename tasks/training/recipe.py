@@ -146,6 +146,20 @@ def _trainer_class():
         _n_params: int | None = None
         _trainable: list | None = None
         divergence_guard: DivergenceGuard | None = None  # set by fit(), which makes the guard
+        loraplus_lr_ratio: float | None = None  # lora.loraplus_lr_ratio, set by fit()
+
+        def create_optimizer(self, model=None):
+            """``train.optim``'s optimizer as the Trainer builds it, with LoRA+'s two learning rates when asked for."""
+            if not self.loraplus_lr_ratio or self.optimizer is not None:
+                return super().create_optimizer(model)
+            from peft.optimizers import create_loraplus_optimizer
+
+            opt_model = self.model if model is None else model
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            kwargs = {k: v for k, v in kwargs.items() if k != "lr"} | {"loraplus_weight_decay": self.args.weight_decay}
+            self.optimizer = create_loraplus_optimizer(opt_model, cls, lr=self.args.learning_rate,
+                                                       loraplus_lr_ratio=self.loraplus_lr_ratio, **kwargs)
+            return self.optimizer
 
         def _clip_grad_norm(self, model):
             """``clip_grad_norm_`` in its two halves, over the trainable parameters only (a list made once)
@@ -262,6 +276,7 @@ def fit(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: Tra
         callbacks=all_callbacks,
     )
     trainer.divergence_guard = guard
+    trainer.loraplus_lr_ratio = lora.loraplus_lr_ratio
     if gen_eval:
         gen_eval.log = trainer.log
     resume = latest_valid_checkpoint(run_dir)

@@ -130,3 +130,37 @@ def test_training_uses_bitsandbytes_8bit_adamw_and_extra_callbacks_see_it(prepar
     train_adapter(base, data, LoraSection(r=32, alpha=32, dropout=0.0), train, work, callbacks=(Spy(),))
     assert isinstance(seen["opt"], bnb.optim.optimizer.Optimizer8bit) and seen["opt"].is_paged
     assert seen["state1"] and set(seen["state1"]) == {torch.uint8}
+
+
+def test_loraplus_gives_lora_b_its_own_learning_rate_and_leaves_other_run_dirs_alone(prepared):
+    """lora.loraplus_lr_ratio: the optimizer train.optim names (here 8-bit AdamW), with lora_B at ratio x the
+    learning rate through the cosine schedule and lora_A at 1x; unset, the run dir key is what it was before the
+    knob existed, so earlier runs' checkpoints are still found."""
+    import bitsandbytes as bnb
+    from transformers import TrainerCallback
+
+    from qlora.config.schema import stable_hash
+    from tasks.train import run_dir_for
+
+    work, _, data, base = prepared
+    seen: list = []
+
+    class Spy(TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, model=None, **kw):
+            opt = getattr(optimizer, "optimizer", optimizer)
+            names = {id(p): n for n, p in model.named_parameters()}
+            seen.append({("B" if "lora_B" in names[id(g["params"][0])] else "A"): g["lr"] for g in opt.param_groups if g["params"]})
+            seen.append(opt)
+
+    lora = LoraSection(r=4, alpha=8, dropout=0.0, loraplus_lr_ratio=16)
+    train = TrainConfig(max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-3,
+                        save_steps=100, seed=3, optim="paged_adamw_8bit", warmup_steps=0)
+    a = train_adapter(base, data, lora, train, work, callbacks=(Spy(),))
+    assert a.global_step == 2 and isinstance(seen[1], bnb.optim.optimizer.Optimizer8bit)
+    assert all(lrs["B"] == pytest.approx(16 * lrs["A"]) for lrs in seen[0::2])
+    assert 0 < seen[0]["A"] < 1e-3  # the schedule applies to both groups
+    plain = LoraSection(r=4, alpha=8, dropout=0.0)
+    old_key = stable_hash({"base": base.fingerprint, "data": data.fingerprint, "lora": {k: v for k, v in plain.model_dump().items()
+                                                                                    if k != "loraplus_lr_ratio"},
+                           "train": train.model_dump()})
+    assert run_dir_for(base, data, plain, train, work).name == old_key != run_dir_for(base, data, lora, train, work).name

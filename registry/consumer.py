@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from qlora.refs import ChatContract
+from qlora.tracking.runs import using_tracking_uri
 
 log = logging.getLogger("qlora.consumer")
 BASE_KEY = "qlora_base"  # logged model metadata written by registry/register.py
@@ -40,11 +41,15 @@ def _with_base(model_uri: str, base_dir: Path):
 
 
 def load(model_uri: str, tracking_uri: str | None = None):
-    """The pyfunc model; for a hub base, with the base rebuilt from the hub at the recorded commit."""
+    """The pyfunc model; for a hub base, with the base rebuilt from the hub at the recorded commit. ``tracking_uri``:
+    the registry to resolve ``models:/`` in, for this call only (the caller's MLflow settings are left as they were)."""
+    with using_tracking_uri(tracking_uri):
+        return _load(model_uri)
+
+
+def _load(model_uri: str):
     import mlflow
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
     base = (mlflow.models.Model.load(model_uri).metadata or {}).get(BASE_KEY) or {}
     if base.get("hub_id") and base.get("commit"):
         from qlora.config.schema import QuantizationConfig
@@ -102,15 +107,14 @@ def predict(model_uri: str, prompts: list, max_new_tokens: int = 64, temperature
     """Generated text only (no prompt) for each input: a raw user message, or for a chat version also a
     conversation ``[{"role": ..., "content": ...}, ...]`` ending with a user turn; ``system``: a system prompt
     for inputs that bring none (else a chat version applies its default, if the training data had one);
-    ``params``: top_p, top_k, repetition_penalty, stop (see ``generation_params``)."""
-    import mlflow
-
+    ``params``: top_p, top_k, repetition_penalty, stop (see ``generation_params``). ``tracking_uri``: the registry
+    to resolve ``models:/`` in, for this call only."""
     from registry.chat import contract_of
 
-    if tracking_uri:  # once, before the contract is read: it is the version's metadata, in that store (found by make chaos)
-        mlflow.set_tracking_uri(tracking_uri)
-    sent = requests(prompts, contract_of(model_uri), system)
-    return generate(load(model_uri), sent, generation_params(max_new_tokens, temperature, **params))
+    with using_tracking_uri(tracking_uri):  # the contract is the version's metadata, in that store (found by make chaos)
+        sent = requests(prompts, contract_of(model_uri), system)
+        model = _load(model_uri)
+    return generate(model, sent, generation_params(max_new_tokens, temperature, **params))
 
 
 def generate(model, inputs: list, params: dict) -> list[str]:

@@ -23,6 +23,20 @@ def resolve_uri(cfg: TrackingConfig) -> str:
     return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+@contextlib.contextmanager
+def using_tracking_uri(uri: str | None):
+    """``uri`` as MLflow's tracking (and default registry) URI inside the block; the caller's own setting, or none,
+    is back afterwards. For code other programs call (``registry.consumer``): a consumer logging to its own
+    server must not find its later runs in the registry it loaded a model from. ``None``: the caller's as it is."""
+    if not uri:
+        yield
+        return
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(uri):
+        yield
+
+
 def _is_local(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:")) or "://" not in uri
 

@@ -78,3 +78,13 @@ def test_base_without_pad_token_trains_evaluates_and_registers(tiny_base, tmp_pa
     from registry.trust import check_loadable
 
     check_loadable("models:/no-pad@challenger")  # what we register loads without remote code or pickles
+
+    # A consumer whose own code logs elsewhere: predict's tracking_uri is for that call only.
+    elsewhere = (tmp_path / "consumers-own-mlruns").as_uri()
+    mlflow.set_tracking_uri(elsewhere)
+    try:
+        assert predict("models:/no-pad@challenger", ["Reverse the order of these words: apple river stone"],
+                       max_new_tokens=4, tracking_uri=mlflow_uri) == out
+        assert mlflow.get_tracking_uri() == elsewhere  # was mlflow_uri: the registry's store, for every later call
+    finally:
+        mlflow.set_tracking_uri(mlflow_uri)

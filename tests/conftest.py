@@ -34,6 +34,11 @@ if "QLORA_LOCK_DIR" not in os.environ:
     os.environ["QLORA_LOCK_DIR"] = tempfile.mkdtemp(prefix="qlora-test-locks-")
     atexit.register(shutil.rmtree, os.environ["QLORA_LOCK_DIR"], ignore_errors=True)
 
+# Prefect configures logging when it is first imported and replaces the root logger's handlers, pytest's log
+# capture among them: imported first inside a test (a file run alone), that test's caplog then saw nothing
+# (test_fault_injection's divergence warning). Configure it now, after the settings above, before any capture.
+import prefect.main  # noqa: E402,F401
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "data" / "demo" / "reverse_words.jsonl"
 SHARED_DATA = REPO / "data" / "public"  # verbatim copies of ../shared/data, see its SOURCES.md

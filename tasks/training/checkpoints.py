@@ -84,6 +84,16 @@ def latest_valid_checkpoint(run_dir: Path) -> str | None:
     return None
 
 
+def training_ended_at(checkpoint: str | Path) -> bool:
+    """Whether ``checkpoint`` was saved as training ended: at max_steps, or as early stopping stopped it (the saved
+    TrainerControl says so). A run killed after that save and before its adapter was written has nothing left to
+    train; transformers 5, resumed there, would still run one more step (it checks for the end only after a step)."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    control = (state.get("stateful_callbacks") or {}).get("TrainerControl") or {}
+    stopped = bool((control.get("args") or {}).get("should_training_stop"))
+    return stopped or 0 < int(state.get("max_steps") or 0) <= int(state["global_step"])
+
+
 def gather_fsdp_adapter(trainer) -> dict:
     """The LoRA tensors of the FSDP-wrapped model, unsharded, on rank 0 (CPU); empty on other ranks.
 

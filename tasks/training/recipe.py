@@ -18,7 +18,13 @@ from qlora.refs import Adapter, MlflowRun, QuantizedModel, TokenizedData
 from qlora.storage import write_manifest
 from qlora.tracking.outage import logging_to
 from tasks.training.callbacks import DivergenceGuard, ProgressLog, safe_mlflow_callback, system_metrics
-from tasks.training.checkpoints import ADAPTER_WEIGHTS, gather_fsdp_adapter, latest_valid_checkpoint, save_adapter_tensors
+from tasks.training.checkpoints import (
+    ADAPTER_WEIGHTS,
+    gather_fsdp_adapter,
+    latest_valid_checkpoint,
+    save_adapter_tensors,
+    training_ended_at,
+)
 from tasks.training.logged_models import checkpoint_model_id, checkpoint_model_logger
 from tasks.training.packing import BinBatches, bin_capacity, pack_bfd
 from tasks.training.selection import GenerationEval, GenerationEvalCallback, best, during_rows, evaluations
@@ -280,23 +286,35 @@ def fit(base: QuantizedModel, data: TokenizedData, lora: LoraSection, train: Tra
     if gen_eval:
         gen_eval.log = trainer.log
     resume = latest_valid_checkpoint(run_dir)
-    if resume:
-        log.info("resuming from %s", resume)
+    ended = resume is not None and training_ended_at(resume)
     t0 = time.perf_counter()
-    with logging_to(run, swallow=False) as attached:
-        if attached is not None:
-            trainer.add_callback(safe_mlflow_callback())
-        with system_metrics(run if attached is not None else None, resumed=resume is not None):
-            result = trainer.train(resume_from_checkpoint=resume)
+    if ended:  # killed after its last checkpoint, before the adapter: that checkpoint is the trained state
+        from transformers import TrainerState
+        from transformers.trainer_utils import TrainOutput
+
+        log.info("%s was saved as training ended; taking it as it is (nothing left to train)", resume)
+        trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+        logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        result = TrainOutput(trainer.state.global_step, sum(logged) / max(len(logged), 1), {"train_runtime": 0.0})
+    else:
+        if resume:
+            log.info("resuming from %s", resume)
+        with logging_to(run, swallow=False) as attached:
+            if attached is not None:
+                trainer.add_callback(safe_mlflow_callback())
+            with system_metrics(run if attached is not None else None, resumed=resume is not None):
+                result = trainer.train(resume_from_checkpoint=resume)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     adapter_dir = run_dir / "adapter"
-    state = gather_fsdp_adapter(trainer) if fsdp else None  # a collective: every rank takes part
+    state = gather_fsdp_adapter(trainer) if fsdp and not ended else None  # a collective: every rank takes part
     if not trainer.is_world_process_zero():
         return None
     evals = evaluations(trainer.state.log_history, during.metric) if during else []
     chosen = best(evals, during.select) if during and during.select != "last" else None
     if chosen is not None:
         copy_adapter(run_dir / f"checkpoint-{chosen['step']}", adapter_dir)
+    elif ended:
+        copy_adapter(Path(resume), adapter_dir)
     elif fsdp:
         save_adapter_tensors(model, state, adapter_dir)
     else:

@@ -71,24 +71,46 @@ def test_a_moved_workdir_is_found_where_it_is_now(work, tiny_base, tmp_path):
 
 
 def test_an_adapter_cut_short_is_written_again_from_its_last_checkpoint(prepared, tmp_path, caplog):
-    """Resumed from checkpoint-2, not trained from scratch. (transformers 5 runs one more optimizer step when it
-    resumes from a checkpoint already at max_steps, so the rewritten adapter is step 3's.)"""
+    """The last checkpoint (at max_steps) is the trained state: the adapter is written again from it, bit for bit,
+    with no step trained. transformers 5, resumed there, ran one more optimizer step (global step 3 of 2; at a
+    constant learning rate, other weights); a checkpoint saved as training ended is now taken as it is."""
+    import torch
     from safetensors.torch import load_file
 
     _, _, data, base = prepared
     train = TrainConfig(max_steps=2, save_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=1,
-                        learning_rate=3e-3, optim="adamw_torch")
+                        learning_rate=3e-3, optim="adamw_torch", lr_scheduler_type="constant")
     work = tmp_path / "w"
     first = train_adapter(base, data, LoraSection(r=4, alpha=8), train, work)
     weights = Path(first.path) / "adapter_model.safetensors"
-    good = load_file(weights)
+    good = {k: v.clone() for k, v in load_file(weights).items()}  # load_file maps the file: copy before the cut
     _cut(weights)
-    with caplog.at_level(logging.WARNING, logger="qlora.storage"):
+    with caplog.at_level(logging.INFO):
         again = train_adapter(base, data, LoraSection(r=4, alpha=8), train, work)
     assert f"the trained adapter at {weights.parent} is broken (adapter_model.safetensors is" in caplog.text
-    assert again.resumed_from_step == 2 and again.global_step >= 2
+    assert "checkpoint-2 was saved as training ended; taking it as it is" in caplog.text
+    assert again.resumed_from_step == 2 and again.global_step == 2
+    assert sorted(p.name for p in Path(again.run_dir).glob("checkpoint-*")) == ["checkpoint-2"]
     redone = load_file(Path(again.path) / "adapter_model.safetensors")
-    assert redone.keys() == good.keys()  # whole again: every tensor loads
+    assert redone.keys() == good.keys() and all(torch.equal(redone[k], good[k]) for k in good)
+
+
+def test_a_checkpoint_saved_as_early_stopping_ended_training_is_the_end(tmp_path):
+    """Early stopping saves its last checkpoint with the TrainerControl that stopped training: resuming there would
+    train past where the uninterrupted run stopped."""
+    import json
+
+    from tasks.training.checkpoints import training_ended_at
+
+    def ckpt(step: int, max_steps: int, stop: bool) -> Path:
+        d = tmp_path / f"checkpoint-{step}-{max_steps}-{stop}"
+        d.mkdir()
+        (d / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": max_steps, "stateful_callbacks": {
+            "TrainerControl": {"args": {"should_training_stop": stop}, "attributes": {}}}}))
+        return d
+
+    assert training_ended_at(ckpt(700, 900, True)) and training_ended_at(ckpt(900, 900, False))
+    assert not training_ended_at(ckpt(700, 900, False))
 
 
 def test_a_garbled_run_record_starts_a_new_run_with_one_warning(tmp_path, mlflow_uri, caplog):

@@ -10,7 +10,7 @@ from prefect import flow, task
 
 from qlora.config.schema import TrackingConfig
 from qlora.errors import retry_transient
-from qlora.tracking.runs import resolve_uri
+from qlora.tracking.runs import resolve_uri, using_tracking_uri
 from registry import batch
 from registry.bundle import write_bundle
 
@@ -21,7 +21,8 @@ def bundle(model_uri: str, out: str, tracking_uri: str) -> str:
 
     client = mlflow.MlflowClient(tracking_uri)
     name, version = batch.resolve(client, model_uri)
-    return str(write_bundle(client, name, version, out.format(name=name, version=version)))
+    with using_tracking_uri(tracking_uri):  # the artifact download resolves models:/ in the same registry as the client
+        return str(write_bundle(client, name, version, out.format(name=name, version=version)))
 
 
 @flow(name="qlora-serving-bundle", log_prints=True)

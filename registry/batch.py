@@ -111,6 +111,7 @@ def predict_file(model_uri: str, prompts: list[str], output: str | Path, batch_s
     """Generate for every row of ``prompts`` not yet in ``output`` with ``models:/NAME/VERSION`` (already resolved)."""
     import time
 
+    from qlora.tracking.runs import using_tracking_uri
     from registry.chat import contract_of
     from registry.consumer import generate, load, requests
 
@@ -126,7 +127,8 @@ def predict_file(model_uri: str, prompts: list[str], output: str | Path, batch_s
     if start:
         log.info("%s: %d of %d rows already predicted by v%s; resuming at row %d", output, start, len(prompts), version, start)
     if start < len(prompts):
-        model, chat = load(model_uri, tracking_uri), contract_of(model_uri)  # chat version: each prompt is one user turn
+        with using_tracking_uri(tracking_uri):  # both read the version in that registry (load alone restores the caller's)
+            model, chat = load(model_uri), contract_of(model_uri)  # chat version: each prompt is one user turn
         with output.open("a", encoding="utf-8") as f:
             for lo in range(start, len(prompts), batch_size):
                 batch = prompts[lo: lo + batch_size]

@@ -250,7 +250,12 @@ def test_a_bare_string_gets_the_one_system_prompt_of_the_training_data(llama, ml
     # batch prediction of a chat version: each prompt is one user turn, answered as qlora predict answers it
     from registry.batch import predict_file
 
-    out = predict_file(uri, [message], tmp_path / "preds.jsonl", 2, {"max_new_tokens": 12}, mlflow_uri)
+    # in a process whose global MLflow URI is another store (a worker's flow run): tracking_uri finds the version
+    mlflow.set_tracking_uri((tmp_path / "another-store").as_uri())
+    try:
+        out = predict_file(uri, [message], tmp_path / "preds.jsonl", 2, {"max_new_tokens": 12}, mlflow_uri)
+    finally:
+        mlflow.set_tracking_uri(mlflow_uri)
     assert json.loads(open(out.output).read())["prediction"] == bare[0]
     from registry.chat import ChatModel
 

@@ -1,4 +1,5 @@
-"""Prefect task wrappers for the stages: names, retries and artifacts, nothing else.
+"""Prefect task wrappers for the stages: names, retries and artifacts, and the train stage's generation-eval settings
+resolved from the config sections it is handed (``generation_eval``); nothing else.
 
 The work is in the plain functions (``tasks.tokenize`` ... ``registry.register``), which import and
 test without Prefect. A task retries transient faults (I/O, network, a tracking server blip) and

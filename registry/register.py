@@ -197,11 +197,16 @@ def register_adapter(
     chat = data.chat if data else None
     rows = check_rows(report.samples, cfg.consumer_check_prompts, chat)
     max_new = report.max_new_tokens or GENERATION_DEFAULTS["max_new_tokens"]
-    references = evaluated_answers(base, adapter, models, rows, max_new)  # before log_adapter releases the pair
+    # The check's references and the logged model share one loaded pair (the evaluate stage's when handed over),
+    # released before the consumer check loads the registered model.
+    models = models if models is not None else ModelCache()
+    references = evaluated_answers(base, adapter, models, rows, max_new)
     if mv is None:
         info = log_adapter(base, adapter, run, data.prompt_template if data else PROMPT_TEMPLATE, models,
                            example_of(report.samples, chat), chat)
         mv = mlflow.register_model(info.model_uri, cfg.model_name, tags={"mlflow_run_id": run.run_id})
+    else:
+        models.release()
     name, version = cfg.model_name, str(mv.version)
     aliases.set_challenger(client, name, version)
     decision = gate(client, report, cfg, run)

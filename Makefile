@@ -89,9 +89,9 @@ $(DEMO_BASE)/config.json: demo/build.py data/demo/reverse_words.jsonl | $(STAMP)
 demo: install $(DEMO_BASE)/config.json
 	$(BIN)/qlora run configs/demo.yaml
 
-# `make test`: everything but the slow tier (~4 min on 2 cores with two workers: ~386 s of CPU, 229-236 s wall on an
-# AVX2-only EPYC, see docs/development.md), the loop to run while you work.
-# `make test-slow`: tests/system and the tests marked slow (~16 min on 2 cores): real Prefect/MLflow/PostgreSQL servers, workers,
+# `make test`: everything but the slow tier (2-4 min on 2 cores with two workers: 139-172 s wall on a Xeon with AMX,
+# 229-236 s on an AVX2-only EPYC, see docs/development.md), the loop to run while you work.
+# `make test-slow`: tests/system and the tests marked slow (11-17 min on 2 cores): real Prefect/MLflow/PostgreSQL servers, workers,
 # killed processes, sweeps, torchrun. CI (.ci/run) runs both; `make test-all` runs the whole suite in one pytest session.
 # XDIST: every test target runs two pytest-xdist workers, whole files to one worker (module fixtures are built once); the
 # session fixtures' tiny base and prepared data are built once for both (tests/conftest.py). XDIST= runs in one process.

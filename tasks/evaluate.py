@@ -54,21 +54,31 @@ def token_nll(model, tok, ds, batch_size: int) -> tuple[list[float], list[int]]:
     return nll, counts
 
 
-def score(model, tok, ds, cfg: EvalConfig, metrics: dict) -> tuple[dict[str, float], list[str], dict[str, list[float]]]:
-    """(corpus metrics, generations of the first max_samples rows, per-example scores of those rows)."""
+def score_pair(model, tok, ds, cfg: EvalConfig, metrics: dict) -> dict[str, tuple[dict[str, float], list[str], dict[str, list[float]]]]:
+    """Per side, "base" (the adapter disabled) and "tuned": (corpus metrics, generations of the first
+    max_samples rows, per-example scores of those rows). The model's work first (losses, then
+    generations), then the metrics, which need only text and numbers."""
     sub = ds.select(range(min(cfg.max_samples, len(ds))))
     generative = [m for m in cfg.metrics if m in GENERATION_METRICS]
-    preds = generate(model, tok, sub["prompt"], cfg.max_new_tokens, cfg.batch_size) if generative else []
-    out, per_example = {}, {}
-    for name in generative:
-        got = metrics[name].compute(predictions=preds, references=sub["reference"], per_example=True)
-        out[name], per_example[name] = got[name], [float(x) for x in got["scores"]]
-    nll, counts = token_nll(model, tok, ds, cfg.batch_size)
-    out["loss"] = sum(nll) / max(sum(counts), 1)
-    if "perplexity" in cfg.metrics:
-        got = metrics["perplexity"].compute(nll=nll, n_tokens=counts, per_example=True)
-        out["perplexity"], per_example["perplexity"] = got["perplexity"], got["scores"][: len(sub)]
-    return out, preds, per_example
+    nll, preds = {}, {}
+    with model.disable_adapter():
+        nll["base"] = token_nll(model, tok, ds, cfg.batch_size)
+    nll["tuned"] = token_nll(model, tok, ds, cfg.batch_size)
+    with model.disable_adapter():
+        preds["base"] = generate(model, tok, sub["prompt"], cfg.max_new_tokens, cfg.batch_size) if generative else []
+    preds["tuned"] = generate(model, tok, sub["prompt"], cfg.max_new_tokens, cfg.batch_size) if generative else []
+    scored = {}
+    for side, (losses, counts) in nll.items():
+        out, per_example = {}, {}
+        for name in generative:
+            got = metrics[name].compute(predictions=preds[side], references=sub["reference"], per_example=True)
+            out[name], per_example[name] = got[name], [float(x) for x in got["scores"]]
+        out["loss"] = sum(losses) / max(sum(counts), 1)
+        if "perplexity" in cfg.metrics:
+            got = metrics["perplexity"].compute(nll=losses, n_tokens=counts, per_example=True)
+            out["perplexity"], per_example["perplexity"] = got["perplexity"], got["scores"][: len(sub)]
+        scored[side] = (out, preds[side], per_example)
+    return scored
 
 
 def evaluate_adapter(
@@ -83,9 +93,8 @@ def evaluate_adapter(
     ds = load_from_disk(data.path)["eval"]
     model, tok = tuned(base, adapter, models)
     metrics = {name: load_metric(name) for name in cfg.metrics}
-    with model.disable_adapter():
-        base_m, base_preds, base_scores = score(model, tok, ds, cfg, metrics)
-    tuned_m, tuned_preds, tuned_scores = score(model, tok, ds, cfg, metrics)
+    scored = score_pair(model, tok, ds, cfg, metrics)
+    (base_m, base_preds, base_scores), (tuned_m, tuned_preds, tuned_scores) = scored["base"], scored["tuned"]
     report_metrics = {f"eval/base/{k}": v for k, v in base_m.items()} | {f"eval/tuned/{k}": v for k, v in tuned_m.items()}
     n = min(cfg.max_samples, len(ds))
     keep = ("prompt", "message", "standalone", "conversation", "reference")

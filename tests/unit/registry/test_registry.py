@@ -154,7 +154,8 @@ def test_pyfunc_returns_only_generated_text_and_honours_params(registered, train
     from transformers import AutoTokenizer
 
     t = AutoTokenizer.from_pretrained(trained[1].path)
-    assert 1 <= len(t(short[0].strip(), add_special_tokens=False)["input_ids"]) <= 2  # one new token (BPE may re-split)
+    # exactly one new token: its text is one vocabulary entry's (a byte-level piece may not re-encode to itself)
+    assert short[0] in {t.decode([i], skip_special_tokens=True) for i in range(len(t))}
     assert long[0].strip().startswith(short[0].strip())  # greedy: a 1-token answer is the 5-token answer's prefix
 
 

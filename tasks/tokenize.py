@@ -140,13 +140,21 @@ def log_inputs(ref: TokenizedData, run: MlflowRun | None) -> None:
         from datasets import load_from_disk
 
         splits = load_from_disk(ref.path)
+        # A split of token ids only (train keeps no text): MLflow cannot infer a schema for list columns and says
+        # so with the whole column in the log (~20 lines); it logs the dataset without a schema either way.
+        schema_log = logging.getLogger("mlflow.data.huggingface_dataset")
         for split, context in (("train", "training"), ("eval", "evaluation")):
             rows = splits[split]
             text = [c for c in ("prompt", "reference") if c in rows.column_names]  # the readable columns, when kept
-            ds = mlflow.data.from_huggingface(rows.select_columns(text) if text else rows, name=split, source=ref.path,
-                                              digest=f"{ref.fingerprint}-{split}",
-                                              targets="reference" if "reference" in text else None)
-            mlflow.log_input(ds, context=context)
+            level = schema_log.level
+            schema_log.setLevel(level if text else logging.ERROR)
+            try:  # the schema is inferred when the input is logged
+                ds = mlflow.data.from_huggingface(rows.select_columns(text) if text else rows, name=split, source=ref.path,
+                                                  digest=f"{ref.fingerprint}-{split}",
+                                                  targets="reference" if "reference" in text else None)
+                mlflow.log_input(ds, context=context)
+            finally:
+                schema_log.setLevel(level)
 
 
 def log_report(report: DataReport, run: MlflowRun | None, cache_hit: bool) -> None:

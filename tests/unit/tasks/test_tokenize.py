@@ -1,6 +1,7 @@
 """Tokenize stage end to end on the real shared files: labels, split, cache, report."""
 
 import json
+import logging
 from collections import Counter
 
 import pytest
@@ -132,7 +133,7 @@ def test_overlength_truncate_drop_error(tmp_path, tiny_base):
         _tokenize(tmp_path, tiny_base, path, max_length=512, overlength="error")
 
 
-def test_report_reaches_mlflow_and_duplicates_overlap_are_counted(tmp_path, tiny_base, mlflow_uri):
+def test_report_reaches_mlflow_and_duplicates_overlap_are_counted(tmp_path, tiny_base, mlflow_uri, caplog):
     import mlflow
 
     from qlora.config.schema import TrackingConfig
@@ -144,8 +145,13 @@ def test_report_reaches_mlflow_and_duplicates_overlap_are_counted(tmp_path, tiny
     ev = tmp_path / "eval.jsonl"
     ev.write_text("".join(json.dumps(r) + "\n" for r in rows[:2] + [{"instruction": "new", "output": "x"}]))
     run = start_run(TrackingConfig(), "t")
-    ref, _, _ = _tokenize(tmp_path, tiny_base, train, run=run, max_length=64, eval_path=str(ev))
-    _tokenize(tmp_path, tiny_base, train, run=run, max_length=64, eval_path=str(ev))  # cache hit logs again
+    mlflow_log = logging.getLogger("mlflow")  # mlflow's loggers do not propagate to the root, where caplog listens
+    mlflow_log.addHandler(caplog.handler)
+    try:
+        ref, _, _ = _tokenize(tmp_path, tiny_base, train, run=run, max_length=64, eval_path=str(ev))
+        _tokenize(tmp_path, tiny_base, train, run=run, max_length=64, eval_path=str(ev))  # cache hit logs again
+    finally:
+        mlflow_log.removeHandler(caplog.handler)
     end_run(run)
     client = mlflow.MlflowClient(mlflow_uri)
     m = client.get_run(run.run_id).data.metrics
@@ -156,6 +162,11 @@ def test_report_reaches_mlflow_and_duplicates_overlap_are_counted(tmp_path, tiny
     assert sorted(h.value for h in history) == [0.0, 1.0]
     report_md = mlflow.artifacts.load_text(f"runs:/{run.run_id}/data/report.md")
     assert "| exact duplicate rows | 5 |" in report_md and "⟦0⟧" in report_md
+    # Both splits are run inputs; the train split (token ids only) without MLflow's schema warning, which
+    # printed the whole attention_mask column into the log.
+    inputs = {d.dataset.name: {t.key: t.value for t in d.tags} for d in client.get_run(run.run_id).inputs.dataset_inputs}
+    assert inputs["train"]["mlflow.data.context"] == "training" and inputs["eval"]["mlflow.data.context"] == "evaluation"
+    assert not [r for r in caplog.records if "Failed to infer schema" in r.getMessage()]
 
 
 @pytest.mark.parametrize("chunk_rows, num_proc", [(10_000, 1), (7, 1), (10_000, 2)])

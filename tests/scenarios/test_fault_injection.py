@@ -66,6 +66,7 @@ def test_sigkill_then_rerun_resumes_same_step_same_run_same_weights(tiny_base, t
     import torch
     from safetensors.torch import load_file
 
+    from flows.stages import generation_eval
     from tasks.quantize import prepare_quantized_model
     from tasks.tokenize import tokenize_dataset
     from tasks.train import train_adapter
@@ -116,7 +117,10 @@ def test_sigkill_then_rerun_resumes_same_step_same_run_same_weights(tiny_base, t
     cfg = load_config(REPO / "configs" / "demo.yaml", [f"{k}={v}" for k, v in over.items()])
     data = tokenize_dataset(cfg.data, cfg.model, work)  # cache hits: the very same tokens and 4-bit base
     base = prepare_quantized_model(cfg.model, cfg.quantization, work)
-    ref = train_adapter(base, data, cfg.lora, cfg.train, tmp_path / "ref")  # a fresh run dir
+    # A fresh run dir, trained as the flow trains (with the config's generation eval, which also decides
+    # whether early stopping watches the eval loss or the task metric).
+    ref = train_adapter(base, data, cfg.lora, cfg.train, tmp_path / "ref",
+                        during=generation_eval(cfg.train, cfg.eval, cfg.registry.gate_metric, data))
     assert ref.resumed_from_step is None
     got = load_file(str(manifest.parent / "adapter_model.safetensors"))
     want = load_file(str(Path(ref.path) / "adapter_model.safetensors"))

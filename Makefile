@@ -113,7 +113,7 @@ bench: install $(DEMO_BASE)/config.json
 bench-packing: install $(DEMO_BASE)/config.json
 	$(BIN)/python -m bench.batching
 
-# The demo recipe's quality grid: seeds x {bf16, float32, auto under AVX2-only dispatch}: nine runs of <= 700 steps, ~19 min on 2 idle cores.
+# The demo recipe's quality grid: seeds x {bf16, float32, auto under AVX2-only dispatch}: nine runs of <= 650 steps, ~16 min on 2 idle cores.
 bench-quality: install $(DEMO_BASE)/config.json
 	$(BIN)/python -m bench.quality
 

@@ -129,6 +129,12 @@ def _numel(shape) -> int:
     return out
 
 
+def steps_run(work: Path) -> int:
+    """Optimizer steps a ``qlora run`` took, from its adapter's manifest (early stopping can end it before max_steps)."""
+    (manifest,) = work.glob("runs/*/adapter/manifest.json")
+    return json.loads(manifest.read_text())["global_step"]
+
+
 def peer_runtime(log: str) -> float:
     return json.loads(log.split("PEER ", 1)[1].splitlines()[0])["train_runtime"]
 
@@ -164,7 +170,10 @@ def peers(root: Path, env: dict[str, str], py: str) -> dict:
                     run_env = env
                 wall, rss, log = timed_child(cmd, dict(run_env, MLFLOW_TRACKING_URI=f"sqlite:///{root / (name + '.db')}"))
                 loop = train_loop_seconds(log) if name.startswith("ours") else peer_runtime(log)
-                runs[name].append({"wall_s": round(wall, 1), "train_loop_s": round(loop, 1), "peak_rss_mb": round(rss / 2**20),
+                # Ours may stop early (the demo's early stopping): its steps/s counts the steps it ran, not max_steps.
+                ran = steps_run(work) if name.startswith("ours") else None
+                runs[name].append({"wall_s": round(wall, 1), "train_loop_s": round(loop, 1), "steps_run": ran,
+                                   "peak_rss_mb": round(rss / 2**20),
                                    "server_start_s": server_start_seconds(log)[0] if name == "ours" else None})
                 print(f"round {r + 1}/{ROUNDS} {name}: wall {wall:.1f} s, training loop {loop:.1f} s", flush=True)
     from qlora.config.files import load_config
@@ -173,7 +182,7 @@ def peers(root: Path, env: dict[str, str], py: str) -> dict:
     out = {"steps": n, "rounds": ROUNDS, "runs": runs}
     for name, rs in runs.items():
         out[name] = {"wall_s": median([x["wall_s"] for x in rs]),
-                     "steps_per_s": median([n / x["train_loop_s"] for x in rs])}
+                     "steps_per_s": median([(x["steps_run"] or n) / x["train_loop_s"] for x in rs])}
     for name in [n for n in runs if n != "trl"]:
         out[f"{name}_vs_trl"] = {
             "loop_speed": round(out[name]["steps_per_s"] / out["trl"]["steps_per_s"], 3),

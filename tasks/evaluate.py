@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from qlora.config.schema import GENERATION_METRICS, EvalConfig
@@ -56,17 +57,15 @@ def token_nll(model, tok, ds, batch_size: int) -> tuple[list[float], list[int]]:
 
 def score_pair(model, tok, ds, cfg: EvalConfig, metrics: dict) -> dict[str, tuple[dict[str, float], list[str], dict[str, list[float]]]]:
     """Per side, "base" (the adapter disabled) and "tuned": (corpus metrics, generations of the first
-    max_samples rows, per-example scores of those rows). The model's work first (losses, then
+    max_samples rows, per-example scores of those rows). The model's work first (each side's losses and
     generations), then the metrics, which need only text and numbers."""
     sub = ds.select(range(min(cfg.max_samples, len(ds))))
     generative = [m for m in cfg.metrics if m in GENERATION_METRICS]
     nll, preds = {}, {}
-    with model.disable_adapter():
-        nll["base"] = token_nll(model, tok, ds, cfg.batch_size)
-    nll["tuned"] = token_nll(model, tok, ds, cfg.batch_size)
-    with model.disable_adapter():
-        preds["base"] = generate(model, tok, sub["prompt"], cfg.max_new_tokens, cfg.batch_size) if generative else []
-    preds["tuned"] = generate(model, tok, sub["prompt"], cfg.max_new_tokens, cfg.batch_size) if generative else []
+    for side, adapter_state in (("base", model.disable_adapter), ("tuned", nullcontext)):
+        with adapter_state():
+            nll[side] = token_nll(model, tok, ds, cfg.batch_size)
+            preds[side] = generate(model, tok, sub["prompt"], cfg.max_new_tokens, cfg.batch_size) if generative else []
     scored = {}
     for side, (losses, counts) in nll.items():
         out, per_example = {}, {}

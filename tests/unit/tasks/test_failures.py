@@ -11,6 +11,7 @@ import logging
 import shutil
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -136,12 +137,23 @@ def test_cuda_oom_retries_once_with_half_batch(prepared, monkeypatch, caplog, ml
 
 def test_same_config_twice_at_once_is_serialised_by_the_run_dir_lock(prepared, caplog):
     work, _, data, base = prepared
+    from transformers import TrainerCallback
+
+    from qlora.locks import POLL_S
+
+    class Slow(TrainerCallback):
+        """Whoever trains holds the run dir for several of the waiter's polls: 4 tiny steps take 0.3 s on a
+        fast CPU, under the one poll after which a waiter says who holds the lock."""
+
+        def on_train_begin(self, args, state, control, **kw):
+            time.sleep(4 * POLL_S)
+
     train = _train(max_steps=4, save_steps=2, learning_rate=5e-4)
     results, errors = {}, []
 
     def go(name):
         try:
-            results[name] = train_adapter(base, data, LORA, train, work)
+            results[name] = train_adapter(base, data, LORA, train, work, callbacks=(Slow(),))
         except BaseException as e:  # noqa: BLE001 - surfaced below
             errors.append(e)
 

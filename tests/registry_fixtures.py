@@ -66,23 +66,29 @@ def start_mlflow_server(backend_uri: str, artifacts: Path, log: Path, workers: i
     return proc, url
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """End the server and, when it leads its own process group, what it started (``mlflow server`` runs uvicorn
-    as a child: killing only the parent left uvicorn serving)."""
+def stop(proc: subprocess.Popen, grace_s: float = 30) -> None:
+    """End the process and, when it leads its own process group, what it started (``mlflow server`` runs uvicorn
+    as a child: killing only the parent left uvicorn serving): SIGTERM, ``grace_s`` for the leader to exit, then
+    SIGKILL to whatever is left in the group. A member can outlive its leader: `make team`'s shell exits on SIGTERM
+    while the Prefect worker it started, its server already gone, hangs in its own shutdown (a PPID-1 orphan after
+    every run of test_registry_events until this killed the group regardless)."""
     try:
         group = os.getpgid(proc.pid) == proc.pid
     except ProcessLookupError:
         group = False
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(30)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    try:
+        os.killpg(proc.pid, signal.SIGTERM) if group else proc.send_signal(signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL) if group else proc.kill()
+    except ProcessLookupError:  # the group is empty
+        pass
+    proc.wait(30)
 
 
 @pytest.fixture(scope="session")  # shared by the registry test modules: training is the slow part

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import yaml
 from qlora.config.files import load_config
 from qlora.config.schema import PipelineConfig
 from tests.conftest import DEMO_DATA, REPO
+from tests.registry_fixtures import stop
 
 BIN = Path(sys.executable).parent
 
@@ -51,14 +51,6 @@ def _wait(pred, what: str, limit_s: float, every_s: float = 1.0):
         time.sleep(every_s)
     pytest.fail(f"gave up waiting for {what} after {limit_s:.0f} s")
 
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 class Team:
     """A Prefect server on loopback (own PREFECT_HOME), `make deploy`, `make worker`: what a team runs."""
@@ -129,7 +121,7 @@ class Team:
 
     def stop(self) -> None:
         for p in reversed(self.procs):
-            _stop(p)
+            stop(p)
 
 
 def tiny_config(tmp_path: Path, tiny_base: Path, model_name: str, steps: int, **registry) -> dict:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from registry.bundle import serve_check
 from registry.events import signature
 from registry.register import register_adapter
 from tests.conftest import REPO
-from tests.registry_fixtures import free_port, trained  # noqa: F401
+from tests.registry_fixtures import free_port, stop, trained  # noqa: F401
 
 BIN = Path(sys.executable).parent
 NAME = "tiny-loop"
@@ -123,9 +122,4 @@ def test_champion_moving_starts_batch_predict_and_bundle(trained, tmp_path):
         bridge_log = (server_dir / "logs/bridge.log").read_text()
         assert secret not in bridge_log and "refused a delivery" in bridge_log
     finally:
-        if team.poll() is None:
-            os.killpg(team.pid, signal.SIGTERM)
-            try:
-                team.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(team.pid, signal.SIGKILL)
+        stop(team, grace_s=60)

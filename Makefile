@@ -175,21 +175,25 @@ team: $(INSTALL)
 	test -s $(SERVER_DIR)/webhook-secret || $(BIN)/python -c 'import secrets; print(secrets.token_hex(32))' > $(SERVER_DIR)/webhook-secret
 	test -s $(SERVER_DIR)/mlflow-webhook.key || $(BIN)/python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())' > $(SERVER_DIR)/mlflow-webhook.key
 	chmod 600 $(SERVER_DIR)/webhook-secret $(SERVER_DIR)/mlflow-webhook.key
-	@export QLORA_WEBHOOK_SECRET=$$(cat $(SERVER_DIR)/webhook-secret); trap 'kill $$(jobs -p) 2>/dev/null' EXIT INT TERM; \
+	@export QLORA_WEBHOOK_SECRET=$$(cat $(SERVER_DIR)/webhook-secret); pids=; \
+	stop_team() { kill $$pids 2>/dev/null; n=0; while [ $$n -lt 40 ]; do live=; \
+	  for p in $$pids; do kill -0 $$p 2>/dev/null && live=1; done; [ -z "$$live" ] && break; n=$$((n+1)); sleep 0.5; done; \
+	  kill -9 $$pids 2>/dev/null; }; \
+	trap stop_team EXIT; trap 'exit 130' INT; trap 'exit 143' TERM; \
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY=$$(cat $(SERVER_DIR)/mlflow-webhook.key) \
 	  MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true \
 	  $(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) --backend-store-uri sqlite:///$(abspath $(SERVER_DIR))/mlflow.db \
-	  --artifacts-destination $(abspath $(SERVER_DIR))/mlartifacts > $(SERVER_DIR)/logs/mlflow.log 2>&1 & \
-	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) > $(SERVER_DIR)/logs/prefect.log 2>&1 & \
+	  --artifacts-destination $(abspath $(SERVER_DIR))/mlartifacts > $(SERVER_DIR)/logs/mlflow.log 2>&1 & pids="$$!"; \
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) > $(SERVER_DIR)/logs/prefect.log 2>&1 & pids="$$! $$pids"; \
 	$(WAIT_HTTP) $$MLFLOW_TRACKING_URI/health && $(WAIT_HTTP) $$PREFECT_API_URL/health && \
 	$(MAKE) --no-print-directory deploy NO_INSTALL=1 BIN=$(BIN) > $(SERVER_DIR)/logs/deploy.log 2>&1 && \
 	{ test -z "$(QLORA_NOTIFY_BLOCK)" || $(BIN)/python -m flows.cli notifications setup --block "$(QLORA_NOTIFY_BLOCK)" || \
 	  echo "notifications not set up (see above); once the block exists: PREFECT_API_URL=$$PREFECT_API_URL" \
 	    "$(BIN)/python -m flows.cli notifications setup --block $(QLORA_NOTIFY_BLOCK)"; } && \
-	{ $(BIN)/python -m flows.cli events serve --port $(BRIDGE_PORT) --state-dir $(SERVER_DIR)/events > $(SERVER_DIR)/logs/bridge.log 2>&1 & } && \
+	{ $(BIN)/python -m flows.cli events serve --port $(BRIDGE_PORT) --state-dir $(SERVER_DIR)/events > $(SERVER_DIR)/logs/bridge.log 2>&1 & pids="$$! $$pids"; } && \
 	$(WAIT_HTTP) http://127.0.0.1:$(BRIDGE_PORT)/health && \
 	$(BIN)/python -m flows.cli events register $(MODEL_NAME) --bridge-url http://127.0.0.1:$(BRIDGE_PORT) && \
-	{ $(BIN)/prefect worker start --pool $(POOL) --type process > $(SERVER_DIR)/logs/worker.log 2>&1 & } && \
+	{ $(BIN)/prefect worker start --pool $(POOL) --type process > $(SERVER_DIR)/logs/worker.log 2>&1 & pids="$$! $$pids"; } && \
 	echo "team up: Prefect http://127.0.0.1:$(PREFECT_PORT), MLflow $$MLFLOW_TRACKING_URI, bridge http://127.0.0.1:$(BRIDGE_PORT); logs in $(SERVER_DIR)/logs" && \
 	wait
 

@@ -69,13 +69,13 @@ def start_mlflow_server(backend_uri: str, artifacts: Path, log: Path, workers: i
 def stop(proc: subprocess.Popen, grace_s: float = 30) -> None:
     """End the process and, when it leads its own process group, what it started (``mlflow server`` runs uvicorn
     as a child: killing only the parent left uvicorn serving): SIGTERM, ``grace_s`` for the leader to exit, then
-    SIGKILL to whatever is left in the group. A member can outlive its leader: `make team`'s shell exits on SIGTERM
-    while the Prefect worker it started, its server already gone, hangs in its own shutdown (a PPID-1 orphan after
-    every run of test_registry_events until this killed the group regardless)."""
+    SIGKILL to whatever is left in the group, even when the leader has exited. A member can outlive its leader: a
+    Prefect worker whose server died at the same moment hangs in its own shutdown (before `make team` stopped its
+    own processes on exit, every run of test_registry_events left one, PPID 1, polling a dead port)."""
     try:
         group = os.getpgid(proc.pid) == proc.pid
-    except ProcessLookupError:
-        group = False
+    except ProcessLookupError:  # the leader is gone (reaped): its group may live on, and killpg finds it or nothing
+        group = True
     try:
         os.killpg(proc.pid, signal.SIGTERM) if group else proc.send_signal(signal.SIGTERM)
     except ProcessLookupError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -38,6 +39,14 @@ def _wait(pred, what: str, limit_s: float, every_s: float = 1.0):
             return got
         time.sleep(every_s)
     pytest.fail(f"gave up waiting for {what} after {limit_s:.0f} s")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _runs(http: httpx.Client, deployment_id: str) -> list[dict]:
@@ -121,5 +130,17 @@ def test_champion_moving_starts_batch_predict_and_bundle(trained, tmp_path):
         assert len(_runs(http, batch_dep["id"])) == 1 and len(_runs(http, bundle_dep["id"])) == 1
         bridge_log = (server_dir / "logs/bridge.log").read_text()
         assert secret not in bridge_log and "refused a delivery" in bridge_log
+
+        # SIGTERM to `make team` (what systemd or a closed terminal sends) ends everything it started: the Prefect
+        # worker, its server gone at the same moment, used to hang in its own shutdown and outlive make as an orphan.
+        t_stop = time.monotonic()
+        os.killpg(team.pid, signal.SIGTERM)
+        team.wait(60)
+        end = time.monotonic() + 20
+        while _group_alive(team.pid) and time.monotonic() < end:
+            time.sleep(0.2)
+        left = subprocess.run(["ps", "-o", "pid,ppid,cmd", "-g", str(team.pid)], capture_output=True, text=True).stdout
+        assert not _group_alive(team.pid), f"still running 20 s after make team exited:\n{left}"
+        print(f"make team and all it started gone {time.monotonic() - t_stop:.1f} s after SIGTERM")
     finally:
         stop(team, grace_s=60)

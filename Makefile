@@ -176,7 +176,7 @@ team: $(INSTALL)
 	test -s $(SERVER_DIR)/mlflow-webhook.key || $(BIN)/python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())' > $(SERVER_DIR)/mlflow-webhook.key
 	chmod 600 $(SERVER_DIR)/webhook-secret $(SERVER_DIR)/mlflow-webhook.key
 	@export QLORA_WEBHOOK_SECRET=$$(cat $(SERVER_DIR)/webhook-secret); pids=; \
-	stop_team() { kill $$pids 2>/dev/null; n=0; while [ $$n -lt 40 ]; do live=; \
+	stop_team() { trap '' INT TERM; kill $$pids 2>/dev/null; n=0; while [ $$n -lt 20 ]; do live=; \
 	  for p in $$pids; do kill -0 $$p 2>/dev/null && live=1; done; [ -z "$$live" ] && break; n=$$((n+1)); sleep 0.5; done; \
 	  kill -9 $$pids 2>/dev/null; }; \
 	trap stop_team EXIT; trap 'exit 130' INT; trap 'exit 143' TERM; \

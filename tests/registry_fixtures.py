@@ -25,6 +25,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for(pred, what: str, limit_s: float, every_s: float = 1.0):
+    """Poll until ``pred()`` is truthy and return it; the limit only keeps a broken run from hanging CI."""
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end:
+        if got := pred():
+            return got
+        time.sleep(every_s)
+    pytest.fail(f"gave up waiting for {what} after {limit_s:.0f} s")
+
+
 def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import yaml
 from qlora.config.files import load_config
 from qlora.config.schema import PipelineConfig
 from tests.conftest import DEMO_DATA, REPO
-from tests.registry_fixtures import stop
+from tests.registry_fixtures import free_port, stop, wait_for
 
 BIN = Path(sys.executable).parent
 
@@ -35,28 +34,11 @@ def test_nightly_deployment_runs_the_demo_config():
     assert {d["work_pool"]["name"] for d in deps.values()} == {"qlora-process"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(pred, what: str, limit_s: float, every_s: float = 1.0):
-    """Poll until ``pred()`` is truthy; the limit only keeps a broken run from hanging CI."""
-    end = time.monotonic() + limit_s
-    while time.monotonic() < end:
-        got = pred()
-        if got:
-            return got
-        time.sleep(every_s)
-    pytest.fail(f"gave up waiting for {what} after {limit_s:.0f} s")
-
-
 class Team:
     """A Prefect server on loopback (own PREFECT_HOME), `make deploy`, `make worker`: what a team runs."""
 
     def __init__(self, tmp_path: Path):
-        port = _free_port()
+        port = free_port()
         self.api = f"http://127.0.0.1:{port}/api"
         self.env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=self.api,
                         PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="1")
@@ -80,7 +62,7 @@ class Team:
             except httpx.HTTPError:
                 return False
 
-        _wait(healthy, "the Prefect server", 180)
+        wait_for(healthy, "the Prefect server", 180)
 
     def deploy(self, *args: str) -> None:
         deploy = subprocess.run([*self.make, "deploy", *args], env=self.env, capture_output=True, text=True, timeout=300)
@@ -98,7 +80,7 @@ class Team:
             state = r.json()["state"]
             return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
 
-        return _wait(finished, what, limit_s, every_s=2)
+        return wait_for(finished, what, limit_s, every_s=2)
 
     def create_flow_run(self, deployment_id: str, parameters: dict) -> httpx.Response:
         """What the UI's Custom run sends. A busy server answers 503 now and then (its database under load):

@@ -18,7 +18,8 @@ from flows.cli import main as cli
 from flows.notifications import CHAMPION, FAILED
 from qlora.config.files import load_config
 from registry.events import emit_to_prefect, translate
-from tests.system.test_deployments import Team, _wait
+from tests.registry_fixtures import wait_for
+from tests.system.test_deployments import Team
 
 NAME = "tiny-notify"
 
@@ -80,7 +81,7 @@ def test_a_failed_run_and_a_moved_champion_reach_the_notification_block(tmp_path
             state = qlora_finetune(config=cfg, return_state=True)
             assert state.is_failed()
             t = time.monotonic()
-            (failed,) = _wait(lambda: hook.about("qlora-finetune"), "the failure notification", 60, 0.2)
+            (failed,) = wait_for(lambda: hook.about("qlora-finetune"), "the failure notification", 60, 0.2)
             marks["failure notified after"] = round(time.monotonic() - t, 1)
             with get_client(sync_client=True) as c:
                 run = c.read_flow_run(state.state_details.flow_run_id)
@@ -95,7 +96,7 @@ def test_a_failed_run_and_a_moved_champion_reach_the_notification_block(tmp_path
             client.create_model_version(NAME, source=str(tmp_path / "v1"))
             t = time.monotonic()
             assert cli(["promote", NAME, "1", "--why", "ready", "--by", "ann", "--tracking-uri", mlflow_uri]) == 0
-            (moved,) = _wait(lambda: hook.about(NAME), "the champion notification", 60, 0.2)
+            (moved,) = wait_for(lambda: hook.about(NAME), "the champion notification", 60, 0.2)
             marks["champion notified after"] = round(time.monotonic() - t, 1)
             assert moved == {"subject": f"qlora: {NAME} v1 is champion",
                              "body": f"{NAME} v1 is now the champion: models:/{NAME}/1\nby ann: manual: ready"}
@@ -104,7 +105,7 @@ def test_a_failed_run_and_a_moved_champion_reach_the_notification_block(tmp_path
             for version in ("1", "2"):
                 emit_to_prefect(translate(str(uuid.uuid4()), {"entity": "model_version_alias", "action": "created",
                                                               "data": {"name": NAME, "alias": "champion", "version": version}}))
-            _wait(lambda: len(hook.about(NAME)) > 1, "the second champion notification", 60, 0.2)
+            wait_for(lambda: len(hook.about(NAME)) > 1, "the second champion notification", 60, 0.2)
             time.sleep(1)  # a duplicate would have been evaluated before the second move: give its message time too
             assert [m["subject"] for m in hook.about(NAME)] == [f"qlora: {NAME} v1 is champion", f"qlora: {NAME} v2 is champion"]
             assert hook.about(NAME)[1]["body"] == (f"{NAME} v2 is now the champion: models:/{NAME}/2\n"

@@ -26,19 +26,10 @@ from registry.bundle import serve_check
 from registry.events import signature
 from registry.register import register_adapter
 from tests.conftest import REPO
-from tests.registry_fixtures import free_port, stop, trained  # noqa: F401
+from tests.registry_fixtures import free_port, stop, trained, wait_for  # noqa: F401
 
 BIN = Path(sys.executable).parent
 NAME = "tiny-loop"
-
-
-def _wait(pred, what: str, limit_s: float, every_s: float = 1.0):
-    end = time.monotonic() + limit_s
-    while time.monotonic() < end:
-        if got := pred():
-            return got
-        time.sleep(every_s)
-    pytest.fail(f"gave up waiting for {what} after {limit_s:.0f} s")
 
 
 def _group_alive(pgid: int) -> bool:
@@ -73,7 +64,7 @@ def test_champion_moving_starts_batch_predict_and_bundle(trained, tmp_path):
     mlflow_url, bridge = f"http://127.0.0.1:{ports['MLFLOW_PORT']}", f"http://127.0.0.1:{ports['BRIDGE_PORT']}"
     http = httpx.Client(base_url=f"http://127.0.0.1:{ports['PREFECT_PORT']}/api", timeout=30)
     try:
-        _wait(lambda: (team.poll() is None or pytest.fail(log.read_text()[-4000:])) and "team up" in log.read_text(),
+        wait_for(lambda: (team.poll() is None or pytest.fail(log.read_text()[-4000:])) and "team up" in log.read_text(),
               "make team", 300)
         batch_dep = http.get("/deployments/name/qlora-batch-predict/batch-predict").json()
         bundle_dep = http.get("/deployments/name/qlora-serving-bundle/serving-bundle").json()
@@ -85,13 +76,13 @@ def test_champion_moving_starts_batch_predict_and_bundle(trained, tmp_path):
 
         t0 = datetime.now().astimezone()
         assert cli(["promote", NAME, v.version, "--why", "loop test", "--tracking-uri", mlflow_url]) == 0
-        started = _wait(lambda: [r for r in _runs(http, batch_dep["id"]) if r["start_time"]], "the batch-predict run", 60, 0.5)
+        started = wait_for(lambda: [r for r in _runs(http, batch_dep["id"]) if r["start_time"]], "the batch-predict run", 60, 0.5)
         (fr,) = started
         delay = (datetime.fromisoformat(fr["start_time"]) - t0).total_seconds()
         created = (datetime.fromisoformat(fr["created"]) - t0).total_seconds()
         print(f"champion moved -> batch-predict flow run created after {created:.1f} s, started after {delay:.1f} s")
         assert fr["parameters"]["model_uri"] == f"models:/{NAME}/{v.version}"
-        (bundle_run,) = _wait(lambda: _runs(http, bundle_dep["id"]), "the serving-bundle run", 60)
+        (bundle_run,) = wait_for(lambda: _runs(http, bundle_dep["id"]), "the serving-bundle run", 60)
         assert bundle_run["parameters"]["model_uri"] == f"models:/{NAME}/{v.version}"
 
         def done(run_id):
@@ -99,7 +90,7 @@ def test_champion_moving_starts_batch_predict_and_bundle(trained, tmp_path):
             return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
 
         for r in (fr, bundle_run):
-            state = _wait(lambda: done(r["id"]), f"flow run {r['name']}", 420, 2)
+            state = wait_for(lambda: done(r["id"]), f"flow run {r['name']}", 420, 2)
             assert state["type"] == "COMPLETED", (state, (server_dir / "logs/worker.log").read_text()[-4000:])
         preds = [json.loads(line) for line in Path(str(out).format(name=NAME, version=v.version)).read_text().splitlines()]
         assert [p["prompt"] for p in preds] == [r["prompt"] for r in rows]

@@ -62,7 +62,7 @@ def _valid_checkpoints(work: Path) -> list[int]:
 
 
 @pytest.mark.slow  # two `qlora run` processes and a reference training: ~50 s
-def test_sigkill_then_rerun_ends_as_the_uninterrupted_run(tiny_base, tmp_path, mlflow_store):
+def test_sigkill_then_rerun_ends_as_the_uninterrupted_run(tiny_base, tmp_path, mlflow_store, prefect_home):
     """SIGKILL of `qlora run` (CLI and its temporary Prefect server) once a checkpoint is complete, then the same
     command again: it resumes at that step in the same MLflow run, with its generation-eval history, best-so-far and
     patience counter (eval.every_steps; all in the checkpoint's trainer_state.json), and ends with the weights, the
@@ -78,7 +78,7 @@ def test_sigkill_then_rerun_ends_as_the_uninterrupted_run(tiny_base, tmp_path, m
     over = _overrides(tiny_base, tmp_path, **{"eval.every_steps": 3, "train.early_stopping_patience": 2,
                                               "registry.gate_metric": "rouge", "registry.consumer_check_prompts": 0})
     uri = mlflow_store(tmp_path / "mlflow.db")
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PREFECT_HOME=str(tmp_path / "prefect"),
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PREFECT_HOME=prefect_home(tmp_path / "prefect"),
                PYTHONPATH=str(REPO), HF_TOKEN=PLANTED_TOKEN)
     env.pop("PREFECT_API_URL", None)
     cmd = [sys.executable, "-m", "flows.cli", "run", str(REPO / "configs" / "demo.yaml")]

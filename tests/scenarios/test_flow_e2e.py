@@ -139,10 +139,10 @@ def test_flow_end_to_end(prefect_server, tiny_base, tmp_path, mlflow_uri):
 
 
 @pytest.mark.slow  # a `qlora` process with its temporary Prefect server: ~15 s
-def test_cli_bad_data_fails_fast_with_one_line(tmp_path):
+def test_cli_bad_data_fails_fast_with_one_line(tmp_path, mlflow_store, prefect_home):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\nnot json\n')
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PREFECT_HOME=str(tmp_path / "prefect"))
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_store(tmp_path / "mlflow.db"), PREFECT_HOME=prefect_home(tmp_path / "prefect"))
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.run(
         [sys.executable, "-m", "flows.cli", "run", str(REPO / "configs" / "demo.yaml"),
@@ -209,7 +209,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.slow  # a `qlora` process with its temporary Prefect server: ~15 s
-def test_sigkill_of_the_run_takes_its_temporary_prefect_server_along(tmp_path):
+def test_sigkill_of_the_run_takes_its_temporary_prefect_server_along(tmp_path, prefect_home):
     """SIGKILL runs no atexit handler, so Prefect never stops the uvicorn server it started: every killed
     `qlora run` left one behind (issue 13, item 6). The server now watches its parent and stops itself."""
     import signal
@@ -224,7 +224,7 @@ def test_sigkill_of_the_run_takes_its_temporary_prefect_server_along(tmp_path):
         "print('SERVER', server.server_process.pid, server.api_url, flush=True)\n"
         "time.sleep(600)\n"
     )
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=str(REPO))
+    env = dict(os.environ, PREFECT_HOME=prefect_home(tmp_path / "prefect"), PYTHONPATH=str(REPO))
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
     try:

@@ -37,10 +37,10 @@ def test_nightly_deployment_runs_the_demo_config():
 class Team:
     """A Prefect server on loopback (own PREFECT_HOME), `make deploy`, `make worker`: what a team runs."""
 
-    def __init__(self, tmp_path: Path):
+    def __init__(self, tmp_path: Path, prefect_home):
         port = free_port()
         self.api = f"http://127.0.0.1:{port}/api"
-        self.env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=self.api,
+        self.env = dict(os.environ, PREFECT_HOME=prefect_home(tmp_path / "prefect-home"), PREFECT_API_URL=self.api,
                         PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="1")
         # Flow runs must get these from the deployment's job variables, not from the worker's environment.
         self.worker_env = {k: v for k, v in self.env.items() if k not in ("MLFLOW_TRACKING_URI", "PYTHONPATH")}
@@ -123,8 +123,8 @@ def tiny_config(tmp_path: Path, tiny_base: Path, model_name: str, steps: int, **
 
 @pytest.mark.slow  # Prefect server + worker subprocesses: ~45 s
 @pytest.mark.e2e
-def test_manual_deployment_runs_on_a_worker(tiny_base, tmp_path, mlflow_uri):
-    team = Team(tmp_path)
+def test_manual_deployment_runs_on_a_worker(tiny_base, tmp_path, mlflow_uri, prefect_home):
+    team = Team(tmp_path, prefect_home)
     http = team.http
     try:
         t0 = time.monotonic()

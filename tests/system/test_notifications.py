@@ -48,7 +48,7 @@ class Receiver:
 
 
 @pytest.mark.slow  # a Prefect server subprocess: ~1 min on 2 cores
-def test_a_failed_run_and_a_moved_champion_reach_the_notification_block(tmp_path, mlflow_uri, capsys):
+def test_a_failed_run_and_a_moved_champion_reach_the_notification_block(tmp_path, mlflow_uri, capsys, prefect_home):
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
     from prefect.blocks.system import Secret
     from prefect.client.orchestration import get_client
@@ -56,7 +56,7 @@ def test_a_failed_run_and_a_moved_champion_reach_the_notification_block(tmp_path
 
     from flows.finetune import qlora_finetune
 
-    team, hook = Team(tmp_path), Receiver()
+    team, hook = Team(tmp_path, prefect_home), Receiver()
     marks, t0 = {}, time.monotonic()
     try:
         team.start_server()

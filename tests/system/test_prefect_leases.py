@@ -38,7 +38,7 @@ def _server(env: dict, port: int, log: Path) -> subprocess.Popen:
     pytest.fail("the Prefect server did not start")
 
 
-def test_a_slot_held_across_a_server_restart_is_freed(tmp_path):
+def test_a_slot_held_across_a_server_restart_is_freed(tmp_path, prefect_home):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.concurrency.sync import concurrency
@@ -46,7 +46,7 @@ def test_a_slot_held_across_a_server_restart_is_freed(tmp_path):
 
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "home"), PREFECT_API_URL=api, PREFECT_UI_ENABLED="false",
+    env = dict(os.environ, PREFECT_HOME=prefect_home(tmp_path / "home"), PREFECT_API_URL=api, PREFECT_UI_ENABLED="false",
                PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=SERVER_LEASE_STORAGE)
     server = _server(env, port, tmp_path / "server.log")
     try:

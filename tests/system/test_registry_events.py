@@ -48,10 +48,11 @@ def _runs(http: httpx.Client, deployment_id: str) -> list[dict]:
 
 @pytest.mark.slow  # three servers, a worker and two flow-run subprocesses: ~3 min on 2 cores
 @pytest.mark.e2e
-def test_champion_moving_starts_batch_predict_and_bundle(trained, tmp_path):
+def test_champion_moving_starts_batch_predict_and_bundle(trained, tmp_path, prefect_home):
     base, adapter, report = trained
     ports = {k: free_port() for k in ("PREFECT_PORT", "MLFLOW_PORT", "BRIDGE_PORT")}
     server_dir = tmp_path / "server"
+    prefect_home(server_dir / "prefect")  # where `make server` keeps the Prefect server's data
     rows = [json.loads(line) for line in (REPO / "data/demo/batch_prompts.jsonl").read_text().splitlines()]
     out = tmp_path / "predictions" / "{name}-v{version}.jsonl"
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PYTHONPATH")}

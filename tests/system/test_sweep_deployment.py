@@ -15,8 +15,8 @@ from tests.system.test_deployments import Team, tiny_config
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # server, make deploy, a worker, two trial flow runs: ~70 s
 
 
-def test_sweep_deployment_spreads_trials_over_the_pool(tiny_base, tmp_path, mlflow_uri):
-    team = Team(tmp_path)
+def test_sweep_deployment_spreads_trials_over_the_pool(tiny_base, tmp_path, mlflow_uri, prefect_home):
+    team = Team(tmp_path, prefect_home)
     http = team.http
     try:
         team.start_server()

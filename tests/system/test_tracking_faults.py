@@ -246,7 +246,7 @@ def test_mlflow_server_restarting_as_the_flow_closes_its_run(prefect_server, tin
             _kill_group(restarted["server"])
 
 
-def test_sigterm_ends_the_run_within_seconds_and_marks_it_killed(tiny_base, tmp_path):
+def test_sigterm_ends_the_run_within_seconds_and_marks_it_killed(tiny_base, tmp_path, prefect_home):
     """`qlora run` against a real `mlflow server`, SIGTERM while training: the process exits within seconds
     and its MLflow run is KILLED. Then the same command again (it resumes and continues that run), the
     MLflow server dies, and a SIGTERM still ends it within seconds."""
@@ -258,7 +258,7 @@ def test_sigterm_ends_the_run_within_seconds_and_marks_it_killed(tiny_base, tmp_
 
     server, url = _mlflow_server(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
-    env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(REPO)}
+    env |= {"PREFECT_HOME": prefect_home(tmp_path / "prefect"), "PYTHONPATH": str(REPO)}
     env.pop("PREFECT_API_URL", None)
     cmd = [sys.executable, "-m", "flows.cli", "run", str(REPO / "configs" / "demo.yaml")]
     cmd += [a for o in _overrides(tiny_base, tmp_path, url, **{"train.max_steps": 400}) for a in ("--set", o)]

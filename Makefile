@@ -177,8 +177,8 @@ team: $(INSTALL)
 	chmod 600 $(SERVER_DIR)/webhook-secret $(SERVER_DIR)/mlflow-webhook.key
 	@export QLORA_WEBHOOK_SECRET=$$(cat $(SERVER_DIR)/webhook-secret); pids=; \
 	stop_team() { trap '' INT TERM; kill $$pids 2>/dev/null; n=0; while [ $$n -lt 20 ]; do live=; \
-	  for p in $$pids; do kill -0 $$p 2>/dev/null && live=1; done; [ -z "$$live" ] && break; n=$$((n+1)); sleep 0.5; done; \
-	  kill -9 $$pids 2>/dev/null; }; \
+	  for p in $$pids; do kill -0 $$p 2>/dev/null && live="$$live $$p"; done; [ -z "$$live" ] && break; n=$$((n+1)); sleep 0.5; done; \
+	  [ -z "$$live" ] || kill -9 $$live 2>/dev/null; }; \
 	trap stop_team EXIT; trap 'exit 130' INT; trap 'exit 143' TERM; \
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY=$$(cat $(SERVER_DIR)/mlflow-webhook.key) \
 	  MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true \

@@ -45,6 +45,7 @@ NAMES = ("chaos-a", "chaos-b")  # two model names: half the runs register into e
 # or they would rarely find the stage still running (10 of 36 never fired at the full delay)
 BRIEF = {"tokenize": 0.1, "quantize": 0.1}
 MARK = "QLORA_CHAOS"  # in every process we start (inherited by flow runs): finds leftovers
+PREFECT_HOME_DIR = "prefect-home"  # under the run's root: the Prefect server's data
 
 
 # ---------------------------------------------------------------- the fault schedule
@@ -179,7 +180,7 @@ class Team:
         self.mlflow_url = f"http://127.0.0.1:{free_port()}"
         self.api = f"http://127.0.0.1:{free_port()}/api"
         base = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PYTHONPATH", "PREFECT_API_URL")}
-        base |= {MARK: self.token, "PREFECT_HOME": str(self.root / "prefect-home"), "PREFECT_API_URL": self.api,
+        base |= {MARK: self.token, "PREFECT_HOME": str(self.root / PREFECT_HOME_DIR), "PREFECT_API_URL": self.api,
                  "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
                  "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "TOKENIZERS_PARALLELISM": "false",
                  "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",

@@ -21,7 +21,7 @@ def test_a_short_seeded_chaos_run_breaks_nothing(tmp_path, prefect_home):
 
     if ensure_installed() is None:
         pytest.skip("PostgreSQL is not installed and cannot be installed here (needs root and apt-get)")
-    prefect_home(tmp_path / "chaos" / "prefect-home")  # where its Prefect server keeps its data (bench/chaos.py: Team)
+    prefect_home(tmp_path / "chaos" / chaos.PREFECT_HOME_DIR)  # its Prefect server starts from the migrated database
     res = chaos.run(tmp_path / "chaos", SEED, RUNS, FAULTS, limit_s=900)
     print(json.dumps({k: res[k] for k in ("faults_fired", "fault_counts", "flow_run_attempts", "wall_s")}))
     assert res["total_violations"] == 0, json.dumps(res["violation_details"], indent=1)

@@ -89,16 +89,19 @@ $(DEMO_BASE)/config.json: demo/build.py data/demo/reverse_words.jsonl | $(STAMP)
 demo: install $(DEMO_BASE)/config.json
 	$(BIN)/qlora run configs/demo.yaml
 
-# `make test`: everything but the slow tier (2-4 min on 2 cores with two workers: 139-172 s wall on a Xeon with AMX,
-# 229-236 s on an AVX2-only EPYC, see docs/development.md), the loop to run while you work.
+# `make test`: everything but the slow tier (2-4 min on 2 cores: 139-203 s wall on a Xeon with AMX, 229-236 s on an
+# AVX2-only EPYC with two workers, see docs/development.md), the loop to run while you work.
 # `make test-slow`: tests/system and the tests marked slow (11-17 min on 2 cores): real Prefect/MLflow/PostgreSQL servers, workers,
 # killed processes, sweeps, torchrun. CI (.ci/run) runs both; `make test-all` runs the whole suite in one pytest session.
-# XDIST: every test target runs two pytest-xdist workers, whole files to one worker (module fixtures are built once); the
-# session fixtures' tiny base and prepared data are built once for both (tests/conftest.py). XDIST= runs in one process.
-# The slow tier waits on servers and subprocesses for much of its time: two workers took it from 1,602 s to 983 s.
-XDIST ?= -n 2 --dist loadfile
+# XDIST: the test targets run pytest-xdist workers, whole files to one worker (module fixtures are built once); the
+# session fixtures' tiny base and prepared data are built once for all (tests/conftest.py). XDIST= (XDIST_FAST= for
+# `make test`) runs in one process. The slow tier waits on servers and subprocesses for much of its time: two workers
+# took it from 1,602 s to 983 s. `make test` runs three: two left a quarter of both cores idle (workers waiting on
+# a subprocess, a sleep or the other's session fixture), and three took it from 186-203 s to 175-179 s (Xeon, same hour).
+XDIST      ?= -n 2 --dist loadfile
+XDIST_FAST ?= -n 3 --dist loadfile
 test: install
-	$(BIN)/python -m pytest -q -m "not slow" $(XDIST) --durations=10
+	$(BIN)/python -m pytest -q -m "not slow" $(XDIST_FAST) --durations=10
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow $(XDIST) --durations=15

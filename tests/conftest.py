@@ -22,7 +22,7 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # p
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
-# `make test` runs pytest-xdist workers (-n 2): each worker's torch gets its share of the cores, not all of them
+# `make test` runs pytest-xdist workers (-n 3, -n 2 for the slow tier): each worker's torch gets its share of the cores, not all of them
 # (two processes of all-core OpenMP threads on 2 cores slow each other tens of times: qlora/locks.py, set_threads).
 # An OMP_NUM_THREADS already set wins, as in the pipeline.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
